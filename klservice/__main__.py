@@ -1,0 +1,5 @@
+import sys
+
+from klservice.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""The one interface every model backend implements.
+
+The server only ever talks to a `ReferenceBackend`: it asks for `info()` once after loading
+and then calls `score()` from a single worker thread. Nothing here imports torch, so the
+server, the CLI and tests of the request path can use these types without a model.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a backend serves; every response quotes `name` and `revision`.
+
+    Example::
+
+        ModelInfo(name="SmolLM2-135M-Instruct (embedded)", revision="3f0c…", tokenizer_fingerprint="9a1e…",
+                  backend="hf", dtype="float32", device="cpu", vocab_size=49152, max_length=8192,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    """
+
+    name: str
+    """What the operator asked for: a folder, a hub id, or "SmolLM2-135M-Instruct (embedded)"."""
+    revision: str
+    """sha256 hex over the weights, config and tokenizer files: equal revisions give equal log-probs."""
+    tokenizer_fingerprint: str
+    """sha256 hex of the tokenizer's vocabulary and special tokens (`klservice_client.tokenizer_fingerprint`),
+    so a trainer can check that its token ids mean the same to the reference model."""
+    backend: str
+    """Backend name, e.g. "hf"."""
+    dtype: str
+    """Compute dtype: "float32", "bfloat16" or "float16"."""
+    device: str
+    """Where the model runs: "cpu", "cuda:0", ..."""
+    vocab_size: int
+    """Rows of the LM head: valid token ids are 0 .. vocab_size - 1 (may exceed the tokenizer's size)."""
+    max_length: int
+    """Longest sequence accepted, in tokens."""
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+
+class ReferenceBackend(abc.ABC):
+    """Frozen reference model. Thread-compatible: the server calls score() from ONE worker thread at a time."""
+
+    @abc.abstractmethod
+    def info(self) -> ModelInfo:
+        """Describe the loaded model (cheap; computed at load time)."""
+
+    @abc.abstractmethod
+    def score(
+        self, sequences: Sequence[np.ndarray], starts: Sequence[int], temperature: float = 1.0
+    ) -> list[np.ndarray]:
+        """Reference log-probs of every token from its start on.
+
+        For each sequence (1-D int64 token ids, length L) and start s (1 <= s <= L) return a float32
+        array of length L - s: entry j is log softmax(logits_{s+j-1} / temperature)[token_{s+j}], i.e. the
+        reference log-prob of every token from position s on given its prefix. Inputs are assumed valid
+        (the server validates requests before calling).
+        """
+
+    def close(self) -> None:
+        """Release the model's memory; the backend is unusable afterwards."""

@@ -1,0 +1,265 @@
+"""The `klservice` command line: serve, info, score, demo.
+
+Heavy libraries (torch, transformers) are imported inside the commands that need them, so
+``klservice --help`` and the client-side commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from klservice import __version__
+from klservice.config import ServerConfig
+
+DEFAULT_TARGET = "localhost:50051"
+
+DEMO_TEXTS = (
+    ("The capital of France is", " Paris."),
+    ("Q: What is 2 + 2?\nA:", " 4"),
+    ("def add(a, b):\n   ", " return a + b"),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    return args.run(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="klservice",
+        description="A shared reference model for RL trainers: reference log-probs, KL values and exact KL "
+        "gradient coefficients over gRPC.",
+    )
+    parser.add_argument("--version", action="version", version=f"klservice {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Serve a frozen reference model over gRPC (health + reflection), with Prometheus metrics. "
+        "With no --model, serves the embedded SmolLM2-135M-Instruct (converted once into the cache directory).",
+    )
+    ServerConfig.add_cli_args(serve)
+    serve.set_defaults(run=_serve)
+
+    def client_command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help, description=description)
+        command.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default: {DEFAULT_TARGET})")
+        command.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds (default: 60)")
+        return command
+
+    info = client_command("info", "show the model a running server serves", "Print GetModelInfo of a running server.")
+    info.set_defaults(run=_info)
+
+    score = client_command(
+        "score",
+        "score text or token ids against a running server",
+        "Print each scored token with its reference log-prob. With --logprobs (the policy's log-probs of the "
+        "scored tokens) also k1/k2/k3 and the gradient coefficient of --spec.",
+    )
+    source = score.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the response text to score (tokenized with --tokenizer)")
+    source.add_argument("--tokens", help="comma-separated token ids of the whole sequence (prompt + response)")
+    score.add_argument("--prompt", default="", help="with --text: the prompt text before it (not scored)")
+    score.add_argument("--prompt-length", type=int, default=1, help="with --tokens: tokens in the prompt (default: 1)")
+    score.add_argument("--logprobs", help="comma-separated policy log-probs, one per scored token")
+    score.add_argument("--spec", default="principled", help="KL preset for the coefficient column (default: principled)")
+    score.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
+    _add_tokenizer_arg(score)
+    score.set_defaults(run=_score)
+
+    demo = client_command(
+        "demo",
+        "send sample sequences to a running server and print what it answers",
+        "Score a few sample prompts/responses on a running server and print a table of reference log-probs; "
+        "then compute KL against a synthetic policy (reference log-probs plus noise) to show k1/k2/k3 and the "
+        "gradient coefficients of the principled and GRPO (k3 as loss) implementations.",
+    )
+    _add_tokenizer_arg(demo)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _add_tokenizer_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tokenizer",
+        help="Hugging Face tokenizer folder matching the served model (default: the embedded SmolLM2 tokenizer)",
+    )
+    parser.add_argument("--cache-dir", help="cache directory of the embedded model (default: as klservice serve)")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = ServerConfig.from_cli_args(args)
+    _configure_logging(config.log_level)
+    from klservice.server import Server
+
+    try:
+        asyncio.run(Server(config).serve_forever())
+    except KeyboardInterrupt:
+        pass
+    except Exception as error:  # noqa: BLE001 - a clear last word instead of a traceback
+        logging.getLogger("klservice").error("server failed: %s", error, exc_info=config.log_level == "DEBUG")
+        return 1
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from klservice_client import KLClient
+
+    return KLClient(args.target, timeout=args.timeout, max_retries=2, job_id="klservice-cli")
+
+
+def _info(args: argparse.Namespace) -> int:
+    from klservice_client import KLServiceError
+
+    with _client(args) as client:
+        try:
+            info = client.model_info()
+        except KLServiceError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    width = max(len(name) for name in info.__dataclass_fields__)
+    for name in info.__dataclass_fields__:
+        print(f"{name:<{width}}  {getattr(info, name)}")
+    return 0
+
+
+def _load_tokenizer(args: argparse.Namespace):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    path = args.tokenizer
+    if path is None:
+        from klservice.default_model import ensure_default_model
+
+        path = ensure_default_model(args.cache_dir)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from klservice_client import KLServiceError
+
+    tokenizer = None
+    if args.text is not None:
+        tokenizer = _load_tokenizer(args)
+        prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"] if args.prompt else []
+        if not prompt_ids:
+            prompt_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        tokens = prompt_ids + tokenizer(args.text, add_special_tokens=False)["input_ids"]
+        prompt_length = len(prompt_ids)
+    else:
+        try:
+            tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+        except ValueError:
+            print("error: --tokens must be comma-separated integers", file=sys.stderr)
+            return 2
+        prompt_length = args.prompt_length
+        if args.tokenizer:
+            tokenizer = _load_tokenizer(args)
+    with _client(args) as client:
+        try:
+            if tokenizer is not None:
+                client.check_tokenizer(tokenizer)
+            if args.logprobs:
+                logprobs = [float(v) for v in args.logprobs.split(",") if v.strip()]
+                out = client.compute_kl([tokens], prompt_length, logprobs=logprobs, spec=args.spec, temperature=args.temperature)
+            else:
+                out = client.score([tokens], prompt_length, temperature=args.temperature)
+        except (KLServiceError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    print(f"model {out.model} (revision {out.revision[:12]})")
+    _print_table(tokens[prompt_length:], out, tokenizer, logprobs=logprobs if args.logprobs else None)
+    return 0
+
+
+def _token_text(tokenizer, token: int) -> str:
+    if tokenizer is None:
+        return str(token)
+    return repr(tokenizer.decode([token]))
+
+
+def _print_table(tokens, out, tokenizer, logprobs=None) -> None:
+    header = f"{'token':<22} {'ref logp':>9}"
+    has_kl = hasattr(out, "k1")
+    if has_kl:
+        header += f" {'policy logp':>11} {'k1':>8} {'k2':>8} {'k3':>8} {'c':>8}"
+    print(header)
+    print("-" * len(header))
+    for i, token in enumerate(tokens):
+        line = f"{_token_text(tokenizer, token)[:22]:<22} {out.ref_logprobs[i]:>9.4f}"
+        if has_kl:
+            line += f" {logprobs[i]:>11.4f} {out.k1[i]:>8.4f} {out.k2[i]:>8.4f} {out.k3[i]:>8.4f} {out.coef[i]:>8.4f}"
+        print(line)
+    if has_kl:
+        d = out.diagnostics
+        print(f"spec: {out.spec}; mean k3 per token {d.k3_mean_per_token:.4f}; mean |c - c*| {d.coef_bias_abs_mean:.4f}")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from klservice_client import KLServiceError
+
+    tokenizer = _load_tokenizer(args)
+    sequences, prompt_lengths = [], []
+    for prompt, response in DEMO_TEXTS:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        sequences.append(prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"])
+        prompt_lengths.append(len(prompt_ids))
+    with _client(args) as client:
+        try:
+            client.wait_ready(timeout=args.timeout)
+            client.check_tokenizer(tokenizer)
+            info = client.model_info()
+            scored = client.score(sequences, prompt_lengths)
+            rng = np.random.default_rng(0)
+            policy = scored.ref_logprobs + rng.normal(0.0, 0.3, size=scored.ref_logprobs.shape).astype(np.float32)
+            policy = np.minimum(policy, 0.0)
+            principled = client.compute_kl(sequences, prompt_lengths, logprobs=policy, spec="principled")
+            grpo = client.compute_kl(sequences, prompt_lengths, logprobs=policy, spec="grpo_k3_as_loss")
+        except KLServiceError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    print(f"model {info.name} (revision {info.revision[:12]}, {info.backend}, {info.dtype} on {info.device})\n")
+    print("Reference log-probs of each response token:\n")
+    offset = 0
+    for (prompt, _), tokens, start in zip(DEMO_TEXTS, sequences, prompt_lengths):
+        print(f"prompt {prompt!r}")
+        for token in tokens[start:]:
+            print(f"  {_token_text(tokenizer, token):<18} {scored.ref_logprobs[offset]:>9.4f}")
+            offset += 1
+    print("\nKL against a synthetic policy (reference log-probs + N(0, 0.3) noise):\n")
+    header = f"{'token':<18} {'ref':>8} {'policy':>8} {'k1':>8} {'k3':>8} {'c principled':>12} {'c grpo k3':>10}"
+    print(header)
+    print("-" * len(header))
+    flat_tokens = [t for tokens, start in zip(sequences, prompt_lengths) for t in tokens[start:]]
+    for i, token in enumerate(flat_tokens):
+        print(
+            f"{_token_text(tokenizer, token)[:18]:<18} {principled.ref_logprobs[i]:>8.4f} {policy[i]:>8.4f} "
+            f"{principled.k1[i]:>8.4f} {principled.k3[i]:>8.4f} {principled.coef[i]:>12.4f} {grpo.coef[i]:>10.4f}"
+        )
+    d = grpo.diagnostics
+    print(
+        f"\nmean k3 per token {d.k3_mean_per_token:.4f}; GRPO's k3-as-loss coefficient differs from the principled "
+        f"one by {d.coef_bias_abs_mean:.4f} on average (mean |c - c*|)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Domain exceptions of the server and the one table that maps them to gRPC status codes.
+
+Code below the servicer raises these (or plain ValueError for bad input found by shared
+helpers such as `klservice_client.kl`); `status_for` is the only place that decides which
+status a client sees. Anything unexpected becomes INTERNAL with a generic message: the
+traceback goes to the server log, never on the wire.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """Root of the server's domain exceptions; the message is safe to send to the client."""
+
+
+class InvalidInput(ServiceError):
+    """The request is malformed: the message names the field and the sequence."""
+
+
+class OutOfRange(ServiceError):
+    """A value lies outside what the served model supports (e.g. a sequence longer than its context)."""
+
+
+class ModelNotFound(ServiceError):
+    """The request names a model this server does not serve."""
+
+
+class FailedPrecondition(ServiceError):
+    """The request is valid but the backend cannot honour it (e.g. an option it does not support)."""
+
+
+class Overloaded(ServiceError):
+    """The queue is full; the client should retry after a backoff."""
+
+
+class NotReady(ServiceError):
+    """The model is loading or the server is draining."""
+
+
+class DeadlineExpired(ServiceError):
+    """The request's deadline passed before its work ran."""
+
+
+_STATUS: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ValueError: grpc.StatusCode.INVALID_ARGUMENT,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+INTERNAL_MESSAGE = "internal error in the reference service (details are in the server log)"
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and the client-facing message for an exception."""
+    for kind in type(error).__mro__:
+        if kind in _STATUS:
+            return _STATUS[kind], str(error)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

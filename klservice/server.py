@@ -1,0 +1,170 @@
+"""The gRPC server's life cycle: listen at once, load the model in the background, serve, drain.
+
+Health (grpc.health.v1) reports NOT_SERVING while the model loads and again while the
+server drains on shutdown, so load balancers and `docker compose` health checks see the
+truth; server reflection is on, so grpcurl and similar tools work without the .proto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from klservice.config import ServerConfig
+from klservice.engine import ScoringEngine
+from klservice.metrics import Metrics
+from klservice.servicer import ReferenceServicer, ServingState
+from klservice.validation import Limits
+from klservice_client._proto import klservice_pb2 as pb
+from klservice_client._proto import klservice_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReferenceService"].full_name
+
+
+class Server:
+    """One klservice server: gRPC + health + reflection + metrics around one backend.
+
+    Usage (inside a running event loop)::
+
+        server = Server(ServerConfig(port=0, metrics_port=-1))
+        await server.start()          # listening; health NOT_SERVING
+        await server.wait_ready()     # model loaded; health SERVING
+        ...
+        await server.stop()
+    """
+
+    def __init__(self, config: ServerConfig, *, registry: CollectorRegistry | None = None, backend=None):
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry, max_jobs=config.max_jobs)
+        self._backend = backend  # preloaded backend (tests, embedding); else loaded from config
+        self._state = ServingState(config, self.metrics)
+        self._health = health.aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http = None
+        self._loading: asyncio.Task | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    async def start(self) -> int:
+        """Start listening (health NOT_SERVING) and begin loading the model. Returns the gRPC port."""
+        limit = self.config.max_message_bytes
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
+        pb_grpc.add_ReferenceServiceServicer_to_server(ReferenceServicer(self._state), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._grpc,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = self._grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind gRPC to {address}")
+        await self._grpc.start()
+        if self.config.metrics_port >= 0:
+            self._start_metrics_http()
+        log.info("listening on %s:%d (gRPC)%s", self.config.host, self.port,
+                 f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "")
+        self._loading = asyncio.get_running_loop().create_task(self._load(), name="klservice-load")
+        return self.port
+
+    def _start_metrics_http(self) -> None:
+        from prometheus_client import start_http_server
+
+        httpd, _thread = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.registry)
+        self._metrics_http = httpd
+        self.metrics_port = httpd.server_port
+
+    async def _load(self) -> None:
+        backend = self._backend
+        if backend is None:
+            from klservice.backends import load_backend
+
+            config = self.config
+            backend = await asyncio.to_thread(
+                load_backend,
+                config.backend,
+                config.model,
+                dtype=config.dtype,
+                device=config.device,
+                cache_dir=config.cache_dir,
+                max_length=config.max_length,
+                progress=True,
+            )
+            self._backend = backend
+        info = await asyncio.to_thread(backend.info)
+        engine = ScoringEngine(
+            backend, max_batch_tokens=self.config.max_batch_tokens, max_queue=self.config.max_queue, metrics=self.metrics
+        )
+        await engine.start()
+        self._state.info = info
+        self._state.limits = Limits(
+            vocab_size=info.vocab_size,
+            max_length=info.max_length,
+            max_request_tokens=self.config.max_request_tokens,
+        )
+        self._state.engine = engine
+        self.metrics.model_info.info(
+            {"name": info.name, "revision": info.revision, "backend": info.backend, "dtype": info.dtype, "device": info.device}
+        )
+        self.metrics.ready.set(1)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s (revision %s, %s, %s on %s)", info.name, info.revision[:12], info.backend, info.dtype, info.device)
+
+    async def wait_ready(self) -> None:
+        """Wait until the model is loaded; re-raises a loading failure."""
+        await asyncio.shield(self._loading)
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new work, give in-flight requests `grace` seconds, release the model."""
+        grace = self.config.grace_seconds if grace is None else grace
+        self._state.draining = True
+        self.metrics.ready.set(0)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._state.engine is not None:
+            await self._state.engine.stop()
+        if self._backend is not None:
+            self._backend.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    async def serve_forever(self) -> None:
+        """Start, serve until SIGINT/SIGTERM, then drain. Raises if the model fails to load."""
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        await self.start()
+        stop_wait = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait({self._loading, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if self._loading.done() and self._loading.exception() is not None:
+                raise self._loading.exception()
+            await stop_wait
+            log.info("shutting down (grace %.1fs)", self.config.grace_seconds)
+        finally:
+            stop_wait.cancel()
+            await self.stop()

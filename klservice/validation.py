@@ -1,0 +1,155 @@
+"""Request validation: protobuf messages in, checked numpy arrays out, or an error naming field and sequence.
+
+Everything a client can get wrong is checked here, before any model time is spent:
+tensor dtypes and shapes, lengths, prompt lengths, token ids against the vocabulary,
+sequence lengths against the context, the per-request token limit, temperature, and the
+policy log-probs (count and finiteness). Errors are `InvalidInput` / `OutOfRange` /
+`ModelNotFound`, which `klservice.errors` maps to status codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from klservice.errors import InvalidInput, ModelNotFound, OutOfRange
+from klservice_client._proto import klservice_pb2 as pb
+from klservice_client.tensors import TensorError, from_tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """A validated flat batch: all token ids, per-sequence lengths and prompt lengths (int64)."""
+
+    token_ids: np.ndarray
+    lengths: np.ndarray
+    prompt_lengths: np.ndarray
+
+    @property
+    def scored_lengths(self) -> np.ndarray:
+        return self.lengths - self.prompt_lengths
+
+    @property
+    def num_scored(self) -> int:
+        return int(self.scored_lengths.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def sequences(self) -> list[np.ndarray]:
+        """Each sequence's token ids (views into token_ids)."""
+        return np.split(self.token_ids, np.cumsum(self.lengths)[:-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What the served model and the server configuration accept."""
+
+    vocab_size: int
+    max_length: int
+    max_request_tokens: int
+
+
+def _tensor(message, field: str, *, kinds: str, required: bool = True) -> np.ndarray | None:
+    if not message.HasField(field.rsplit(".", 1)[-1]):
+        if required:
+            raise InvalidInput(f"{field}: missing")
+        return None
+    try:
+        return from_tensor(getattr(message, field.rsplit(".", 1)[-1]), field, kinds=kinds)
+    except TensorError as error:
+        raise InvalidInput(str(error)) from None
+
+
+def check_model(requested: str, served: str) -> None:
+    """Empty means the served model; any other name than the served one is NOT_FOUND."""
+    if requested and requested != served:
+        raise ModelNotFound(f"model: {requested!r} is not served here; this server serves {served!r}")
+
+
+def parse_temperature(value: float) -> float:
+    if value == 0.0:
+        return 1.0
+    if not math.isfinite(value) or value < 0:
+        raise InvalidInput(f"temperature: must be a finite number > 0 (0 means 1.0), got {value}")
+    return float(value)
+
+
+def parse_batch(message: pb.SequenceBatch, limits: Limits, field: str = "batch") -> Batch:
+    token_ids = _tensor(message, f"{field}.token_ids", kinds="i")
+    lengths = _tensor(message, f"{field}.lengths", kinds="i")
+    prompt_lengths = _tensor(message, f"{field}.prompt_lengths", kinds="i")
+    if lengths.shape[0] == 0:
+        raise InvalidInput(f"{field}: empty batch (lengths has no sequences)")
+    if prompt_lengths.shape != lengths.shape:
+        raise InvalidInput(
+            f"{field}.prompt_lengths: has {prompt_lengths.shape[0]} entries but lengths has {lengths.shape[0]} sequences"
+        )
+    lengths = lengths.astype(np.int64)
+    prompt_lengths = prompt_lengths.astype(np.int64)
+    _first_bad(lengths < 1, f"{field}.lengths", lambda i: f"length {lengths[i]} must be >= 1")
+    total = int(lengths.sum())
+    if total != token_ids.shape[0]:
+        raise InvalidInput(
+            f"{field}.lengths: sum to {total} tokens but {field}.token_ids has {token_ids.shape[0]}"
+        )
+    if total > limits.max_request_tokens:
+        raise InvalidInput(
+            f"{field}.token_ids: {total} tokens exceeds this server's limit of {limits.max_request_tokens} per request "
+            "(split the batch; KLClient does this automatically)"
+        )
+    _first_bad(
+        lengths > limits.max_length,
+        f"{field}.lengths",
+        lambda i: f"length {lengths[i]} exceeds the model's maximum of {limits.max_length} tokens",
+        error=OutOfRange,
+    )
+    _first_bad(
+        (prompt_lengths < 1) | (prompt_lengths > lengths),
+        f"{field}.prompt_lengths",
+        lambda i: f"prompt length {prompt_lengths[i]} must be between 1 and the sequence length {lengths[i]}",
+    )
+    token_ids = token_ids.astype(np.int64)
+    bad_tokens = (token_ids < 0) | (token_ids >= limits.vocab_size)
+    if bad_tokens.any():
+        index = int(np.argmax(bad_tokens))
+        sequence, position = _locate(lengths, index)
+        raise InvalidInput(
+            f"{field}.token_ids: token id {token_ids[index]} at sequence {sequence}, position {position} "
+            f"is outside the vocabulary [0, {limits.vocab_size})"
+        )
+    return Batch(token_ids=token_ids, lengths=lengths, prompt_lengths=prompt_lengths)
+
+
+def parse_logprobs(message, field: str, batch: Batch, *, required: bool) -> np.ndarray | None:
+    """Per-scored-token log-probs (float32 or float64): one per scored token, all finite."""
+    values = _tensor(message, field, kinds="f", required=required)
+    if values is None:
+        return None
+    if values.shape[0] != batch.num_scored:
+        raise InvalidInput(
+            f"{field}: has {values.shape[0]} values but the batch has {batch.num_scored} scored tokens "
+            "(sum over sequences of length - prompt_length)"
+        )
+    bad = ~np.isfinite(values)
+    if bad.any():
+        index = int(np.argmax(bad))
+        sequence, position = _locate(batch.scored_lengths, index)
+        raise InvalidInput(f"{field}: non-finite value {values[index]} at sequence {sequence}, scored token {position}")
+    return values
+
+
+def _locate(lengths: np.ndarray, flat_index: int) -> tuple[int, int]:
+    """(sequence, position within it) of a flat index."""
+    ends = np.cumsum(lengths)
+    sequence = int(np.searchsorted(ends, flat_index, side="right"))
+    return sequence, flat_index - (int(ends[sequence - 1]) if sequence else 0)
+
+
+def _first_bad(mask: np.ndarray, field: str, describe, error=InvalidInput) -> None:
+    if mask.any():
+        index = int(np.argmax(mask))
+        raise error(f"{field}: sequence {index}: {describe(index)}")

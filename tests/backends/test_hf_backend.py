@@ -1,0 +1,177 @@
+"""HFBackend gives the same numbers as the textbook full-logits computation, without its memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from klservice_client import tokenizer_fingerprint
+
+from klservice.backends._files import model_revision
+from klservice.backends.hf import HFBackend
+
+# Ragged lengths and starts, including start == 1 (score everything) and start == len (nothing).
+LENGTHS = (3, 17, 64, 120, 200, 9)
+STARTS = (1, 16, 30, 1, 150, 9)
+
+
+def ragged_sequences(vocab_size: int, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, size=n, dtype=np.int64) for n in LENGTHS]
+
+
+def grpo_batch(vocab_size: int, seed: int = 5) -> tuple[list[np.ndarray], list[int]]:
+    """Groups of responses sharing a prompt (one group of single-token responses), mixed with unrelated sequences."""
+    rng = np.random.default_rng(seed)
+    sequences, starts = ragged_sequences(vocab_size, seed), list(STARTS)
+    for prompt_length, response_lengths in [(20, (1, 7, 30, 12)), (40, (25, 25, 3)), (16, (1, 1))]:
+        prompt = rng.integers(0, vocab_size, size=prompt_length, dtype=np.int64)
+        for n in response_lengths:
+            sequences.append(np.concatenate([prompt, rng.integers(0, vocab_size, size=n, dtype=np.int64)]))
+            starts.append(prompt_length)
+    order = rng.permutation(len(sequences))  # groups need not be contiguous
+    return [sequences[i] for i in order], [starts[i] for i in order]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_batched_score_matches_plain_forward(tiny_backend, plain_model, reference, temperature):
+    sequences = ragged_sequences(tiny_backend.info().vocab_size)
+    got = tiny_backend.score(sequences, STARTS, temperature)  # one call: one right-padded batch
+    assert len(got) == len(sequences)
+    for seq, start, values in zip(sequences, STARTS, got):
+        assert values.dtype == np.float32 and values.shape == (len(seq) - start,)
+        np.testing.assert_allclose(values, reference(plain_model, seq, start, temperature), atol=1e-5, rtol=0)
+
+
+def test_shared_prompts_are_computed_once_with_the_same_values(tiny_backend, plain_model, reference):
+    sequences, starts = grpo_batch(49152)
+    shapes = []  # of every forward, seen at the input embedding
+    embeddings = tiny_backend._model.get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        got = tiny_backend.score(sequences, starts, temperature=0.7)
+    finally:
+        hook.remove()
+    for seq, start, values in zip(sequences, starts, got):
+        np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
+    # One padded batch for the unrelated sequences, each prompt once, then the continuations of
+    # the two groups whose responses are longer than one token (4 and 3 of them).
+    assert sorted(shapes) == sorted([(5, 199), (1, 20), (1, 40), (1, 16), (4, 29), (3, 24)])
+
+
+def test_prompt_sharing_can_be_turned_off(tiny_llama_dir, tiny_backend):
+    backend = HFBackend(tiny_llama_dir, progress=False, share_prompts=False)
+    sequences, starts = grpo_batch(49152)
+    shapes = []
+    hook = backend._model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(args[0].shape))
+    try:
+        got = backend.score(sequences, starts)
+    finally:
+        hook.remove()
+    assert len(shapes) == 1  # everything in one padded forward
+    for plain, shared in zip(got, tiny_backend.score(sequences, starts)):
+        np.testing.assert_allclose(plain, shared, atol=1e-5, rtol=0)
+
+
+def test_small_chunks_give_the_same_values(tiny_llama_dir, plain_model, reference):
+    """Blocks of 1000 vocab rows (not a divisor of 49152) and 64 positions change no value."""
+    backend = HFBackend(tiny_llama_dir, progress=False, vocab_chunk=1000, token_chunk=64)
+    sequence = np.random.default_rng(2).integers(0, 49152, size=400, dtype=np.int64)
+    (values,) = backend.score([sequence], [1], temperature=0.9)
+    np.testing.assert_allclose(values, reference(plain_model, sequence, 1, 0.9), atol=1e-5, rtol=0)
+
+
+def test_full_forward_fallback_gives_the_same_values(tiny_llama_dir, plain_model, reference):
+    """The path used for architectures whose body + head cannot be separated is exact too."""
+    backend = HFBackend(tiny_llama_dir, progress=False, vocab_chunk=5000)
+    backend._head_on_hidden = False
+    sequences = ragged_sequences(49152, seed=3)
+    for seq, start, values in zip(sequences, STARTS, backend.score(sequences, STARTS, 0.7)):
+        np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
+
+
+def test_info_describes_the_model(tiny_backend, tiny_llama_dir, default_model_dir):
+    info = tiny_backend.info()
+    assert (info.backend, info.dtype, info.device) == ("hf", "float32", "cpu")
+    assert (info.vocab_size, info.max_length) == (49152, 512)
+    assert (info.bos_token_id, info.eos_token_id, info.pad_token_id) == (1, 2, 2)
+    assert info.name == str(tiny_llama_dir)
+    assert info.revision == model_revision(tiny_llama_dir)
+    # The SmolLM2 tokenizer with other weights: same fingerprint, other revision.
+    assert info.tokenizer_fingerprint == tokenizer_fingerprint(AutoTokenizer.from_pretrained(default_model_dir))
+    assert info.revision != model_revision(default_model_dir)
+
+
+def test_max_length_is_capped_by_the_user(tiny_llama_dir):
+    assert HFBackend(tiny_llama_dir, progress=False, max_length=100).info().max_length == 100
+    assert HFBackend(tiny_llama_dir, progress=False, max_length=10_000).info().max_length == 512
+
+
+def test_revision_is_stable_and_follows_the_weights(tiny_backend, tiny_llama_dir, make_tiny_model, llama_config):
+    again = HFBackend(tiny_llama_dir, progress=False).info()
+    assert again.revision == tiny_backend.info().revision
+    perturbed = make_tiny_model("perturbed", llama_config(), perturb="model.layers.1.mlp.down_proj.weight")
+    info = HFBackend(perturbed, progress=False).info()
+    assert info.revision != again.revision
+    assert info.tokenizer_fingerprint == again.tokenizer_fingerprint
+
+
+def test_bfloat16_agrees_with_float32(tiny_llama_dir, tiny_backend):
+    backend = HFBackend(tiny_llama_dir, progress=False, dtype="bfloat16")
+    assert backend.info().dtype == "bfloat16"
+    sequences = ragged_sequences(49152)
+    low = np.concatenate(backend.score(sequences, STARTS))
+    high = np.concatenate(tiny_backend.score(sequences, STARTS))
+    assert low.dtype == np.float32
+    error = np.abs(low - high)
+    # bfloat16 rounding of activations and logits (|logit| ~ 10 here): ~0.03 on average, rarely above 0.1.
+    assert error.mean() < 0.05 and error.max() < 0.25
+    assert error.max() > 0  # it really ran in bfloat16
+
+
+@pytest.mark.parametrize(
+    "model_type, extra",
+    [
+        ("qwen2", {}),
+        ("mistral", {"sliding_window": 16}),
+        ("gemma2", {"final_logit_softcapping": 3.0, "head_dim": 16}),
+        ("granite", {"logits_scaling": 4.0}),
+        ("cohere", {"logit_scale": 0.5}),
+    ],
+)
+def test_other_architectures_use_the_separate_head_exactly(model_type, extra, make_tiny_model, reference):
+    """Body + LM head (+ soft-capping / logit scaling) and shared prompts reproduce each architecture's own logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=49152,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        **extra,
+    )
+    folder = make_tiny_model(model_type, config)
+    backend = HFBackend(folder, progress=False)
+    assert backend._head_on_hidden  # the memory-saving path, not the fallback
+    assert backend._share_prompts  # ... and prompt sharing
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+    sequences, starts = grpo_batch(49152, seed=4)
+    for seq, start, values in zip(sequences, starts, backend.score(sequences, starts, 0.7)):
+        np.testing.assert_allclose(values, reference(plain, seq, start, 0.7), atol=1e-5, rtol=0)
+
+
+def test_embedded_model_knows_the_capital_of_france(default_model_dir):
+    backend = HFBackend(default_model_dir, progress=False)
+    ids = backend.tokenizer("The capital of France is Paris").input_ids
+    assert backend.tokenizer.convert_ids_to_tokens(ids[-1]) == "ĠParis"
+    (values,) = backend.score([np.asarray(ids)], [len(ids) - 1])
+    assert values[0] == pytest.approx(-0.258, abs=0.05)

@@ -1,0 +1,129 @@
+"""Shared fixtures: the embedded model (converted once per session), a tiny random Llama, real servers.
+
+Set KLSERVICE_CACHE_DIR to keep the converted embedded model between runs; otherwise it
+is converted into a temporary directory once per test session (~20 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import pathlib
+import threading
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory) -> pathlib.Path:
+    configured = os.environ.get("KLSERVICE_CACHE_DIR")
+    return pathlib.Path(configured) if configured else tmp_path_factory.mktemp("klservice-cache")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(model_cache_dir) -> pathlib.Path:
+    from klservice.default_model import ensure_default_model
+
+    return ensure_default_model(model_cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> pathlib.Path:
+    """A tiny random Llama (fixed seed) with the SmolLM2 tokenizer: real transformers code, fast forwards."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(path)
+    return path
+
+
+class RunningServer:
+    """A real klservice server on 127.0.0.1, port 0, on its own event loop in a background thread."""
+
+    def __init__(self, config, backend=None):
+        from klservice.server import Server
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = Server(config, backend=backend)
+        self.run(self.server.start())
+
+    def run(self, coroutine, timeout: float = 300.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def wait_ready(self) -> "RunningServer":
+        self.run(self.server.wait_ready())
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def close(self) -> None:
+        try:
+            self.run(self.server.stop(0.5))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def server_config():
+    """The configuration tests start from: loopback, free ports."""
+    from klservice.config import ServerConfig
+
+    return ServerConfig(host="127.0.0.1", port=0, metrics_port=0, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def start_server(tiny_model_dir, server_config):
+    """Factory: start a real server on the tiny model with config overrides; stopped at session end."""
+    started: list[RunningServer] = []
+
+    def start(wait: bool = True, backend=None, **overrides) -> RunningServer:
+        config = dataclasses.replace(server_config, model=str(tiny_model_dir), **overrides)
+        running = RunningServer(config, backend=backend)
+        started.append(running)
+        return running.wait_ready() if wait else running
+
+    yield start
+    for running in started:
+        running.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(start_server) -> RunningServer:
+    """One shared server on the tiny model (default limits)."""
+    return start_server()
+
+
+@pytest.fixture()
+def client(tiny_server):
+    from klservice_client import KLClient
+
+    with KLClient(tiny_server.target, job_id="pytest", timeout=60) as c:
+        yield c

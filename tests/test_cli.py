@@ -1,0 +1,98 @@
+"""End to end through the installed `klservice` command: serve the embedded SmolLM2, ask it, stop it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+KLSERVICE = shutil.which("klservice") or os.path.join(os.path.dirname(sys.executable), "klservice")
+
+
+def test_help_is_light_and_complete():
+    code = (
+        "import sys\n"
+        "from klservice.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "assert not {'torch', 'transformers', 'vllm'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for command in ([], ["serve"], ["info"], ["score"], ["demo"]):
+        result = subprocess.run([KLSERVICE, *command, "--help"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "usage: klservice" in result.stdout
+    serve_help = subprocess.run([KLSERVICE, "serve", "--help"], capture_output=True, text=True, timeout=60).stdout
+    for flag in ("--model", "--backend", "--port", "--metrics-port", "--dtype", "--device", "--max-request-tokens"):
+        assert flag in serve_help
+
+
+@pytest.fixture(scope="module")
+def cli_server(default_model_dir, model_cache_dir):
+    """`klservice serve` on the embedded model (already converted into model_cache_dir)."""
+    env = dict(os.environ, KLSERVICE_CACHE_DIR=str(model_cache_dir), HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(
+        [KLSERVICE, "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    port, lines = None, []
+    deadline = time.time() + 120
+    while port is None and time.time() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            port = int(match.group(1))
+    assert port, "server did not report its port:\n" + "".join(lines)
+    yield process, f"127.0.0.1:{port}", env
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
+def test_serve_embedded_model_answers_health_score_and_demo(cli_server):
+    from klservice_client import KLClient
+
+    process, target, env = cli_server
+    with KLClient(target, timeout=60) as client:
+        info = client.wait_ready(timeout=120)
+        assert info.name.startswith("SmolLM2-135M-Instruct") and info.vocab_size == 49152
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        from transformers import AutoTokenizer
+
+        from klservice.default_model import ensure_default_model
+
+        tokenizer = AutoTokenizer.from_pretrained(ensure_default_model(env["KLSERVICE_CACHE_DIR"], progress=False))
+        client.check_tokenizer(tokenizer)
+        prompt = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+        paris = tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+        out = client.score([prompt + paris], len(prompt))
+        assert out.ref_logprobs[0] == pytest.approx(-0.258, abs=0.05)
+
+    demo = subprocess.run([KLSERVICE, "demo", "--target", target], capture_output=True, text=True, timeout=120, env=env)
+    assert demo.returncode == 0, demo.stderr
+    assert "Paris" in demo.stdout and "c grpo k3" in demo.stdout
+    values = [float(v) for v in re.findall(r"'\s?Paris'\s+(-?\d+\.\d+)", demo.stdout)]
+    assert values and values[0] == pytest.approx(-0.258, abs=0.05)
+
+    info_out = subprocess.run([KLSERVICE, "info", "--target", target], capture_output=True, text=True, timeout=60, env=env)
+    assert info_out.returncode == 0 and "revision" in info_out.stdout
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
