@@ -32,7 +32,11 @@ class FailedPrecondition(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """The queue is full; the client should retry after a backoff."""
+    """The queue is full; the client should retry after `retry_after` seconds (sent as retry-after-ms metadata)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NotReady(ServiceError):

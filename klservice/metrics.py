@@ -68,6 +68,19 @@ class Metrics:
             "klservice_forward_seconds", "Time of one backend forward batch.", buckets=LATENCY_BUCKETS, registry=registry
         )
         self.queue_depth = Gauge("klservice_queue_depth", "Requests waiting for the model.", registry=registry)
+        self.queue_tokens = Gauge("klservice_queue_tokens", "Tokens waiting for the model.", registry=registry)
+        self.tokens_saved = Counter(
+            "klservice_tokens_saved",
+            "Prompt tokens not recomputed because sequences sharing a prompt shared its KV cache.",
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "klservice_dropped", "Requests dropped before their forward, by reason.", ["reason"], registry=registry
+        )
+        self.cache_lookups = Counter(
+            "klservice_cache_lookups", "Reference-cache lookups per sequence, by result.", ["result"], registry=registry
+        )
+        self.cache_bytes = Gauge("klservice_cache_bytes", "Bytes of reference log-probs held in the cache.", registry=registry)
         self.model_info = Info("klservice_model", "The served model.", registry=registry)
         self.ready = Gauge("klservice_ready", "1 once the model is loaded and serving.", registry=registry)
         kl_labels = ["job"]

@@ -17,8 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from klservice.config import ServerConfig
-from klservice.engine import ScoringEngine
+from klservice.cache import ReferenceCache
 from klservice.metrics import Metrics
+from klservice.scheduler import TokenBudgetScheduler
 from klservice.servicer import ReferenceServicer, ServingState
 from klservice.validation import Limits
 from klservice_client._proto import klservice_pb2 as pb
@@ -107,8 +108,16 @@ class Server:
             )
             self._backend = backend
         info = await asyncio.to_thread(backend.info)
-        engine = ScoringEngine(
-            backend, max_batch_tokens=self.config.max_batch_tokens, max_queue=self.config.max_queue, metrics=self.metrics
+        cache = None
+        if self.config.cache_mb > 0:
+            cache = ReferenceCache(self.config.cache_mb * 1024 * 1024, info.revision, metrics=self.metrics)
+        engine = TokenBudgetScheduler(
+            backend,
+            max_batch_tokens=self.config.max_batch_tokens,
+            max_queue=self.config.max_queue,
+            max_wait_s=self.config.max_wait_ms / 1000.0,
+            cache=cache,
+            metrics=self.metrics,
         )
         await engine.start()
         self._state.info = info

@@ -1,6 +1,6 @@
 """The gRPC servicer: translates protobuf to domain objects and back; the logic lives elsewhere.
 
-Validation is `klservice.validation`, the forwards are `klservice.engine`, the KL math is
+Validation is `klservice.validation`, batching is `klservice.scheduler`, the KL math is
 `klservice_client.kl`, and status codes come from `klservice.errors.status_for` — the
 only place exceptions become codes.
 """
@@ -8,6 +8,7 @@ only place exceptions become codes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import AsyncIterator
@@ -27,6 +28,15 @@ from klservice_client.tensors import to_tensor
 log = logging.getLogger(__name__)
 
 JOB_METADATA_KEY = "x-job-id"
+RETRY_AFTER_METADATA_KEY = "retry-after-ms"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Who sent a request: `key` for fairness, `label` (bounded) for metrics."""
+
+    key: str
+    label: str
 
 
 class ServingState:
@@ -36,7 +46,7 @@ class ServingState:
         self.config = config
         self.metrics = metrics
         self.info = None  # klservice.backends.base.ModelInfo
-        self.engine = None  # klservice.engine.ScoringEngine
+        self.engine = None  # klservice.scheduler.TokenBudgetScheduler
         self.limits: Limits | None = None
         self.draining = False
 
@@ -66,6 +76,7 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
     async def StreamKL(self, request_iterator, context) -> AsyncIterator[pb.StreamKLResponse]:
         """Each request is handled as it arrives; answers are sent as they complete, tagged with request_id."""
         job = self._job(context)
+        deadline = self._deadline(context)
         answers: asyncio.Queue = asyncio.Queue()
         done = object()
         seen: set[str] = set()
@@ -78,7 +89,8 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
                 if request.request_id in seen:
                     raise InvalidInput(f"request_id: {request.request_id!r} was already used on this stream")
                 seen.add(request.request_id)
-                item = pb.StreamKLResponse(request_id=request.request_id, response=await self._compute_kl(request, job))
+                response = await self._compute_kl(request, job, deadline)
+                item = pb.StreamKLResponse(request_id=request.request_id, response=response)
             except Exception as error:  # noqa: BLE001 - every failure becomes an error item
                 code, message = self._status(error)
                 item = pb.StreamKLResponse(
@@ -106,13 +118,13 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
 
     # --- handlers -------------------------------------------------------------------
 
-    async def _score(self, request: pb.ScoreRequest, job: str) -> pb.ScoreResponse:
+    async def _score(self, request: pb.ScoreRequest, job: "Job", deadline: float | None) -> pb.ScoreResponse:
         engine = self._state.require_ready()
         check_model(request.model, self._state.info.name)
         batch = parse_batch(request.batch, self._state.limits)
         temperature = parse_temperature(request.temperature)
-        ref = await engine.score(batch, temperature, job)
-        self._state.metrics.tokens_scored.labels(job).inc(batch.num_scored)
+        ref = await engine.score(batch, temperature, job.key, deadline)
+        self._state.metrics.tokens_scored.labels(job.label).inc(batch.num_scored)
         return pb.ScoreResponse(
             request_id=request.request_id,
             model=self._model_ref(),
@@ -120,7 +132,7 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
             scored_lengths=to_tensor(batch.scored_lengths),
         )
 
-    async def _compute_kl(self, request: pb.KLRequest, job: str) -> pb.KLResponse:
+    async def _compute_kl(self, request: pb.KLRequest, job: "Job", deadline: float | None) -> pb.KLResponse:
         engine = self._state.require_ready()
         check_model(request.model, self._state.info.name)
         batch = parse_batch(request.batch, self._state.limits)
@@ -134,11 +146,11 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
             )
         if old is not None and old.dtype != logprobs.dtype:
             raise InvalidInput(f"old_logprobs: dtype {old.dtype} differs from logprobs' {logprobs.dtype}")
-        ref = await engine.score(batch, temperature, job)
+        ref = await engine.score(batch, temperature, job.key, deadline)
         result = await asyncio.to_thread(kl.compute_kl, logprobs, ref, batch.scored_lengths, spec, old)
         metrics = self._state.metrics
-        metrics.tokens_scored.labels(job).inc(batch.num_scored)
-        metrics.record_kl(job, request.spec.preset or "custom", result.diagnostics)
+        metrics.tokens_scored.labels(job.label).inc(batch.num_scored)
+        metrics.record_kl(job.label, request.spec.preset or "custom", result.diagnostics)
         return pb.KLResponse(
             request_id=request.request_id,
             model=self._model_ref(),
@@ -153,7 +165,7 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
             spec=spec.describe(),
         )
 
-    async def _model_info(self, request: pb.GetModelInfoRequest, job: str) -> pb.ModelInfo:
+    async def _model_info(self, request: pb.GetModelInfoRequest, job: "Job", deadline: float | None) -> pb.ModelInfo:
         self._state.require_ready()
         info, config = self._state.info, self._state.config
         message = pb.ModelInfo(
@@ -179,9 +191,17 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
     def _model_ref(self) -> pb.ModelRef:
         return pb.ModelRef(name=self._state.info.name, revision=self._state.info.revision)
 
-    def _job(self, context) -> str:
+    def _job(self, context) -> "Job":
+        """The caller's job: x-job-id metadata, else its connection (peer) for fairness, 'anonymous' in metrics."""
         metadata = dict(context.invocation_metadata() or ())
-        return self._state.metrics.jobs.label(metadata.get(JOB_METADATA_KEY))
+        job_id = metadata.get(JOB_METADATA_KEY)
+        return Job(key=job_id or f"peer:{context.peer()}", label=self._state.metrics.jobs.label(job_id))
+
+    @staticmethod
+    def _deadline(context) -> float | None:
+        """The call's deadline as a time.monotonic() value (None without one)."""
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
 
     @staticmethod
     def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -197,12 +217,15 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
     async def _unary(self, method: str, context, handler, request):
         started, code = time.perf_counter(), grpc.StatusCode.OK
         try:
-            return await handler(request, self._job(context))
+            return await handler(request, self._job(context), self._deadline(context))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status in one place
             code, message = self._status(error)
+            retry_after = getattr(error, "retry_after", None)
+            if retry_after is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(int(retry_after * 1000))),))
         finally:
             self._record(method, code, started)
         await context.abort(code, message)

@@ -44,6 +44,7 @@ from klservice_client.tensors import from_tensor, to_tensor
 __all__ = ["AsyncKLClient", "KLClient", "KLOutput", "ModelInfo", "ScoreOutput", "tokenizer_fingerprint"]
 
 JOB_METADATA_KEY = "x-job-id"
+RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 #: Bytes a scored token costs on the wire in the largest message (ComputeKL response: 7 float arrays).
 _BYTES_PER_TOKEN = 8 + 7 * 8
@@ -355,8 +356,15 @@ def _check_revisions(responses) -> None:
         raise KLServiceError(f"parts of one batch were answered by different model revisions: {sorted(revisions)}")
 
 
-def _backoff(attempt: int, initial: float, maximum: float) -> float:
-    return min(maximum, initial * 2**attempt) * (0.5 + random.random() / 2)
+def _backoff(attempt: int, initial: float, maximum: float, error: grpc.RpcError | None = None) -> float:
+    """Exponential backoff with jitter, at least the server's retry-after-ms hint (capped at 30 s)."""
+    delay = min(maximum, initial * 2**attempt) * (0.5 + random.random() / 2)
+    try:
+        metadata = dict(error.trailing_metadata() or ()) if error is not None else {}
+        hint = float(metadata.get(RETRY_AFTER_METADATA_KEY, 0)) / 1000.0
+    except (TypeError, ValueError, AttributeError):
+        hint = 0.0
+    return max(delay, min(hint, 30.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,7 +444,7 @@ class KLClient:
                 return method(request, timeout=options.timeout, metadata=options.metadata())
             except grpc.RpcError as error:
                 if error.code() in RETRYABLE and attempt < options.max_retries:
-                    time.sleep(_backoff(attempt, options.initial_backoff, options.max_backoff))
+                    time.sleep(_backoff(attempt, options.initial_backoff, options.max_backoff, error))
                     continue
                 raise from_rpc_error(error) from error
 
@@ -556,7 +564,7 @@ class AsyncKLClient:
                 return await method(request, timeout=options.timeout, metadata=options.metadata())
             except grpc.RpcError as error:
                 if error.code() in RETRYABLE and attempt < options.max_retries:
-                    await asyncio.sleep(_backoff(attempt, options.initial_backoff, options.max_backoff))
+                    await asyncio.sleep(_backoff(attempt, options.initial_backoff, options.max_backoff, error))
                     continue
                 raise from_rpc_error(error) from error
 

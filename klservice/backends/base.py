@@ -50,6 +50,9 @@ class ModelInfo:
 class ReferenceBackend(abc.ABC):
     """Frozen reference model. Thread-compatible: the server calls score() from ONE worker thread at a time."""
 
+    #: Running count of prompt tokens a backend did not recompute thanks to prefix sharing (for metrics).
+    tokens_saved: int = 0
+
     @abc.abstractmethod
     def info(self) -> ModelInfo:
         """Describe the loaded model (cheap; computed at load time)."""

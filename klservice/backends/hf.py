@@ -224,6 +224,7 @@ class HFBackend(ReferenceBackend):
                 rows[i] = value
         for group in (g for g in groups.values() if len(g) > 1):
             prompt = sequences[group[0]][: starts[group[0]]]
+            self.tokens_saved += (len(group) - 1) * len(prompt)
             for i, value in zip(group, self._shared_prompt_rows(prompt, [sequences[i] for i in group])):
                 rows[i] = value
         targets = torch.from_numpy(np.concatenate([seq[start:] for seq, start in zip(sequences, starts)]))

@@ -1,0 +1,340 @@
+"""TokenBudgetScheduler: batches the sequences of all in-flight requests onto one backend, fairly.
+
+Why: one shared reference model only pays off if it beats every job computing its own
+reference log-probs. That needs large forward batches (many requests' sequences
+together), little padding, GRPO groups kept together so the backend computes their shared
+prompt once, and fairness so a job sending a huge rollout cannot starve a small one.
+
+How:
+
+- `score()` splits a request into sequences. Sequences found in the reference cache are
+  answered at once; the rest join their job's FIFO. More than ``max_queue`` requests
+  waiting is refused with `Overloaded`, carrying a retry hint from the measured drain
+  rate.
+- One worker task forms steps. It waits up to ``max_wait_s`` for work to accumulate,
+  then picks sequences by deficit round-robin over jobs (each visit grants a job a
+  quantum of ``max_batch_tokens / active jobs`` tokens; the deficit carries over while
+  the job has backlog), until ``max_batch_tokens`` are chosen.
+- Work whose caller has gone or whose deadline has passed is dropped before it runs.
+- `plan_calls` packs the chosen sequences into backend calls: sequences with the same
+  prompt stay together (the backend shares their prompt), units are sorted by length and
+  packed so count × longest stays within the budget.
+- The calls run in one worker thread (the event loop never blocks on the model); results
+  are scattered back to their requests in order and stored in the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+
+from klservice.errors import DeadlineExpired, NotReady, Overloaded
+from klservice.validation import Batch
+
+log = logging.getLogger(__name__)
+
+
+def plan_calls(sequences: Sequence[np.ndarray], starts: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices of `sequences` per backend call.
+
+    Sequences with identical prompts (same start and same tokens before it) form one unit,
+    kept in one call; units are sorted by their longest sequence and packed greedily so
+    that (sequences in the call) × (longest in the call) <= max_batch_tokens. A unit that
+    alone exceeds the budget is split into budget-sized runs of its own.
+    """
+    units: dict[bytes, list[int]] = {}
+    for index, (tokens, start) in enumerate(zip(sequences, starts)):
+        key = int(start).to_bytes(8, "little") + np.asarray(tokens[:start], dtype="<i8").tobytes()
+        units.setdefault(key, []).append(index)
+    ordered = sorted(units.values(), key=lambda unit: max(len(sequences[i]) for i in unit))
+    calls: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for unit in ordered:
+        unit_longest = max(len(sequences[i]) for i in unit)
+        if current and (len(current) + len(unit)) * max(longest, unit_longest) > max_batch_tokens:
+            calls.append(current)
+            current, longest = [], 0
+        if len(unit) * unit_longest > max_batch_tokens:
+            per_call = max(1, max_batch_tokens // unit_longest)
+            unit = sorted(unit, key=lambda i: len(sequences[i]))
+            for begin in range(0, len(unit), per_call):
+                calls.append(unit[begin : begin + per_call])
+            continue
+        current.extend(unit)
+        longest = max(longest, unit_longest)
+    if current:
+        calls.append(current)
+    return calls
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    job: str
+    temperature: float
+    deadline: float | None  # time.monotonic() value
+    future: asyncio.Future
+    results: list
+    remaining: int  # sequences without a value yet
+    queued: int = 0  # sequences still in the job's queue
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+@dataclasses.dataclass(eq=False)
+class _Item:
+    """One sequence of a request, waiting for the model."""
+
+    request: _Request
+    index: int
+    tokens: np.ndarray
+    start: int
+    cache_key: bytes | None
+
+    @property
+    def cost(self) -> int:
+        return len(self.tokens)
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    name: str
+    items: collections.deque = dataclasses.field(default_factory=collections.deque)
+    deficit: float = 0.0
+
+
+class TokenBudgetScheduler:
+    """Fair, token-budget batching of concurrent scoring requests onto one backend."""
+
+    def __init__(
+        self,
+        backend,
+        *,
+        max_batch_tokens: int,
+        max_queue: int,
+        max_wait_s: float = 0.002,
+        cache=None,
+        metrics=None,
+    ):
+        self._backend = backend
+        self._max_batch_tokens = max_batch_tokens
+        self._max_queue = max_queue
+        self._max_wait_s = max_wait_s
+        self._cache = cache
+        self._metrics = metrics
+        self._jobs: dict[str, _Job] = {}
+        self._rotation: collections.deque[_Job] = collections.deque()
+        self._waiting_requests = 0
+        self._waiting_tokens = 0
+        self._tokens_per_second = 0.0  # smoothed drain rate, for retry hints
+        self._wakeup = asyncio.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="klservice-forward")
+        self._worker: asyncio.Task | None = None
+        self._closing = False
+
+    # --- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="klservice-scheduler")
+
+    async def stop(self) -> None:
+        """Stop taking work, fail what is still queued with UNAVAILABLE, release the worker thread."""
+        self._closing = True
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        for job in self._jobs.values():
+            for item in job.items:
+                _fail(item.request, NotReady("server is shutting down"))
+            job.items.clear()
+        self._executor.shutdown(wait=True)
+
+    # --- submitting -------------------------------------------------------------------
+
+    async def score(self, batch: Batch, temperature: float, job: str, deadline: float | None = None) -> np.ndarray:
+        """Reference log-probs of the batch's scored tokens (float32, flat, in order).
+
+        `deadline` is a time.monotonic() value after which the work is dropped unrun.
+        """
+        if self._closing:
+            raise NotReady("server is shutting down")
+        request = _Request(job, temperature, deadline, asyncio.get_running_loop().create_future(), [], 0)
+        items = []
+        for index, (tokens, start) in enumerate(zip(batch.sequences(), batch.prompt_lengths.tolist())):
+            if start >= len(tokens):
+                request.results.append(np.zeros(0, np.float32))
+                continue
+            key = self._cache.key(tokens, start, temperature) if self._cache is not None else None
+            cached = self._cache.get(key) if key is not None else None
+            request.results.append(cached)
+            if cached is None:
+                items.append(_Item(request, index, tokens, start, key))
+        if not items:
+            return _concatenate(request.results)
+        if self._waiting_requests >= self._max_queue:
+            retry_after = self._retry_after()
+            raise Overloaded(
+                f"queue full ({self._waiting_requests} requests, {self._waiting_tokens} tokens waiting); "
+                f"retry in ~{retry_after * 1000:.0f} ms",
+                retry_after=retry_after,
+            )
+        request.remaining = request.queued = len(items)
+        state = self._jobs.get(job)
+        if state is None:
+            state = self._jobs[job] = _Job(job)
+        if not state.items:
+            self._rotation.append(state)
+        state.items.extend(items)
+        self._waiting_requests += 1
+        self._waiting_tokens += sum(item.cost for item in items)
+        self._publish_depth()
+        self._wakeup.set()
+        return await request.future
+
+    def _retry_after(self) -> float:
+        """Seconds until the backlog should have drained at the measured rate (0.05 .. 10 s)."""
+        if self._tokens_per_second <= 0:
+            return 0.5
+        return float(min(10.0, max(0.05, self._waiting_tokens / self._tokens_per_second)))
+
+    def _publish_depth(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(self._waiting_requests)
+            self._metrics.queue_tokens.set(self._waiting_tokens)
+
+    # --- the worker -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            if self._waiting_tokens < self._max_batch_tokens and self._max_wait_s > 0:
+                await asyncio.sleep(self._max_wait_s)  # let concurrent requests join this step
+            chosen = self._select()
+            if not any(job.items for job in self._rotation):
+                self._wakeup.clear()
+            chosen = self._drop_dead(chosen)
+            if not chosen:
+                continue
+            by_temperature: dict[float, list[_Item]] = {}
+            for item in chosen:
+                by_temperature.setdefault(item.request.temperature, []).append(item)
+            for temperature, items in by_temperature.items():
+                started = time.perf_counter()
+                try:
+                    values = await loop.run_in_executor(self._executor, self._forward, items, temperature)
+                except Exception as error:  # noqa: BLE001 - handed to every request in the step
+                    log.exception("forward failed")
+                    for item in items:
+                        _fail(item.request, error)
+                    continue
+                elapsed = time.perf_counter() - started
+                tokens = sum(item.cost for item in items)
+                rate = tokens / max(elapsed, 1e-6)
+                self._tokens_per_second = rate if self._tokens_per_second == 0 else 0.8 * self._tokens_per_second + 0.2 * rate
+                self._scatter(items, values)
+
+    def _select(self) -> list[_Item]:
+        """Deficit round-robin over jobs until the token budget is chosen."""
+        chosen: list[_Item] = []
+        used = 0
+        active = sum(1 for job in self._rotation if job.items)
+        if active == 0:
+            return chosen
+        quantum = max(1.0, self._max_batch_tokens / active)
+        while self._rotation and used < self._max_batch_tokens:
+            job = self._rotation[0]
+            if not job.items:
+                self._rotation.popleft()
+                job.deficit = 0.0
+                continue
+            job.deficit += quantum
+            full = False
+            while job.items and job.items[0].cost <= job.deficit:
+                item = job.items[0]
+                if chosen and used + item.cost > self._max_batch_tokens:
+                    full = True
+                    break
+                job.items.popleft()
+                job.deficit -= item.cost
+                used += item.cost
+                chosen.append(item)
+                item.request.queued -= 1
+                if item.request.queued == 0:
+                    self._waiting_requests -= 1
+            if full:
+                break
+            self._rotation.rotate(-1)
+            if not job.items:
+                self._rotation.remove(job)
+                job.deficit = 0.0
+        self._waiting_tokens -= used
+        self._publish_depth()
+        return chosen
+
+    def _drop_dead(self, items: list[_Item]) -> list[_Item]:
+        now = time.monotonic()
+        live = []
+        for item in items:
+            request = item.request
+            if request.future.done():
+                continue
+            if request.expired(now):
+                _fail(request, DeadlineExpired("deadline passed before the request reached the model"))
+                if self._metrics is not None:
+                    self._metrics.dropped.labels("deadline").inc()
+                continue
+            live.append(item)
+        return live
+
+    def _forward(self, items: list[_Item], temperature: float) -> list[np.ndarray]:
+        """Runs in the worker thread: plan the backend calls and run them."""
+        sequences = [item.tokens for item in items]
+        starts = [item.start for item in items]
+        values: list[np.ndarray | None] = [None] * len(items)
+        for call in plan_calls(sequences, starts, self._max_batch_tokens):
+            saved_before = getattr(self._backend, "tokens_saved", 0)
+            started = time.perf_counter()
+            outputs = self._backend.score([sequences[i] for i in call], [starts[i] for i in call], temperature)
+            if self._metrics is not None:
+                metrics = self._metrics
+                metrics.forward_seconds.observe(time.perf_counter() - started)
+                metrics.batch_sequences.observe(len(call))
+                metrics.batch_tokens.observe(len(call) * max(len(sequences[i]) for i in call))
+                metrics.tokens_forwarded.inc(sum(len(sequences[i]) for i in call))
+                metrics.tokens_saved.inc(getattr(self._backend, "tokens_saved", 0) - saved_before)
+            for i, output in zip(call, outputs):
+                values[i] = output
+        return values
+
+    def _scatter(self, items: list[_Item], values: list[np.ndarray]) -> None:
+        for item, value in zip(items, values):
+            request = item.request
+            if self._cache is not None and item.cache_key is not None:
+                self._cache.put(item.cache_key, value)
+            if request.future.done():
+                continue
+            request.results[item.index] = value
+            request.remaining -= 1
+            if request.remaining == 0:
+                request.future.set_result(_concatenate(request.results))
+
+
+def _fail(request: _Request, error: BaseException) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)
+
+
+def _concatenate(parts: list) -> np.ndarray:
+    return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)

@@ -1,0 +1,277 @@
+"""TokenBudgetScheduler: budget, fairness, ordering, backpressure, deadlines, cache.
+
+These tests use a recording backend whose values are a known function of the tokens:
+what is under test is which sequences reach the backend, in what batches and in what
+order, and whether every result comes back to its request. The real model adds nothing
+here (it is exercised through the same scheduler in the server tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from klservice.cache import ReferenceCache
+from klservice.errors import DeadlineExpired, Overloaded
+from klservice.scheduler import TokenBudgetScheduler, plan_calls
+from klservice.validation import Batch
+
+
+class RecordingBackend:
+    """Value of token t at temperature T: -(t + 1) / (1000 T). Records every call."""
+
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[tuple[list[int], float]] = []  # (sequence lengths, temperature)
+        self.seen: list[bytes] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.delay = delay
+        self.tokens_saved = 0
+
+    def score(self, sequences, starts, temperature=1.0):
+        self.gate.wait(30)
+        if self.delay:
+            time.sleep(self.delay)
+        self.calls.append(([len(s) for s in sequences], temperature))
+        self.seen.extend(np.asarray(s).tobytes() for s in sequences)
+        return [expected(s[start:], temperature) for s, start in zip(sequences, starts)]
+
+
+def expected(tokens, temperature=1.0) -> np.ndarray:
+    return (-(np.asarray(tokens, dtype=np.float64) + 1) / (1000 * temperature)).astype(np.float32)
+
+
+def make_batch(sequences, prompts) -> Batch:
+    return Batch(
+        token_ids=np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]),
+        lengths=np.array([len(s) for s in sequences], dtype=np.int64),
+        prompt_lengths=np.array(prompts, dtype=np.int64),
+    )
+
+
+def flat_expected(sequences, prompts, temperature=1.0):
+    return np.concatenate([expected(s[p:], temperature) for s, p in zip(sequences, prompts)])
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def started(backend, **options) -> TokenBudgetScheduler:
+    scheduler = TokenBudgetScheduler(backend, **{"max_batch_tokens": 256, "max_queue": 64, "max_wait_s": 0.001, **options})
+    await scheduler.start()
+    return scheduler
+
+
+def test_plan_calls_respects_budget_and_keeps_prompt_groups_together():
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 100, size=20)
+    group = [np.concatenate([prompt, rng.integers(0, 100, size=int(n))]) for n in (5, 30, 12, 8)]
+    singles = [rng.integers(0, 100, size=int(n)) for n in (3, 90, 40, 41, 7, 300)]
+    sequences = singles[:3] + group + singles[3:]
+    starts = [1, 1, 1, 20, 20, 20, 20, 1, 1, 1]
+    calls = plan_calls(sequences, starts, max_batch_tokens=200)
+    assert sorted(i for call in calls for i in call) == list(range(len(sequences)))
+    group_calls = {k for k, call in enumerate(calls) for i in call if 3 <= i <= 6}
+    assert len(group_calls) == 1, calls
+    for call in calls:
+        longest = max(len(sequences[i]) for i in call)
+        assert len(call) * longest <= 200 or len(call) == 1, call
+    # Sorted by length: a call never mixes the 300-token sequence with short ones.
+    assert [9] in calls
+
+
+def test_every_result_returns_to_its_request_in_order():
+    backend = RecordingBackend()
+    rng = np.random.default_rng(1)
+
+    async def main():
+        scheduler = await started(backend, max_batch_tokens=300)
+        jobs = []
+        for r in range(60):
+            n = int(rng.integers(1, 6))
+            sequences = [rng.integers(0, 5000, size=int(rng.integers(2, 120))) for _ in range(n)]
+            prompts = [int(rng.integers(1, len(s) + 1)) for s in sequences]
+            jobs.append((sequences, prompts, scheduler.score(make_batch(sequences, prompts), 1.0, f"job{r % 5}")))
+        results = await asyncio.gather(*(job[2] for job in jobs))
+        await scheduler.stop()
+        return jobs, results
+
+    jobs, results = run(main())
+    for (sequences, prompts, _), result in zip(jobs, results):
+        np.testing.assert_array_equal(result, flat_expected(sequences, prompts))
+    for lengths, _ in backend.calls:
+        assert len(lengths) * max(lengths) <= 300 or len(lengths) == 1
+
+
+def test_temperatures_are_never_mixed_in_one_call():
+    backend = RecordingBackend()
+
+    async def main():
+        scheduler = await started(backend)
+        sequences, prompts = [[1, 2, 3, 4]], [1]
+        out = await asyncio.gather(
+            *(scheduler.score(make_batch(sequences, prompts), t, "job") for t in (1.0, 0.5, 1.0, 2.0))
+        )
+        await scheduler.stop()
+        return out
+
+    out = run(main())
+    for values, temperature in zip(out, (1.0, 0.5, 1.0, 2.0)):
+        np.testing.assert_array_equal(values, flat_expected([[1, 2, 3, 4]], [1], temperature))
+
+
+def test_a_large_job_does_not_starve_a_small_one():
+    backend = RecordingBackend(delay=0.002)
+
+    async def main():
+        scheduler = await started(backend, max_batch_tokens=200, max_queue=1000)
+        big = [scheduler.score(make_batch([[7] * 50] * 4, [1] * 4), 1.0, "big") for _ in range(50)]
+        big_tasks = [asyncio.ensure_future(b) for b in big]
+        await asyncio.sleep(0)  # the big job's 10k tokens are queued first
+        small = asyncio.ensure_future(scheduler.score(make_batch([[9] * 50], [1]), 1.0, "small"))
+        await small
+        calls_when_small_done = len(backend.calls)
+        await asyncio.gather(*big_tasks)
+        await scheduler.stop()
+        return calls_when_small_done
+
+    calls_when_small_done = run(main())
+    total_calls = len(backend.calls)
+    # FIFO would answer the small job after all ~50 calls of the big one; deficit round-robin within 2 steps.
+    assert calls_when_small_done <= 3 < total_calls
+
+
+def test_backlogged_jobs_share_steps_equally():
+    backend = RecordingBackend()
+
+    async def main():
+        backend.gate.clear()
+        scheduler = await started(backend, max_batch_tokens=400, max_queue=1000)
+        first = asyncio.ensure_future(scheduler.score(make_batch([[0] * 10], [1]), 1.0, "warmup"))
+        await asyncio.sleep(0.05)  # the worker is now blocked in the gated forward
+        tasks = []
+        for job, value in (("a", 1), ("b", 2)):
+            for _ in range(20):
+                tasks.append(asyncio.ensure_future(scheduler.score(make_batch([[value] * 40] * 2, [1, 1]), 1.0, job)))
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await asyncio.gather(first, *tasks)
+        await scheduler.stop()
+
+    run(main())
+    seen = backend.seen[1:]  # after the warm-up sequence
+    # Each step holds 400 tokens = 10 sequences; both jobs appear in equal numbers in every step.
+    for step in range(0, 40, 10):
+        window = seen[step : step + 10]
+        a = sum(1 for s in window if np.frombuffer(s, np.int64)[0] == 1)
+        assert a == 5, (step, a)
+
+
+def test_full_queue_is_refused_with_a_retry_hint():
+    backend = RecordingBackend()
+
+    async def main():
+        backend.gate.clear()
+        scheduler = await started(backend, max_queue=2)
+        running = asyncio.ensure_future(scheduler.score(make_batch([[1, 2, 3]], [1]), 1.0, "j"))
+        await asyncio.sleep(0.05)  # taken by the worker, blocked in the forward
+        queued = [asyncio.ensure_future(scheduler.score(make_batch([[1, 2, 4]], [1]), 1.0, "j")) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="queue full") as refused:
+            await scheduler.score(make_batch([[1, 2, 5]], [1]), 1.0, "j")
+        backend.gate.set()
+        await asyncio.gather(running, *queued)
+        await scheduler.stop()
+        return refused.value
+
+    refused = run(main())
+    assert refused.retry_after is not None and 0.05 <= refused.retry_after <= 10
+
+
+def test_work_past_its_deadline_is_dropped_unrun():
+    backend = RecordingBackend()
+
+    async def main():
+        backend.gate.clear()
+        scheduler = await started(backend)
+        running = asyncio.ensure_future(scheduler.score(make_batch([[1, 2, 3]], [1]), 1.0, "j"))
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(
+            scheduler.score(make_batch([[42, 43, 44]], [1]), 1.0, "j", deadline=time.monotonic() + 0.05)
+        )
+        await asyncio.sleep(0.1)
+        backend.gate.set()
+        await running
+        with pytest.raises(DeadlineExpired):
+            await late
+        await scheduler.stop()
+
+    run(main())
+    assert np.array([42, 43, 44], dtype=np.int64).tobytes() not in backend.seen
+
+
+def test_cancelled_requests_are_not_forwarded():
+    backend = RecordingBackend()
+
+    async def main():
+        backend.gate.clear()
+        scheduler = await started(backend)
+        running = asyncio.ensure_future(scheduler.score(make_batch([[1, 2, 3]], [1]), 1.0, "j"))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(scheduler.score(make_batch([[77, 78]], [1]), 1.0, "j"))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        backend.gate.set()
+        await running
+        await asyncio.sleep(0.05)
+        await scheduler.stop()
+
+    run(main())
+    assert np.array([77, 78], dtype=np.int64).tobytes() not in backend.seen
+
+
+def test_cache_hits_skip_the_forward_and_misses_on_temperature_or_revision():
+    backend = RecordingBackend()
+    cache = ReferenceCache(max_bytes=1 << 20, revision="rev-a")
+    sequences, prompts = [[5, 6, 7, 8], [9, 10, 11]], [2, 1]
+
+    async def main():
+        scheduler = await started(backend, cache=cache)
+        first = await scheduler.score(make_batch(sequences, prompts), 1.0, "j")
+        calls_after_first = len(backend.calls)
+        again = await scheduler.score(make_batch(sequences, prompts), 1.0, "j")
+        calls_after_again = len(backend.calls)
+        hotter = await scheduler.score(make_batch(sequences, prompts), 2.0, "j")
+        await scheduler.stop()
+        return first, again, hotter, calls_after_first, calls_after_again
+
+    first, again, hotter, calls_after_first, calls_after_again = run(main())
+    np.testing.assert_array_equal(first, again)
+    assert calls_after_again == calls_after_first  # served from the cache
+    np.testing.assert_array_equal(hotter, flat_expected(sequences, prompts, 2.0))
+    assert len(backend.calls) == calls_after_first + 1
+    other_revision = ReferenceCache(max_bytes=1 << 20, revision="rev-b")
+    key = cache.key(np.array(sequences[0]), 2, 1.0)
+    assert cache.get(key) is not None
+    assert other_revision.key(np.array(sequences[0]), 2, 1.0) != key
+    assert cache.key(np.array(sequences[0]), 3, 1.0) != key  # another scored range
+
+
+def test_cache_is_bounded_by_bytes_and_evicts_least_recently_used():
+    cache = ReferenceCache(max_bytes=100, revision="r")
+    keys = [cache.key(np.array([i, i + 1]), 1, 1.0) for i in range(5)]
+    for key in keys:
+        cache.put(key, np.zeros(10, np.float32))  # 40 bytes each
+    assert cache.size_bytes <= 100 and len(cache) == 2
+    assert cache.get(keys[0]) is None and cache.get(keys[4]) is not None
+    cache.get(keys[3])
+    cache.put(cache.key(np.array([9, 9]), 1, 1.0), np.zeros(10, np.float32))
+    assert cache.get(keys[3]) is not None and cache.get(keys[4]) is None
+    values = cache.get(keys[3])
+    with pytest.raises(ValueError):
+        values[0] = 1.0  # cached arrays are read-only
