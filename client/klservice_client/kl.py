@@ -145,7 +145,8 @@ class KLSpec:
         if self.truncation is not None:
             if self.importance_sampling is ImportanceSampling.NONE:
                 raise ValueError("spec: truncation is set but importance_sampling=none")
-            if not (isinstance(self.truncation, (int, float)) and math.isfinite(self.truncation) and self.truncation > 0):
+            is_number = isinstance(self.truncation, (int, float)) and not isinstance(self.truncation, bool)
+            if not (is_number and math.isfinite(self.truncation) and self.truncation > 0):
                 raise ValueError(f"spec: truncation must be a finite number > 0, got {self.truncation!r}")
             object.__setattr__(self, "truncation", float(self.truncation))
         if self.differentiable_weight:
@@ -168,14 +169,14 @@ class KLSpec:
         return text
 
 
-def _enum_value(kind: type[enum.Enum], value: Any, field: str):
+def _enum_value(kind: type[enum.Enum], value: Any, field: str, owner: str = "spec: "):
     if isinstance(value, kind):
         return value
     try:
         return kind(str(value).lower())
     except ValueError:
         known = ", ".join(member.value for member in kind)
-        raise ValueError(f"spec: unknown {field} {value!r}; expected one of: {known}") from None
+        raise ValueError(f"{owner}unknown {field} {value!r}; expected one of: {known}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +379,13 @@ class KLResult:
 # Input checks.
 
 
+def _is_real(array) -> bool:
+    """Integer or floating point (not bool, complex or object) for numpy arrays and torch tensors."""
+    if is_torch(array):
+        return not array.dtype.is_complex and str(array.dtype) != "torch.bool"
+    return array.dtype.kind in "fiu"
+
+
 def _prepare(logprobs, ref_logprobs, lengths, old_logprobs):
     """Validate and convert inputs to one library / device / float dtype. Returns (ops, logp, ref, old, lengths)."""
     arrays = {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "old_logprobs": old_logprobs}
@@ -388,7 +396,12 @@ def _prepare(logprobs, ref_logprobs, lengths, old_logprobs):
     def as_float(name, value):
         if value is None:
             return None
-        array = ops.asarray(value, like=like)
+        try:
+            array = ops.asarray(value, like=like)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name}: not a numeric array ({error})") from None
+        if not _is_real(array):
+            raise ValueError(f"{name}: expected real numbers, got dtype {array.dtype}")
         if array.ndim != 1:
             raise ValueError(f"{name}: expected a flat 1-D array over scored tokens, got shape {tuple(array.shape)}")
         return array
@@ -447,7 +460,7 @@ def importance_weights(logprobs, old_logprobs, lengths, level: ImportanceSamplin
     (level ``sequence``). Log-weights are clamped at MAX_EXPONENT. Truncation is applied by
     `compute_kl`, which also reports how many weights it cut.
     """
-    level = _enum_value(ImportanceSampling, level, "level")
+    level = _enum_value(ImportanceSampling, level, "level", owner="level: ")
     if level is ImportanceSampling.NONE:
         raise ValueError("level: importance weights need level token or sequence, not none")
     ops, logp, _, old, lengths = _prepare(logprobs, logprobs, lengths, old_logprobs)

@@ -196,3 +196,18 @@ def test_surrogate_loss_bad_input():
     for constant in (None, 0.0, -3.0):
         with pytest.raises(ValueError, match=r"^constant: normalization='constant' needs constant > 0$"):
             kl.surrogate_loss(np.zeros(5), logp, LENGTHS, normalization="constant", constant=constant)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.array(["a", "b"]), np.array([True, False]), np.array([1 + 1j, 2])],
+    ids=["strings", "bools", "complex"],
+)
+def test_non_real_logprobs_are_named(values):
+    with pytest.raises(ValueError, match=r"^logprobs: expected real numbers, got dtype"):
+        kl.compute_kl(values, np.zeros(2), [2])
+
+
+def test_boolean_truncation_is_refused():
+    with pytest.raises(ValueError, match=r"spec: truncation must be a finite number > 0, got True"):
+        kl.KLSpec(importance_sampling="token", truncation=True)
