@@ -94,6 +94,20 @@ def test_serve_embedded_model_answers_health_score_and_demo(cli_server):
     info_out = subprocess.run([KLSERVICE, "info", "--target", target], capture_output=True, text=True, timeout=60, env=env)
     assert info_out.returncode == 0 and "revision" in info_out.stdout
 
+    score = subprocess.run(
+        [KLSERVICE, "score", "--target", target, "--prompt", "The capital of France is", "--text", " Paris",
+         "--logprobs=-0.5", "--spec", "grpo_k3_as_loss"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert score.returncode == 0, score.stderr
+    row = next(line for line in score.stdout.splitlines() if "Paris" in line).split()[-6:]  # after the token text
+    ref, policy, k1, coef = float(row[0]), float(row[1]), float(row[2]), float(row[5])
+    assert ref == pytest.approx(-0.258, abs=0.05) and policy == -0.5
+    assert k1 == pytest.approx(policy - ref, abs=1e-3)
+    assert coef == pytest.approx(1 - np.exp(-(policy - ref)), abs=1e-3)  # k3 as loss
+    bad = subprocess.run([KLSERVICE, "score", "--target", target, "--tokens", "1,99999999"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 1 and "outside the vocabulary" in bad.stderr
+
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
 
