@@ -1,4 +1,4 @@
-"""The `klservice` command line: serve, info, score, demo.
+"""The `klservice` command line: serve, info, score, demo, health, bench.
 
 Heavy libraries (torch, transformers) are imported inside the commands that need them, so
 ``klservice --help`` and the client-side commands start fast.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from klservice import __version__
@@ -85,7 +86,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_tokenizer_arg(demo)
     demo.set_defaults(run=_demo)
+
+    health = commands.add_parser(
+        "health",
+        help="exit 0 if a running server reports SERVING (container health checks)",
+        description="Ask a server's grpc.health.v1 service for its status and print it. Exits 0 if SERVING, 1 "
+        "otherwise (NOT_SERVING while the model loads or while draining, or no server answering). Used as the "
+        "HEALTHCHECK of the Docker images and the docker-compose health check.",
+    )
+    health.add_argument(
+        "--target", default=_health_target(), help="server address (default: localhost:$KLSERVICE_PORT, else localhost:50051)"
+    )
+    health.add_argument("--timeout", type=float, default=5.0, help="deadline of the check in seconds (default: 5)")
+    health.add_argument("--service", default="", help="service name to check (default: '', the whole server)")
+    health.set_defaults(run=_health)
+
+    _add_bench_command(commands)
     return parser
+
+
+def _add_bench_command(commands) -> None:
+    """`klservice bench`. Defaults live in `klservice.bench.BenchConfig` (imported only when it runs):
+    flags not given stay out of the namespace, and the help repeats the defaults (a test keeps them equal)."""
+    bench = commands.add_parser(
+        "bench",
+        help="measure throughput, memory and FLOP utilisation against the performance targets",
+        description="Benchmark the service against in-process baselines on the same sequences: (a) ragged full "
+        "scoring, (b) GRPO-shaped work, (c) concurrent jobs, (d) one long sequence. Starts its own server "
+        "(a `klservice serve` subprocess on 127.0.0.1, reference cache off) and prints a table; writes bench.json "
+        "and bench.png into --out.",
+        argument_default=argparse.SUPPRESS,
+    )
+    add = bench.add_argument
+    add("--model", help="Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
+    add("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: float32)")
+    add("--device", help="torch device for the server and the in-process paths (default: auto)")
+    add("--cache-dir", help="cache directory of the embedded model (default: as klservice serve)")
+    add("--out", help="output folder for bench.json, bench.png and the server log (default: bench-out)")
+    add("--workloads", help="comma-separated subset of a,b,c,d,cache (default: a,b,c,d,cache)")
+    add("--ragged-sequences", type=int, help="(a) number of sequences (default: 32)")
+    add("--ragged-min", type=int, help="(a) shortest sequence (default: 128)")
+    add("--ragged-max", type=int, help="(a) longest sequence (default: 384)")
+    add("--ragged-prompt-fraction", type=float,
+        help="(a) prompt share of each sequence, not scored; 0 scores every token after the first (default: 0.0)")
+    add("--grpo-prompts", type=int, help="(b) prompts (default: 4)")
+    add("--group-size", type=int, help="(b) responses per prompt (default: 8)")
+    add("--prompt-len", type=int, help="(b) prompt tokens (default: 256)")
+    add("--response-len", type=int, help="(b) response tokens (default: 128)")
+    add("--long-len", type=int, help="(d) sequence length, capped at the model's context (default: 8192)")
+    add("--jobs", type=int, help="(c) concurrent client jobs (default: 4)")
+    add("--naive-batch", type=int, help="batch size of the naive baseline (default: 8)")
+    add("--repeats", type=int, help="timed rounds of (a), (b) and the cache hit; the best is reported (default: 2)")
+    add("--long-repeats", type=int, help="timed rounds of (c) and (d) (default: 1)")
+    add("--seed", type=int, help="seed of the random token ids (default: 0)")
+    add("--threads", type=int, help="torch threads here and in the server (default: torch's default)")
+    add("--max-batch-tokens", type=int, help="the server's token budget, also used in-process (default: the server's)")
+    add("--matmul-size", type=int, help="side of the square matmul measuring peak FLOP/s (default: 2048)")
+    add("--quick", action="store_true", help="tiny sizes: a smoke run of every phase (default: False)")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar (default: progress bar on)")
+    bench.set_defaults(run=_bench)
 
 
 def _add_tokenizer_arg(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +174,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from klservice.bench import BenchConfig, run_bench
+
+    options = {name: value for name, value in vars(args).items() if name != "run"}
+    try:
+        config = BenchConfig.from_options(**options)
+        config.workload_list()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        results = run_bench(config)
+    except KeyboardInterrupt:
+        print("interrupted; server stopped", file=sys.stderr)
+        return 130
+    return 0 if all(t["met"] for t in results["targets"]) else 1
+
+
 def _client(args: argparse.Namespace):
     from klservice_client import KLClient
 
@@ -134,6 +211,29 @@ def _info(args: argparse.Namespace) -> int:
     for name in info.__dataclass_fields__:
         print(f"{name:<{width}}  {getattr(info, name)}")
     return 0
+
+
+def _health_target() -> str:
+    """localhost at the port `klservice serve` would use: $KLSERVICE_PORT when set (as in the images)."""
+    port = os.environ.get("KLSERVICE_PORT", "").strip()
+    return f"localhost:{port}" if port and port != "0" else DEFAULT_TARGET
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{args.target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{args.target}: {status}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _load_tokenizer(args: argparse.Namespace):
