@@ -27,7 +27,12 @@ class ServerConfig:
     model: str | None = _field(
         None, "Local Hugging Face folder (or hub id already in the local HF cache). Default: the embedded SmolLM2-135M-Instruct."
     )
-    backend: str = _field("hf", "Model backend.", choices=("hf",))
+    backend: str = _field(
+        "hf",
+        "Model backend: hf (transformers; applies temperature, shares GRPO prompts) or vllm (a vLLM engine; "
+        "refuses temperature != 1, which vLLM's prompt log-probs ignore).",
+        choices=("hf", "vllm"),
+    )
     host: str = _field("0.0.0.0", "Address to listen on (gRPC).")
     port: int = _field(50051, "gRPC port (0 picks a free port and logs it).")
     metrics_port: int = _field(9400, "Prometheus /metrics HTTP port (0 picks a free port, -1 disables).")
@@ -37,6 +42,12 @@ class ServerConfig:
         None, "Where the embedded model is converted to (default: $XDG_CACHE_HOME/klservice or ~/.cache/klservice)."
     )
     max_length: int | None = _field(None, "Longest sequence accepted, in tokens (default: the model's context length).")
+    tensor_parallel_size: int = _field(1, "vllm backend: GPUs to split the model over (vLLM tensor parallelism).")
+    gpu_memory_utilization: float = _field(
+        0.9,
+        "vllm backend: fraction of GPU memory vLLM may take for weights and KV cache (on CPU the KV cache is "
+        "VLLM_CPU_KVCACHE_SPACE GiB instead, default 1).",
+    )
     max_request_tokens: int = _field(262_144, "Most tokens in one request; clients split larger batches.")
     max_message_mb: int = _field(256, "Largest gRPC message accepted or sent, in MiB.")
     max_batch_tokens: int = _field(16_384, "Token budget of one forward batch (padded tokens).")

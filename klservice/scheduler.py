@@ -169,6 +169,9 @@ class TokenBudgetScheduler:
         """
         if self._closing:
             raise NotReady("server is shutting down")
+        check_temperature = getattr(self._backend, "check_temperature", None)
+        if check_temperature is not None:
+            check_temperature(temperature)  # refuse what the backend cannot do before it takes a queue slot
         request = _Request(job, temperature, deadline, asyncio.get_running_loop().create_future(), [], 0)
         items = []
         for index, (tokens, start) in enumerate(zip(batch.sequences(), batch.prompt_lengths.tolist())):

@@ -104,6 +104,8 @@ class Server:
                 device=config.device,
                 cache_dir=config.cache_dir,
                 max_length=config.max_length,
+                tensor_parallel_size=config.tensor_parallel_size,
+                gpu_memory_utilization=config.gpu_memory_utilization,
                 progress=True,
             )
             self._backend = backend

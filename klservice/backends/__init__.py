@@ -17,8 +17,8 @@ from klservice.backends.base import ModelInfo, ReferenceBackend
 
 __all__ = ["KNOWN_BACKENDS", "ModelInfo", "ReferenceBackend", "load_backend"]
 
-KNOWN_BACKENDS = ("hf",)
-"""Backend names `load_backend` accepts ("vllm" joins when its backend lands)."""
+KNOWN_BACKENDS = ("hf", "vllm")
+"""Backend names `load_backend` accepts."""
 
 
 def load_backend(
@@ -29,6 +29,8 @@ def load_backend(
     device: str = "cpu",
     cache_dir: str | None = None,
     max_length: int | None = None,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
     progress: bool = True,
 ) -> ReferenceBackend:
     """Load `model` (a local Hugging Face folder, a hub id already in the local HF cache, or None
@@ -37,6 +39,7 @@ def load_backend(
     `cache_dir` is where the embedded model is converted to (see `ensure_default_model`);
     `device` may be "auto" (CUDA if available, else CPU); `max_length` caps the model's own
     context length; `progress` shows conversion and loading progress on stderr.
+    `tensor_parallel_size` and `gpu_memory_utilization` are vLLM's (the vllm backend only; hf ignores them).
     """
     if backend not in KNOWN_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(KNOWN_BACKENDS)}")
@@ -53,5 +56,17 @@ def load_backend(
         from klservice.backends.hf import HFBackend
 
         return HFBackend(folder, name=name, dtype=dtype, device=device, max_length=max_length, progress=progress)
-    # elif backend == "vllm": from klservice.backends.vllm import VLLMBackend; return VLLMBackend(folder, ...)
+    if backend == "vllm":
+        from klservice.backends.vllm import VLLMBackend
+
+        return VLLMBackend(
+            folder,
+            name=name,
+            dtype=dtype,
+            device=device,
+            max_length=max_length,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            progress=progress,
+        )
     raise AssertionError(f"backend {backend!r} is listed in KNOWN_BACKENDS but not wired up")

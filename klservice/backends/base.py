@@ -69,5 +69,11 @@ class ReferenceBackend(abc.ABC):
         (the server validates requests before calling).
         """
 
+    def check_temperature(self, temperature: float) -> None:
+        """Raise klservice.errors.FailedPrecondition if this backend cannot score at `temperature`.
+
+        The scheduler calls it before queueing a request, so a refusal costs no queue slot.
+        """
+
     def close(self) -> None:
         """Release the model's memory; the backend is unusable afterwards."""
