@@ -394,16 +394,10 @@ def _channel_options(max_message_bytes: int, load_balancing: str | None):
 # Clients
 
 
-class KLClient:
-    """Blocking client. Thread-safe; one per process is enough.
+class _ClientBase:
+    """Channel, stub and call options shared by KLClient and AsyncKLClient (``_channel_api``: grpc or grpc.aio)."""
 
-    Args:
-        target: ``host:port``, or any gRPC target (``dns:///klservice.ns.svc:50051`` with
-            ``load_balancing="round_robin"`` to spread work over replicas).
-        job_id: sent as ``x-job-id`` metadata: the server's fairness and metric label.
-        timeout: deadline of each call in seconds.
-        max_retries: retries on UNAVAILABLE / RESOURCE_EXHAUSTED, with exponential backoff.
-    """
+    _channel_api: Any = grpc
 
     def __init__(
         self,
@@ -420,13 +414,28 @@ class KLClient:
     ):
         self._options = _Options(job_id, timeout, max_retries, initial_backoff, max_backoff, max_message_bytes)
         options = _channel_options(max_message_bytes, load_balancing)
+        api = self._channel_api
         self._channel = (
-            grpc.secure_channel(target, credentials, options=options)
+            api.secure_channel(target, credentials, options=options)
             if credentials is not None
-            else grpc.insecure_channel(target, options=options)
+            else api.insecure_channel(target, options=options)
         )
         self._stub = pb_grpc.ReferenceServiceStub(self._channel)
         self._info: ModelInfo | None = None
+
+
+class KLClient(_ClientBase):
+    """Blocking client. Thread-safe; one per process is enough.
+
+    Args:
+        target: ``host:port``, or any gRPC target (``dns:///klservice.ns.svc:50051`` with
+            ``load_balancing="round_robin"`` to spread work over replicas).
+        job_id: sent as ``x-job-id`` metadata: the server's fairness and metric label.
+        timeout: deadline of each call in seconds.
+        max_retries: retries on UNAVAILABLE / RESOURCE_EXHAUSTED, with exponential backoff.
+    """
+
+    _channel_api = grpc
 
     def __enter__(self) -> "KLClient":
         return self
@@ -522,31 +531,10 @@ class KLClient:
         return _kl_output(responses, prepared, as_torch)
 
 
-class AsyncKLClient:
+class AsyncKLClient(_ClientBase):
     """asyncio client with the same methods as `KLClient` (awaitable); parts of a split batch run concurrently."""
 
-    def __init__(
-        self,
-        target: str = "localhost:50051",
-        *,
-        job_id: str | None = None,
-        timeout: float = 300.0,
-        max_retries: int = 5,
-        initial_backoff: float = 0.1,
-        max_backoff: float = 5.0,
-        max_message_bytes: int = 256 * 1024 * 1024,
-        load_balancing: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-    ):
-        self._options = _Options(job_id, timeout, max_retries, initial_backoff, max_backoff, max_message_bytes)
-        options = _channel_options(max_message_bytes, load_balancing)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=options)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, options=options)
-        )
-        self._stub = pb_grpc.ReferenceServiceStub(self._channel)
-        self._info: ModelInfo | None = None
+    _channel_api = grpc.aio
 
     async def __aenter__(self) -> "AsyncKLClient":
         return self

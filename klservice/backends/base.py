@@ -77,3 +77,21 @@ class ReferenceBackend(abc.ABC):
 
     def close(self) -> None:
         """Release the model's memory; the backend is unusable afterwards."""
+
+
+def first_int(*candidates: object) -> int | None:
+    """The first candidate that is an int (or a non-empty list of ints, e.g. Llama 3's eos ids).
+
+    Special token ids come from the tokenizer or the model config, in either form.
+    """
+    for value in candidates:
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def probe_tokens(vocab_size: int) -> np.ndarray:
+    """12 fixed, spread-out token ids for a backend's load-time self-checks."""
+    return (np.arange(12, dtype=np.int64) * 7919 + 3) % vocab_size

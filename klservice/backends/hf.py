@@ -42,7 +42,7 @@ import torch
 from klservice_client import tokenizer_fingerprint
 
 from klservice.backends._files import model_revision
-from klservice.backends.base import ModelInfo, ReferenceBackend
+from klservice.backends.base import ModelInfo, ReferenceBackend, first_int, probe_tokens
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,6 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
-
-
-def _first_int(*candidates: object) -> int | None:
-    """The first candidate that is an int (or a non-empty list of ints, e.g. Llama 3's eos ids)."""
-    for value in candidates:
-        if isinstance(value, (list, tuple)) and value:
-            value = value[0]
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
 
 
 class HFBackend(ReferenceBackend):
@@ -172,9 +162,9 @@ class HFBackend(ReferenceBackend):
             device=str(self._device),
             vocab_size=int(self._vocab_size),
             max_length=self._max_length(config, max_length),
-            bos_token_id=_first_int(self.tokenizer.bos_token_id, config.bos_token_id),
-            eos_token_id=_first_int(self.tokenizer.eos_token_id, config.eos_token_id),
-            pad_token_id=_first_int(self.tokenizer.pad_token_id, config.pad_token_id),
+            bos_token_id=first_int(self.tokenizer.bos_token_id, config.bos_token_id),
+            eos_token_id=first_int(self.tokenizer.eos_token_id, config.eos_token_id),
+            pad_token_id=first_int(self.tokenizer.pad_token_id, config.pad_token_id),
         )
 
     def _max_length(self, config, user_limit: int | None) -> int:
@@ -356,7 +346,7 @@ class HFBackend(ReferenceBackend):
 
     def _probe(self) -> np.ndarray:
         """12 fixed, spread-out token ids for the load-time checks."""
-        return (np.arange(12, dtype=np.int64) * 7919 + 3) % self._vocab_size
+        return probe_tokens(self._vocab_size)
 
     def _agree(self, actual: torch.Tensor, expected: torch.Tensor) -> bool:
         """Equal up to rounding: relative 1e-4 in float32, 2e-2 in 16-bit dtypes."""

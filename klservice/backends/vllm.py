@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from klservice.backends._files import model_revision
-from klservice.backends.base import ModelInfo, ReferenceBackend
+from klservice.backends.base import ModelInfo, ReferenceBackend, first_int, probe_tokens
 from klservice.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -245,9 +245,9 @@ class VLLMBackend(ReferenceBackend):
             device=device_name,
             vocab_size=self._vocab_size,
             max_length=int(model_config.max_model_len),
-            bos_token_id=_first_int(tokenizer.bos_token_id, getattr(hf_config, "bos_token_id", None)),
-            eos_token_id=_first_int(tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)),
-            pad_token_id=_first_int(tokenizer.pad_token_id, getattr(hf_config, "pad_token_id", None)),
+            bos_token_id=first_int(tokenizer.bos_token_id, getattr(hf_config, "bos_token_id", None)),
+            eos_token_id=first_int(tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)),
+            pad_token_id=first_int(tokenizer.pad_token_id, getattr(hf_config, "pad_token_id", None)),
         )
 
     def info(self) -> ModelInfo:
@@ -333,17 +333,7 @@ class VLLMBackend(ReferenceBackend):
 
     def _warm_up(self) -> None:
         """One short request, so the first real one does not pay vLLM's lazy initialisation (seconds on CPU)."""
-        probe = (np.arange(12, dtype=np.int64) * 7919 + 3) % self._vocab_size
+        probe = probe_tokens(self._vocab_size)
         values = self._score([probe, probe[:3]], [4, 2])
         if not all(np.isfinite(v).all() for v in values):
             raise RuntimeError("the vLLM engine returned non-finite log-probs on a probe sequence")
-
-
-def _first_int(*candidates: object) -> int | None:
-    """The first candidate that is an int (or a non-empty list of ints, e.g. Llama 3's eos ids)."""
-    for value in candidates:
-        if isinstance(value, (list, tuple)) and value:
-            value = value[0]
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
