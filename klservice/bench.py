@@ -29,7 +29,18 @@ Conventions (also written into bench.json):
 - tokens/s counts every token of the sequences (prompt + response) for every path: the
   same denominator everywhere, so the ratios compare wall time on identical work.
 - Every path is warmed up once per workload (on a small slice of it) before it is timed;
-  with ``--repeats N`` the best of N timed runs is reported (all samples are in the JSON).
+  the best of ``--repeats`` timed rounds is reported (all samples are in the JSON); in (a)
+  and (b) the paths take turns round by round, so a slow drift of the machine's speed (seen
+  here: +-10% over minutes, with no other process running) hits them alike. Every timed
+  run also records the share of the machine's CPU that other processes used; above 5% the
+  report warns that the numbers are low.
+- Service rows also give the server's own time in the model (``klservice_forward_seconds``
+  from its /metrics, on a free loopback port) and the rest of the wall time, "outside the
+  model": what gRPC, (de)serialisation and scheduling cost. Unlike the service ÷ in-process
+  ratio, which compares two runs on a machine whose speed drifts, this split comes from one
+  run.
+- (d) in-process runs in a fresh Python process, so its memory rise is what the sequence
+  needs on top of a loaded model, not blurred by what earlier phases left in the heap.
 - torch uses ``--threads`` intra-op threads (default: torch's own default, the number of
   cores) in this process and in the server (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``).
 - Peak memory is the rise of the resident-set high-water mark (``VmHWM``, reset through
@@ -111,7 +122,7 @@ class BenchConfig:
     jobs: int = 4
     naive_batch: int = 8
     repeats: int = 2  # timed rounds of (a), (b) and the cache hit; the best is reported
-    long_repeats: int = 1  # timed rounds of (c) and (d), ~1 min and ~35 s per path here
+    long_repeats: int = 1  # timed rounds of (c) and (d) (~1 min and ~40 s per path here)
     seed: int = 0
     threads: int | None = None  # None: torch's default
     max_batch_tokens: int | None = None  # None: the server's default
@@ -278,19 +289,19 @@ class PeakMemory:
             self.rise = None if peak is None else max(0, peak - self._base)
 
 
-def _cpu_ticks(pids: list[int | str]) -> tuple[int, int] | None:
-    """(busy clock ticks of the whole machine, ticks used by `pids`) from /proc, or None."""
+def _cpu_ticks(pids: list[int | str]) -> tuple[int, list[int]] | None:
+    """(busy clock ticks of the whole machine, ticks used by each of `pids`) from /proc, or None."""
     try:
         with open("/proc/stat") as stat:
             fields = [int(v) for v in stat.readline().split()[1:]]
         busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
         if len(fields) > 8:
             busy -= sum(fields[8:10])  # guest time is already counted in user
-        own = 0
+        own = []
         for pid in pids:
             with open(f"/proc/{pid}/stat") as stat:
                 values = stat.read().rsplit(")", 1)[1].split()
-            own += sum(int(v) for v in values[11:15])  # utime stime cutime cstime
+            own.append(sum(int(v) for v in values[11:15]))  # utime stime cutime cstime
         return busy, own
     except (OSError, ValueError, IndexError):
         return None
@@ -300,12 +311,14 @@ class ForeignCpu:
     """Share of the machine's CPU time that processes other than `pids` used while inside.
 
     The bench shares its machine with nobody only if this stays near 0; the run records it
-    for every timed phase and warns where it is not, since then the numbers are low.
+    for every timed phase and warns where it is not, since then the numbers are low. Also
+    keeps the CPU seconds each of `pids` used (`cpu_s`): where the time of a path went.
     """
 
     def __init__(self, pids: list[int | str]):
         self.pids = pids
         self.fraction: float | None = None
+        self.cpu_s: list[float] | None = None
 
     def __enter__(self) -> "ForeignCpu":
         self._start = _cpu_ticks(self.pids), time.perf_counter()
@@ -316,9 +329,12 @@ class ForeignCpu:
         (start, began) = self._start
         if start is None or end is None:
             return
-        ticks = os.sysconf("SC_CLK_TCK") * (ended - began) * (os.cpu_count() or 1)
-        foreign = (end[0] - start[0]) - (end[1] - start[1])
-        self.fraction = max(0.0, foreign / ticks) if ticks > 0 else None
+        hertz = os.sysconf("SC_CLK_TCK")
+        used = [b - a for a, b in zip(start[1], end[1])]
+        self.cpu_s = [ticks / hertz for ticks in used]
+        capacity = hertz * (ended - began) * (os.cpu_count() or 1)
+        foreign = (end[0] - start[0]) - sum(used)
+        self.fraction = max(0.0, foreign / capacity) if capacity > 0 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,15 +549,21 @@ def _fresh_process_main(spec_json: str) -> int:
 
 
 class ServiceProcess:
-    """`klservice serve` as a subprocess on 127.0.0.1, port 0; its log goes to a file."""
+    """`klservice serve` as a subprocess on 127.0.0.1, port 0; its log goes to a file.
+
+    Its Prometheus endpoint (also on a free loopback port) tells how long the server spent in
+    the model (`forward_seconds`), so the bench can split a service call's wall time into the
+    model's time and what gRPC and scheduling added.
+    """
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
         self.log_path = log_path
         self._log = open(log_path, "a")
         self._port: int | None = None
+        self._metrics_port: int | None = None
         self._found = threading.Event()
         command = [sys.executable, "-m", "klservice", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--metrics-port", "-1", "--grace-seconds", "2", "--log-level", "INFO", *args]
+                   "--metrics-port", "0", "--grace-seconds", "2", "--log-level", "INFO", *args]
         self._log.write("$ " + " ".join(command) + "\n")
         self._log.flush()
         self.process = subprocess.Popen(
@@ -557,6 +579,8 @@ class ServiceProcess:
             self._log.flush()
             match = re.search(r"listening on \S*?:(\d+)", line)
             if match and self._port is None:
+                metrics = re.search(r"metrics on :(\d+)", line)
+                self._metrics_port = int(metrics.group(1)) if metrics else None
                 self._port = int(match.group(1))
                 self._found.set()
         self._found.set()
@@ -570,6 +594,20 @@ class ServiceProcess:
         if self._port is None:
             raise RuntimeError(f"klservice serve did not report its port; log:\n{self.log_tail()}")
         return f"127.0.0.1:{self._port}"
+
+    def forward_seconds(self) -> float | None:
+        """Total seconds the server has spent in backend forwards so far (None if it does not say)."""
+        if self._metrics_port is None:
+            return None
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self._metrics_port}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return None
+        match = re.search(r"^klservice_forward_seconds_sum\s+(\S+)", text, re.M)
+        return float(match.group(1)) if match else None
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -627,6 +665,8 @@ class Measured:
     values: np.ndarray | None  # the log-probs of the last run
     memory_rise: int | None  # bytes (see PeakMemory)
     foreign_cpu: float | None  # share of the machine other processes used during the best run
+    cpu_s: dict | None = None  # CPU seconds of this process and of the server during the best run
+    forward_s: list = dataclasses.field(default_factory=list)  # per run: seconds the server spent in the model
 
 
 def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -758,20 +798,29 @@ def run_bench(config: BenchConfig) -> dict:
                     run(warm)
             measured = {name: Measured([], None, None, None) for name, _, _ in paths}
             foreign: dict[str, list] = {name: [] for name, _, _ in paths}
+            cpu: dict[str, list] = {name: [] for name, _, _ in paths}
             for round_ in range(repeats):
                 for name, run, memory_factory in paths:
                     with bar(f"({key}) {name}" + (f" {round_ + 1}/{repeats}" if repeats > 1 else "")):
                         memory = memory_factory()
+                        in_model = server.forward_seconds() if name == "service" else None
                         with memory, ForeignCpu(watched) as watch:
                             seconds, values = timed(lambda: run(work))
+                        if in_model is not None:
+                            after = server.forward_seconds()
+                            in_model = None if after is None else after - in_model
                     got = measured[name]
                     got.samples.append(seconds)
                     got.values = values
                     if memory.rise is not None:
                         got.memory_rise = max(got.memory_rise or 0, memory.rise)
                     foreign[name].append(watch.fraction)
+                    cpu[name].append(watch.cpu_s)
+                    got.forward_s.append(in_model)
             for name, got in measured.items():
-                got.foreign_cpu = foreign[name][got.samples.index(min(got.samples))]
+                best = got.samples.index(min(got.samples))
+                got.foreign_cpu = foreign[name][best]
+                got.cpu_s = dict(zip(("bench", "server"), cpu[name][best] or ()))
             return measured
 
         def record(entry: dict, path: str, work: Workload, measured: "Measured", flops: float | None, memory_kind: str):
@@ -786,7 +835,12 @@ def run_bench(config: BenchConfig) -> dict:
                 "peak_memory_rise_bytes": rise,
                 "peak_memory_kind": memory_kind,
                 "foreign_cpu_fraction": measured.foreign_cpu,
+                "cpu_seconds": measured.cpu_s,
             }
+            in_model = measured.forward_s[samples.index(seconds)] if measured.forward_s else None
+            if in_model is not None:
+                row["server_forward_s"] = in_model
+                row["outside_model_s"] = seconds - in_model
             if flops is not None:
                 row["model_flops"] = flops
                 row["achieved_flops_per_s"] = flops / seconds
@@ -814,7 +868,7 @@ def run_bench(config: BenchConfig) -> dict:
                 ("naive", lambda w: run_naive(torch, naive_model, w, config.naive_batch, device), local_memory),
                 ("in-process", lambda w: run_inprocess(backend, w, calls if w is work else warm_calls), local_memory),
                 ("service", service_score, lambda: PeakMemory(server.pid)),
-            ], work, warm, max(1, config.repeats))
+            ], work, warm, repeats)
             naive, inprocess, service = got["naive"], got["in-process"], got["service"]
             record(entry, "naive", work, naive, naive_flops(shape, work), local_kind)
             record(entry, "inprocess", work, inprocess, alg_flops, local_kind)
@@ -831,17 +885,21 @@ def run_bench(config: BenchConfig) -> dict:
                          for group in job.groups] for job in jobs]
             total = sum(job.tokens for job in jobs)
             entry = new_entry(jobs[0], requests_per_job=len(requests[0]))
-            entry.update(title=f"(c) {config.jobs} jobs x {jobs[0].title[4:]}", sequences=sum(len(j.sequences) for j in jobs),
-                         tokens=total, scored_tokens=sum(j.scored for j in jobs))
+            entry.update(title=f"(c) {config.jobs} jobs x {jobs[0].title[4:]}", tokens=total,
+                         sequences=sum(len(j.sequences) for j in jobs), scored_tokens=sum(j.scored for j in jobs))
             target = server.target()
+            in_model = server.forward_seconds()
             with bar("(c) 1 job"), ForeignCpu(watched) as watch:
                 one = asyncio.run(_concurrent_jobs(AsyncKLClient, target, [[r for job in requests for r in job]],
                                                    ["bench-one-job"], config.long_repeats))
-            entry["paths"]["one_job"] = _jobs_row("one_job", one, total, watch.fraction)
+            entry["paths"]["one_job"] = _jobs_row("one_job", one, total, watch.fraction,
+                                                  _delta(server.forward_seconds(), in_model, config.long_repeats))
+            in_model = server.forward_seconds()
             with bar(f"(c) {config.jobs} jobs"), ForeignCpu(watched) as watch:
-                many = asyncio.run(_concurrent_jobs(AsyncKLClient, target, requests,
-                                                    [f"bench-job-{j}" for j in range(config.jobs)], config.long_repeats))
-            entry["paths"]["jobs"] = _jobs_row("jobs", many, total, watch.fraction)
+                job_ids = [f"bench-job-{j}" for j in range(config.jobs)]
+                many = asyncio.run(_concurrent_jobs(AsyncKLClient, target, requests, job_ids, config.long_repeats))
+            entry["paths"]["jobs"] = _jobs_row("jobs", many, total, watch.fraction,
+                                               _delta(server.forward_seconds(), in_model, config.long_repeats))
             entry["paths"]["jobs"]["label"] = f"service, {config.jobs} jobs aggregate"
             entry["jobs"] = many["jobs"]
             entry["share_definition"] = (
@@ -890,9 +948,9 @@ def run_bench(config: BenchConfig) -> dict:
             for phase, path in (("cache: fill", "cache_fill"), ("cache: hit", "cache_hit")):
                 with bar(phase):
                     samples, foreign = [], []
-                    for _ in range(1 if path == "cache_fill" else max(1, config.repeats)):
+                    for _ in range(1 if path == "cache_fill" else repeats):
                         with ForeignCpu(["self", cache_server.pid]) as watch:
-                            seconds, _ = timed(lambda: np.asarray(cache_client.score(work.sequences, work.starts).ref_logprobs))
+                            seconds, _ = timed(lambda: cache_client.score(work.sequences, work.starts).ref_logprobs)
                         samples.append(seconds)
                         foreign.append(watch.fraction)
                     measured = Measured(samples, None, None, foreign[samples.index(min(samples))])
@@ -916,12 +974,14 @@ def run_bench(config: BenchConfig) -> dict:
                                                       "server_cache_disabled": has_cache_flag}
     results["conventions"] = {
         "tokens_per_s": "all tokens of the sequences (prompt + response) / wall seconds, the same for every path",
-        "timing": f"best of {max(1, config.repeats)} timed run(s) for (a), (b), cache hit and "
-                  f"{max(1, config.long_repeats)} for (c), (d), after one warm-up per path and workload; "
-                  "paths interleaved round by round",
+        "timing": f"best of {repeats} timed run(s) for (a), (b), cache hit and of "
+                  f"{max(1, config.long_repeats)} for (c), (d), after one warm-up per path and workload; (a) and (b) "
+                  "paths interleaved round by round; (d) in-process in a fresh process",
         "threads": f"torch intra-op threads = {threads} in the bench process and in the server (OMP_NUM_THREADS)",
         "peak_memory": "rise of VmHWM over VmRSS at phase start (this process after malloc_trim; the server as is); "
                        "torch.cuda.max_memory_allocated rise on CUDA for in-process paths",
+        "outside_model_s": "service wall seconds minus the server's klservice_forward_seconds during the run "
+                           "(gRPC, (de)serialisation, scheduling)",
         "flops": "2 x non-embedding params per computed token + 4 x layers x attention width x context + "
                  "2 x hidden x vocab per LM-head row; padding not counted",
     }
@@ -951,7 +1011,9 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
-async def _concurrent_jobs(client_class, target: str, jobs: list[list[Workload]], job_ids: list[str], repeats: int) -> dict:
+async def _concurrent_jobs(
+    client_class, target: str, jobs: list[list[Workload]], job_ids: list[str], repeats: int
+) -> dict:
     """All jobs start together; each sends its requests concurrently. Best of `repeats` by wall time.
 
     The calls are issued job by job (job 0's requests first): a scheduler serving requests first come, first
@@ -994,10 +1056,19 @@ async def _concurrent_jobs(client_class, target: str, jobs: list[list[Workload]]
     return {"wall_s": best["wall_s"], "jobs": per_job}
 
 
-def _jobs_row(path: str, run: dict, total: int, foreign: float | None) -> dict:
-    return {"label": PATH_LABELS[path], "seconds": run["wall_s"], "samples_s": [run["wall_s"]],
-            "tokens_per_s": total / run["wall_s"], "peak_memory_rise_bytes": None, "peak_memory_kind": "none",
-            "foreign_cpu_fraction": foreign}
+def _delta(after: float | None, before: float | None, runs: int) -> float | None:
+    """Server seconds in the model per run between two `forward_seconds` readings."""
+    return None if after is None or before is None else (after - before) / max(1, runs)
+
+
+def _jobs_row(path: str, run: dict, total: int, foreign: float | None, in_model: float | None) -> dict:
+    row = {"label": PATH_LABELS[path], "seconds": run["wall_s"], "samples_s": [run["wall_s"]],
+           "tokens_per_s": total / run["wall_s"], "peak_memory_rise_bytes": None, "peak_memory_kind": "none",
+           "foreign_cpu_fraction": foreign}
+    if in_model is not None:  # mean over the runs (all of them are in the reading)
+        row["server_forward_s"] = in_model
+        row["outside_model_s"] = run["wall_s"] - in_model
+    return row
 
 
 def machine_info(torch, threads: int) -> dict:
@@ -1112,6 +1183,11 @@ def format_report(results: dict) -> str:
             rows.append([f"  -> {target['name']}", "", "", "", "", _fmt_value(target["value"], target["unit"]),
                          f"{target['op']} {_fmt_value(target['threshold'], target['unit'])}",
                          "yes" if target["met"] else "NO"])
+        for name, row in entry["paths"].items():
+            if row.get("server_forward_s") is not None and name in ("service", "jobs", "one_job"):
+                outside = row["outside_model_s"]
+                rows.append([f"  -> {row['label']}: time outside the model", "", f"{outside:.2f}", "", "",
+                             f"{outside / row['seconds'] * 100:.1f}%", "", ""])
         if key == "b" and "cache_hit" in entry["paths"] and "service" in entry["paths"]:
             speedup = entry["paths"]["cache_hit"]["tokens_per_s"] / entry["paths"]["service"]["tokens_per_s"]
             rows.append(["  -> cache hit / service", "", "", "", "", f"{speedup:.1f}x", "", ""])

@@ -25,7 +25,8 @@ def quick_bench(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     command = [KLSERVICE, "bench", "--quick", "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out),
                "--no-progress"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     # 0: every target met, 1: some missed (expected on a tiny random model); anything else is a crash.
     assert result.returncode in (0, 1), result.stdout + result.stderr
     return out, result.stdout, json.loads((out / "bench.json").read_text())
@@ -60,6 +61,11 @@ def test_quick_bench_numbers_are_consistent(quick_bench):
                 assert row["flop_utilisation"] == pytest.approx(
                     row["model_flops"] / row["seconds"] / results["matmul_peak_flops_per_s"]
                 )
+    for key in ("a", "b", "d"):
+        service = workloads[key]["paths"]["service"]
+        assert service["server_forward_s"] > 0
+        assert service["outside_model_s"] == pytest.approx(service["seconds"] - service["server_forward_s"])
+        assert service["outside_model_s"] > -0.05  # the model's time is part of the call's wall time
     # Same sequences on every path: the service's log-probs equal both baselines'.
     for key in ("a", "b"):
         assert workloads[key]["max_abs_diff"]["service_vs_inprocess"] < 1e-4
