@@ -56,8 +56,9 @@ def test_large_batch_is_split_and_reassembled_in_order(start_server, client):
         requests = small.server.metrics.requests.labels("ComputeKL", "OK")._value.get()
     whole = client.compute_kl(sequences, prompts, logprobs=logprobs, spec="grpo_k3_as_loss")
     assert requests >= 8  # ~800 tokens in requests of at most 100
+    # `small` runs on hf; `client` on each backend under test: hf and vllm differ by up to ~2e-5 in float32.
     for name in ("ref_logprobs", "coef", "k3"):
-        np.testing.assert_allclose(getattr(split, name), getattr(whole, name), atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(getattr(split, name), getattr(whole, name), atol=1e-4, err_msg=name)
     for field, value in vars(whole.diagnostics).items():
         assert getattr(split.diagnostics, field) == pytest.approx(value, rel=1e-4, abs=1e-6), field
 

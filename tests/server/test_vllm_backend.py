@@ -3,8 +3,10 @@
 The shared server suites (Score, ComputeKL, bad input, client behaviour) also run against a
 vllm-backed tiny server through the `server_backend` parametrisation in tests/conftest.py;
 this module covers what is vllm's own: its model info, temperature refused with
-FAILED_PRECONDITION, a sequence as long as the context, parity with the hf backend on
-SmolLM2 and real text, and a clean shutdown of the engine's processes.
+FAILED_PRECONDITION, a sequence as long as the context, shared prompts through vLLM's prefix
+cache (values equal to an unshared forward, tokens saved, a response that also hits cached
+blocks), parity with the hf backend on SmolLM2 and real text, and a clean shutdown of the
+engine's processes.
 """
 
 from __future__ import annotations
@@ -103,11 +105,26 @@ def test_client_raises_failed_precondition_for_temperature(vllm_tiny):
         assert client.score([[1, 2, 3, 4]], 2).ref_logprobs.shape == (2,)
 
 
-def test_sequences_up_to_the_context_length_match_transformers(vllm_tiny, tiny_model_dir):
-    """vLLM refuses a prompt of max_model_len tokens; the backend still scores a full-context sequence."""
+@pytest.fixture(scope="module")
+def transformers_logprobs(tiny_model_dir):
+    """Reference values: the tiny model in plain transformers, full logits, float64 log-softmax."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    def logprobs(tokens, start) -> np.ndarray:
+        with torch.inference_mode():
+            ids = torch.as_tensor(tokens)[None]
+            logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+            positions = torch.arange(start, len(tokens))
+            return logp[positions - 1, ids[0, positions]].numpy()
+
+    return logprobs
+
+
+def test_sequences_up_to_the_context_length_match_transformers(vllm_tiny, transformers_logprobs):
+    """vLLM refuses a prompt of max_model_len tokens; the backend still scores a full-context sequence."""
     from klservice_client import KLClient
 
     rng = np.random.default_rng(11)
@@ -115,13 +132,71 @@ def test_sequences_up_to_the_context_length_match_transformers(vllm_tiny, tiny_m
     prompts = [1, 500, 1, 2]
     with KLClient(vllm_tiny.target, timeout=120) as client:
         out = client.score(sequences, prompts)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        for tokens, start, got in zip(sequences, prompts, out.ragged("ref_logprobs")):
-            ids = torch.as_tensor(tokens)[None]
-            logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
-            positions = torch.arange(start, len(tokens))
-            np.testing.assert_allclose(got, logp[positions - 1, ids[0, positions]].numpy(), atol=1e-5, rtol=0)
+    for tokens, start, got in zip(sequences, prompts, out.ragged("ref_logprobs")):
+        np.testing.assert_allclose(got, transformers_logprobs(tokens, start), atol=1e-5, rtol=0)
+
+
+def _tokens_saved(server) -> float:
+    return server.server.metrics.tokens_saved._value.get()
+
+
+def test_shared_prompts_use_the_prefix_cache_with_unshared_values(vllm_tiny, transformers_logprobs):
+    """A GRPO group computes its prompt once (vLLM's prefix cache) and still gets every member's exact values.
+
+    Responses of 1 and 2 tokens take the paths without prompt log-probs; the unrelated
+    sequence and the short-prompt group are scored without sharing.
+    """
+    from klservice_client import KLClient
+
+    rng = np.random.default_rng(12)
+    prompt = rng.integers(0, 49152, size=200).tolist()  # one 128-token block on vLLM's CPU backend, 12 on GPUs
+    responses = [rng.integers(0, 49152, size=n).tolist() for n in (1, 2, 3, 40, 77, 150)]
+    short_prompt = rng.integers(0, 49152, size=20).tolist()  # shorter than a cache block: not shared
+    sequences = [prompt + r for r in responses] + [rng.integers(0, 49152, size=90).tolist()]
+    sequences += [short_prompt + rng.integers(0, 49152, size=30).tolist() for _ in range(2)]
+    starts = [200] * len(responses) + [5, 20, 20]
+    saved = _tokens_saved(vllm_tiny)
+    with KLClient(vllm_tiny.target, timeout=120) as client:
+        out = client.score(sequences, starts)
+    for tokens, start, got in zip(sequences, starts, out.ragged("ref_logprobs")):
+        assert got.shape == (len(tokens) - start,)
+        np.testing.assert_allclose(got, transformers_logprobs(tokens, start), atol=1e-5, rtol=0)
+    # The five members that need more than their first response token read >= 128 prompt tokens from the cache;
+    # the prompt-only request computed the 200 prompt tokens once.
+    assert _tokens_saved(vllm_tiny) - saved >= 5 * 128 - 200
+
+
+def test_a_response_that_also_hits_cached_blocks_is_rescored(vllm_tiny, transformers_logprobs):
+    """vLLM gives no prompt log-prob rows for positions it took from its prefix cache. Two responses that agree
+    past the prompt for more than a cache block: the second can take those blocks from the first, and then
+    more than its prompt came from the cache; it must be scored again, not read from missing rows."""
+    from klservice_client import KLClient
+
+    rng = np.random.default_rng(13)
+    prompt = rng.integers(0, 49152, size=130).tolist()
+    common = rng.integers(0, 49152, size=300).tolist()
+    sequences = [prompt + common + rng.integers(0, 49152, size=20).tolist(),
+                 prompt + common + rng.integers(0, 49152, size=30).tolist(),
+                 prompt + rng.integers(0, 49152, size=60).tolist()]
+    with KLClient(vllm_tiny.target, timeout=120) as client:
+        out = client.score(sequences, 130)
+    for tokens, got in zip(sequences, out.ragged("ref_logprobs")):
+        np.testing.assert_allclose(got, transformers_logprobs(tokens, 130), atol=1e-5, rtol=0)
+
+
+def test_a_group_with_more_first_tokens_than_vllm_takes_in_one_request(vllm_tiny, transformers_logprobs):
+    """vLLM takes at most 128 logprob_token_ids per request: 140 distinct first response tokens need two."""
+    from klservice_client import KLClient
+
+    rng = np.random.default_rng(14)
+    prompt = rng.integers(0, 49152, size=128).tolist()
+    firsts = rng.choice(49152, size=140, replace=False)
+    sequences = [prompt + [int(t)] + rng.integers(0, 49152, size=int(n)).tolist()
+                 for t, n in zip(firsts, rng.integers(0, 4, size=140))]
+    with KLClient(vllm_tiny.target, timeout=300) as client:
+        out = client.score(sequences, 128)
+    for tokens, got in zip(sequences, out.ragged("ref_logprobs")):
+        np.testing.assert_allclose(got, transformers_logprobs(tokens, 128), atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -147,11 +222,14 @@ def test_parity_with_hf_on_smollm2_real_text(smollm2_backends, record_property):
     text = np.asarray(tokenizer(TEXT).input_ids, dtype=np.int64)
     assert len(text) >= 250
     capital = np.asarray(tokenizer("The capital of France is Paris").input_ids, dtype=np.int64)
-    # A GRPO-like group (one prompt, several continuations), the whole text, and a short prompt.
-    sequences = [text, capital] + [text[: 120 + 40 * i] for i in range(4)]
-    starts = [1, len(capital) - 1] + [100] * 4
+    # A GRPO-like group (one prompt of more than a cache block, several continuations: shared through vLLM's
+    # prefix cache), the whole text, and a short prompt.
+    sequences = [text, capital] + [text[: 150 + 30 * i] for i in range(4)]
+    starts = [1, len(capital) - 1] + [130] * 4
     want = hf.score(sequences, starts)
+    saved = vllm.tokens_saved
     got = vllm.score(sequences, starts)
+    assert vllm.tokens_saved > saved  # the group's prompt was computed once
     diffs = [float(np.abs(g - w).max()) for g, w in zip(got, want)]
     record_property("vllm_hf_max_abs_diff", max(diffs))
     print(f"\nvllm vs hf on SmolLM2 float32: max |diff| {max(diffs):.2e} over {sum(map(len, got))} tokens")
