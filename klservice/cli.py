@@ -112,8 +112,9 @@ def _add_bench_command(commands) -> None:
         "bench",
         help="measure throughput, memory and FLOP utilisation against the performance targets",
         description="Benchmark the service against in-process baselines on the same sequences: (a) ragged full "
-        "scoring, (b) GRPO-shaped work, (c) concurrent jobs, (d) one long sequence. Starts its own server "
-        "(a `klservice serve` subprocess on 127.0.0.1, reference cache off) and prints a table; writes bench.json "
+        "scoring, (b) GRPO-shaped work, (c) concurrent jobs, (d) one long sequence, and (b) on vLLM: raw "
+        "prompt_logprobs against the service's vllm backend (when vLLM is installed). Starts its own servers "
+        "(`klservice serve` subprocesses on 127.0.0.1, reference cache off) and prints a table; writes bench.json "
         "and bench.png into --out.",
         argument_default=argparse.SUPPRESS,
     )
@@ -123,7 +124,8 @@ def _add_bench_command(commands) -> None:
     add("--device", help="torch device for the server and the in-process paths (default: auto)")
     add("--cache-dir", help="cache directory of the embedded model (default: as klservice serve)")
     add("--out", help="output folder for bench.json, bench.png and the server log (default: bench-out)")
-    add("--workloads", help="comma-separated subset of a,b,c,d,cache (default: a,b,c,d,cache)")
+    add("--workloads", help="comma-separated subset of a,b,c,d,cache,vllm; vllm runs only where vLLM is installed "
+        "(default: a,b,c,d,cache,vllm)")
     add("--ragged-sequences", type=int, help="(a) number of sequences (default: 32)")
     add("--ragged-min", type=int, help="(a) shortest sequence (default: 128)")
     add("--ragged-max", type=int, help="(a) longest sequence (default: 384)")
@@ -142,6 +144,8 @@ def _add_bench_command(commands) -> None:
     add("--threads", type=int, help="torch threads here and in the server (default: torch's default)")
     add("--max-batch-tokens", type=int, help="the server's token budget, also used in-process (default: the server's)")
     add("--matmul-size", type=int, help="side of the square matmul measuring peak FLOP/s (default: 2048)")
+    add("--vllm-gpu-memory-utilization", type=float,
+        help="vllm: GPU memory share of each of the two vLLM engines (raw baseline, vllm server) (default: 0.4)")
     add("--quick", action="store_true", help="tiny sizes: a smoke run of every phase (default: False)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar (default: progress bar on)")
     bench.set_defaults(run=_bench)

@@ -8,6 +8,7 @@ share is computed from the throughputs the JSON reports.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 KLSERVICE = shutil.which("klservice") or os.path.join(os.path.dirname(sys.executable), "klservice")
 
 
@@ -41,7 +43,7 @@ def test_quick_bench_writes_table_json_and_plot(quick_bench):
     for title in ("(a) ragged", "(b) GRPO", "(c) 4 jobs", "(d) one sequence of 256 tokens"):
         assert any(line.startswith(title) for line in stdout.splitlines()), title
     assert "-> service / naive" in stdout and "matmul peak" in stdout
-    assert set(results["workloads"]) == {"a", "b", "c", "d"}
+    assert set(results["workloads"]) == {"a", "b", "c", "d"} | ({"vllm"} if VLLM_INSTALLED else set())
     assert results["matmul_peak_flops_per_s"] > 0
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["torch_threads"] >= 1
     assert results["config"]["server_cache_disabled"] in (True, False)
@@ -107,6 +109,26 @@ def test_quick_bench_numbers_are_consistent(quick_bench):
     for target in results["targets"]:
         if not target["met"]:
             assert f"MISSED ({target['workload']}) {target['name']}" in stdout
+
+
+@pytest.mark.slow
+def test_quick_bench_compares_the_vllm_backend_with_raw_vllm(quick_bench):
+    """Raw vLLM prompt_logprobs and the service on --backend vllm score the same (b) sequences."""
+    if not VLLM_INSTALLED:
+        pytest.skip("vLLM is not installed: the bench skips its vllm rows")
+    _, stdout, results = quick_bench
+    entry = results["workloads"]["vllm"]
+    b = results["workloads"]["b"]
+    assert (entry["tokens"], entry["sequences"]) == (b["tokens"], b["sequences"])
+    raw, service = entry["paths"]["vllm_raw"], entry["paths"]["service_vllm"]
+    assert entry["max_abs_diff"]["service_vllm_vs_raw"] < 1e-4
+    assert entry["max_abs_diff"]["service_vllm_vs_service_hf"] < 1e-4
+    assert service["server_forward_s"] > 0
+    target = {(t["workload"], t["name"]): t for t in results["targets"]}["vllm", "service (vllm backend) / raw vLLM"]
+    assert target["value"] == pytest.approx(service["tokens_per_s"] / raw["tokens_per_s"])
+    assert target["threshold"] == 2.0 and target["met"] == (target["value"] >= 2.0)
+    assert "(vllm) GRPO" in stdout and "raw vLLM prompt_logprobs" in stdout
+    assert "INFO" not in stdout  # vLLM's engine logging stays out of the report
 
 
 def test_bench_help_is_light_and_shows_the_config_defaults():
