@@ -310,13 +310,19 @@ class NotMeasured:
         pass
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); raises OSError if it is gone."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
 def _descendants(pid: int | str) -> list[int]:
     """Pids of all processes below `pid` ("self": this one), from /proc (empty where there is none)."""
     root = os.getpid() if pid == "self" else int(pid)
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent = int(_stat_fields(entry.name)[1])
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(parent, []).append(int(entry.name))
@@ -342,9 +348,7 @@ def _cpu_ticks(pids: list[int | str]) -> tuple[int, list[int | None]] | None:
     own: list[int | None] = []
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat") as stat:
-                values = stat.read().rsplit(")", 1)[1].split()
-            own.append(sum(int(v) for v in values[11:15]))  # utime stime cutime cstime
+            own.append(sum(int(v) for v in _stat_fields(pid)[11:15]))  # utime stime cutime cstime
         except (OSError, ValueError, IndexError):
             own.append(None)  # gone (or not there yet)
     return busy, own
@@ -793,11 +797,23 @@ def run_bench(config: BenchConfig) -> dict:
     previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    no_cache = ["--cache-mb", "0"] if has_cache_flag else []
+
+    def start_service(args: list[str], log_name: str, job_id: str) -> tuple[ServiceProcess, Any]:
+        """A `klservice serve` subprocess (stopped at the end whatever happens) and a client for it."""
+        service = ServiceProcess(args, env, out_dir / log_name)
+        servers.append(service)
+        return service, KLClient(service.target(), job_id=job_id, timeout=1800)
+
+    def wait_ready(service: ServiceProcess, service_client, timeout: float = 600):
+        try:
+            return service_client.wait_ready(timeout=timeout)
+        except Exception as error:
+            raise RuntimeError(f"server did not become ready ({error}); log:\n{service.log_tail()}") from error
+
     try:
         with bar("start server, load model"):
-            server = ServiceProcess(server_args + (["--cache-mb", "0"] if has_cache_flag else []), env,
-                                    out_dir / "server.log")
-            servers.append(server)
+            server, client = start_service(server_args + no_cache, "server.log", "bench")
             from transformers import AutoModelForCausalLM
 
             backend = HFBackend(folder, name=model_name, dtype=config.dtype, device=str(device), progress=False)
@@ -807,11 +823,7 @@ def run_bench(config: BenchConfig) -> dict:
                 ).eval()
             naive_model.requires_grad_(False)
             info = backend.info()
-            client = KLClient(server.target(), job_id="bench", timeout=1800)
-            try:
-                served = client.wait_ready(timeout=600)
-            except Exception as error:
-                raise RuntimeError(f"server did not become ready ({error}); log:\n{server.log_tail()}") from error
+            served = wait_ready(server, client)
             if served.revision != info.revision:
                 raise RuntimeError(f"server serves revision {served.revision[:12]}, in-process {info.revision[:12]}")
         shape = ModelShape.of(naive_model)
@@ -826,8 +838,13 @@ def run_bench(config: BenchConfig) -> dict:
         def rng(stream: int) -> np.random.Generator:  # one stream per workload: the same ids whatever --workloads
             return np.random.default_rng([config.seed, stream])
 
-        def service_score(work: Workload) -> np.ndarray:
-            return np.asarray(client.score(work.sequences, work.starts).ref_logprobs)
+        def scorer(service_client) -> Callable[[Workload], np.ndarray]:
+            return lambda work: np.asarray(service_client.score(work.sequences, work.starts).ref_logprobs)
+
+        service_score = scorer(client)
+
+        def warm_slice(work: Workload) -> Workload:
+            return _subset(work, min(len(work.sequences), max(2, config.naive_batch // 2)))
 
         def timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
             _sync(torch, device)
@@ -916,7 +933,7 @@ def run_bench(config: BenchConfig) -> dict:
         service_values: dict[str, np.ndarray] = {}  # per workload, the (hf) service's log-probs
         for work in (w for w in (workload_a, workload_b) if w is not None and w.key in workloads):
             calls = scheduler_calls(work, max_batch_tokens, plan)
-            warm = _subset(work, min(len(work.sequences), max(2, config.naive_batch // 2)))
+            warm = warm_slice(work)
             warm_calls = scheduler_calls(warm, max_batch_tokens, plan)
             entry = new_entry(work, backend_calls=[len(c) for c in calls], planner=plan_name)
             key = work.key
@@ -996,10 +1013,8 @@ def run_bench(config: BenchConfig) -> dict:
         if "cache" in workloads:
             work = workload_b
             with bar("cache: start server"):
-                cache_server = ServiceProcess(server_args, env, out_dir / "server-cache.log")
-                servers.append(cache_server)
-                cache_client = KLClient(cache_server.target(), job_id="bench-cache", timeout=1800)
-                cache_client.wait_ready(timeout=600)
+                cache_server, cache_client = start_service(server_args, "server-cache.log", "bench-cache")
+                wait_ready(cache_server, cache_client)
                 cache_client.score(work.sequences[:1], work.starts[:1])  # warm-up
             entry = results["workloads"].setdefault(
                 "b", {"title": work.title, "sequences": len(work.sequences), "tokens": work.tokens,
@@ -1027,20 +1042,11 @@ def run_bench(config: BenchConfig) -> dict:
             if cuda is not None:
                 torch.cuda.empty_cache()
             work = workload_b
-            warm = _subset(work, min(len(work.sequences), max(2, config.naive_batch // 2)))
-            memory_share = str(config.vllm_gpu_memory_utilization)
+            vllm_args = ["--backend", "vllm", "--gpu-memory-utilization", str(config.vllm_gpu_memory_utilization)]
             with bar("vllm: start engines"):
-                vllm_server = ServiceProcess(
-                    ["--backend", "vllm", "--model", str(folder), "--dtype", config.dtype, "--max-batch-tokens",
-                     str(max_batch_tokens), "--gpu-memory-utilization", memory_share, "--cache-mb", "0"],
-                    env, out_dir / "server-vllm.log")
-                servers.append(vllm_server)
-                vllm_client = KLClient(vllm_server.target(), job_id="bench-vllm", timeout=1800)
-                try:
-                    vllm_client.wait_ready(timeout=900)
-                except Exception as error:
-                    raise RuntimeError(f"vllm server did not become ready ({error}); log:\n"
-                                       f"{vllm_server.log_tail()}") from error
+                vllm_server, vllm_client = start_service(server_args + no_cache + vllm_args, "server-vllm.log",
+                                                         "bench-vllm")
+                wait_ready(vllm_server, vllm_client, timeout=900)  # a vLLM engine starts slowly
                 raw = RawPromptLogprobs(folder, config.dtype,
                                         gpu_memory_utilization=config.vllm_gpu_memory_utilization)
             try:
@@ -1048,9 +1054,8 @@ def run_bench(config: BenchConfig) -> dict:
                 entry["title"] = f"(vllm) {work.title[4:]}, on vLLM engines"
                 got = measure("vllm", [
                     ("raw", lambda w: np.concatenate(raw.score(w.sequences, w.starts)), NotMeasured),
-                    ("service", lambda w: np.asarray(vllm_client.score(w.sequences, w.starts).ref_logprobs),
-                     NotMeasured),
-                ], work, warm, repeats, service=vllm_server)
+                    ("service", scorer(vllm_client), NotMeasured),
+                ], work, warm_slice(work), repeats, service=vllm_server)
             finally:
                 raw.close()
                 vllm_client.close()

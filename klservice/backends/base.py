@@ -92,6 +92,27 @@ def first_int(*candidates: object) -> int | None:
     return None
 
 
+def shared_prompt_groups(
+    sequences: Sequence[np.ndarray], starts: Sequence[int], min_prompt: int | None
+) -> tuple[list[list[int]], list[int]]:
+    """(groups, alone): indices of sequences with the same prompt (the tokens before their start, at least
+    `min_prompt` of them), groups of two or more, and the indices of the rest; both in order of first
+    appearance. `min_prompt=None`: no sharing, every sequence alone.
+
+    Example::
+
+        shared_prompt_groups([np.array([1, 2, 3, 4]), np.array([1, 2, 3, 5]), np.array([9, 9])], [3, 3, 1], 2)
+        # -> ([[0, 1]], [2])
+    """
+    by_prompt: dict[bytes | int, list[int]] = {}  # a sequence that shares nothing is keyed by its index
+    for i, (seq, start) in enumerate(zip(sequences, starts)):
+        shareable = min_prompt is not None and start >= min_prompt
+        by_prompt.setdefault(np.asarray(seq[:start], dtype="<i8").tobytes() if shareable else i, []).append(i)
+    groups = [group for group in by_prompt.values() if len(group) > 1]
+    alone = [group[0] for group in by_prompt.values() if len(group) == 1]
+    return groups, alone
+
+
 def probe_tokens(vocab_size: int) -> np.ndarray:
     """12 fixed, spread-out token ids for a backend's load-time self-checks."""
     return (np.arange(12, dtype=np.int64) * 7919 + 3) % vocab_size

@@ -42,7 +42,7 @@ import torch
 from klservice_client import tokenizer_fingerprint
 
 from klservice.backends._files import model_revision
-from klservice.backends.base import ModelInfo, ReferenceBackend, first_int, probe_tokens
+from klservice.backends.base import ModelInfo, ReferenceBackend, first_int, probe_tokens, shared_prompt_groups
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +202,15 @@ class HFBackend(ReferenceBackend):
 
     def _score_batch(self, sequences: list[np.ndarray], starts: list[int], temperature: float) -> list[np.ndarray]:
         """Hidden states (or logits) at the scored positions of every sequence, then one pass of the head."""
-        groups: dict[bytes | int, list[int]] = {}  # by shared prompt; a sequence that shares nothing by its index
-        for i, (seq, start) in enumerate(zip(sequences, starts)):
+        for seq, start in zip(sequences, starts):
             assert 1 <= start < len(seq)
-            shareable = self._share_prompts and start >= self._min_shared_prompt
-            groups.setdefault(seq[:start].tobytes() if shareable else i, []).append(i)
+        min_prompt = self._min_shared_prompt if self._share_prompts else None
+        groups, alone = shared_prompt_groups(sequences, starts, min_prompt)
         rows: list[torch.Tensor | None] = [None] * len(sequences)
-        alone = [g[0] for g in groups.values() if len(g) == 1]
         if alone:
             for i, value in zip(alone, self._padded_rows([sequences[i] for i in alone], [starts[i] for i in alone])):
                 rows[i] = value
-        for group in (g for g in groups.values() if len(g) > 1):
+        for group in groups:
             prompt = sequences[group[0]][: starts[group[0]]]
             self.tokens_saved += (len(group) - 1) * len(prompt)
             for i, value in zip(group, self._shared_prompt_rows(prompt, [sequences[i] for i in group])):

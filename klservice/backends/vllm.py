@@ -80,7 +80,7 @@ from typing import Any
 import numpy as np
 
 from klservice.backends._files import model_revision
-from klservice.backends.base import ModelInfo, ReferenceBackend, first_int, probe_tokens
+from klservice.backends.base import ModelInfo, ReferenceBackend, first_int, probe_tokens, shared_prompt_groups
 from klservice.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -348,9 +348,7 @@ class VLLMBackend(ReferenceBackend):
         """
         for seq, start in zip(sequences, starts):
             assert 1 <= start < len(seq)
-        groups = self._prompt_groups(sequences, starts)
-        grouped = {i for group in groups for i in group}
-        alone = [i for i in range(len(sequences)) if i not in grouped]
+        groups, alone = shared_prompt_groups(sequences, starts, self.min_shared_prompt if self._share_prompts else None)
         results: list[np.ndarray | None] = [None] * len(sequences)
 
         # Step 1: the sequences alone, and one prompt-only request per group (filling the prefix cache).
@@ -375,12 +373,15 @@ class VLLMBackend(ReferenceBackend):
                 first_logprob[g, token] = value
             saved -= len(output.prompt_token_ids or ()) - int(getattr(output, "num_cached_tokens", None) or 0)
 
-        # Step 2: the members of each group, reading the prompt's KV blocks from the prefix cache.
-        members = [(g, i) for g, group in enumerate(groups) for i in group if len(sequences[i]) - starts[i] > 1]
+        # Step 2: the members of each group that score more than their first response token, reading the
+        # prompt's KV blocks from the prefix cache.
+        members = []
         for g, group in enumerate(groups):
             for i in group:
                 if len(sequences[i]) - starts[i] == 1:
                     results[i] = np.asarray([first_logprob[g, int(sequences[i][starts[i]])]], dtype=np.float32)
+                else:
+                    members.append((g, i))
         if members:
             requests = [self._sequence_request(sequences[i], starts[i] + 1, read_cache=True) for _, i in members]
             outputs = self._generate([r[0] for r in requests], [r[1] for r in requests], salt)
@@ -408,16 +409,6 @@ class VLLMBackend(ReferenceBackend):
                     results[i] = self._values(output, sequences[i], starts[i])
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
-
-    def _prompt_groups(self, sequences: list[np.ndarray], starts: list[int]) -> list[list[int]]:
-        """Indices of sequences with the same prompt (at least one cache block long), groups of two or more."""
-        if not self._share_prompts:
-            return []
-        groups: dict[bytes, list[int]] = {}
-        for i, (seq, start) in enumerate(zip(sequences, starts)):
-            if start >= self.min_shared_prompt:
-                groups.setdefault(np.asarray(seq[:start], dtype="<i8").tobytes(), []).append(i)
-        return [group for group in groups.values() if len(group) > 1]
 
     def _sequence_request(self, seq: np.ndarray, start: int, *, read_cache: bool) -> tuple[list[int], Any]:
         """(prompt, params) scoring seq[start:]: prompt log-probs for start .. L-2, the last token from the sample."""
@@ -458,7 +449,7 @@ class VLLMBackend(ReferenceBackend):
         return outputs
 
     @staticmethod
-    def _requested_logprobs(output, ids: list[int]) -> dict[int, float]:
+    def _requested_logprobs(output, ids: Sequence[int]) -> dict[int, float]:
         """The sampling step's log-probs of the tokens asked for with ``logprob_token_ids``, by token id."""
         sample = output.outputs[0].logprobs  # one position: [sampled token, requested tokens...]
         first, end = sample.start_indices[0], sample.end_indices[0]
@@ -491,11 +482,8 @@ class VLLMBackend(ReferenceBackend):
             if not np.array_equal(ids, seq[start : length - 1]):
                 raise _Misaligned("vLLM's prompt log-probs do not line up with the prompt's tokens")
             parts.append(np.asarray(flat.logprobs[first:], dtype=np.float32))
-        sample = output.outputs[0].logprobs  # one position: [sampled token, requested token]
-        first, end = sample.start_indices[0], sample.end_indices[0]
-        if end - first != 2 or int(sample.token_ids[first + 1]) != int(seq[-1]):
-            raise RuntimeError("vLLM's log-prob of the last token does not name the requested token")
-        parts.append(np.asarray([sample.logprobs[first + 1]], dtype=np.float32))
+        last = int(seq[-1])
+        parts.append(np.asarray([VLLMBackend._requested_logprobs(output, [last])[last]], dtype=np.float32))
         return np.concatenate(parts)
 
     def _warm_up(self) -> None:
