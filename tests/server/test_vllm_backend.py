@@ -184,17 +184,23 @@ def test_a_response_that_also_hits_cached_blocks_is_rescored(vllm_tiny, transfor
         np.testing.assert_allclose(got, transformers_logprobs(tokens, 130), atol=1e-5, rtol=0)
 
 
-def test_a_group_with_more_first_tokens_than_vllm_takes_in_one_request(vllm_tiny, transformers_logprobs):
-    """vLLM takes at most 128 logprob_token_ids per request: 140 distinct first response tokens need two."""
+def test_a_group_with_more_first_tokens_than_vllm_takes_in_one_request(start_server, transformers_logprobs):
+    """vLLM takes at most 128 logprob_token_ids per request: 140 distinct first response tokens need two.
+
+    On a server whose token budget keeps all 140 sequences (~18k tokens) in one backend call.
+    """
     from klservice_client import KLClient
 
+    server = start_server(backend_name="vllm", max_batch_tokens=32768)
     rng = np.random.default_rng(14)
     prompt = rng.integers(0, 49152, size=128).tolist()
     firsts = rng.choice(49152, size=140, replace=False)
     sequences = [prompt + [int(t)] + rng.integers(0, 49152, size=int(n)).tolist()
                  for t, n in zip(firsts, rng.integers(0, 4, size=140))]
-    with KLClient(vllm_tiny.target, timeout=300) as client:
+    with KLClient(server.target, timeout=300) as client:
         out = client.score(sequences, 128)
+    calls = {sample.name: sample.value for sample in server.server.metrics.batch_sequences.collect()[0].samples}
+    assert (calls["klservice_batch_sequences_count"], calls["klservice_batch_sequences_sum"]) == (1, 140)
     for tokens, got in zip(sequences, out.ragged("ref_logprobs")):
         np.testing.assert_allclose(got, transformers_logprobs(tokens, 128), atol=1e-5, rtol=0)
 
