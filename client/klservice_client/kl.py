@@ -217,7 +217,7 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
             _preset(
                 "ppo_k1_in_reward",
                 "reward -= beta * delta (detached), per token  ->  c = delta",
-                "PPO / OpenRLHF default, KL as a per-token reward penalty; gradient-equivalent to principled on-policy.",
+                "PPO-style KL as a per-token reward penalty; gradient-equivalent to principled on-policy. OpenRLHF (its default, kl_estimator=k1) also clamps delta to +-10 and spreads the penalty over returns / GAE.",
                 estimator="k1",
                 mode="in_reward",
             ),
@@ -232,21 +232,21 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
             _preset(
                 "grpo_k3_as_loss",
                 "k3 = exp(-delta) - 1 + delta as loss  ->  c = 1 - exp(-delta)",
-                "GRPO paper, TRL default, verl low_var_kl; biased (exploding for delta < 0): use to reproduce, not to choose.",
+                "GRPO paper; TRL 1.16 with use_bias_correction_kl=False; verl low_var_kl except where verl clamps (k3 > 10: c = 0 there). Biased (exploding for delta < 0): use to reproduce, not to choose.",
                 estimator="k3",
                 mode="as_loss",
             ),
             _preset(
                 "verl_k3_plus",
                 "value k3, gradient of k2 (straight-through)  ->  c = delta",
-                "verl 'k3+': logs the low-variance k3 value with the unbiased k2 gradient; principled on-policy.",
+                "verl 'k3+' / 'low_var_kl+' (verl versions with PR #6058): the k3 value with the k2 gradient; principled on-policy.",
                 estimator="k2",
                 mode="as_loss",
             ),
             _preset(
                 "trl_bias_corrected_k3",
                 "w * k3 as loss, gradient through w  ->  c = w * delta",
-                "TRL use_bias_correction_kl, slime --use-unbiased-kl, DeepSeek-V3.2: principled off-policy.",
+                "TRL 1.16 default (use_bias_correction_kl=True, token-level ratio), slime --use-unbiased-kl with k3, DeepSeek-V3.2: principled off-policy.",
                 estimator="k3",
                 mode="as_loss",
                 importance_sampling="token",
@@ -255,7 +255,7 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
             _preset(
                 "openrlhf_unbiased_k2",
                 "stopgrad(min(w, 10)) * k2 as loss  ->  c = min(w, 10) * delta",
-                "OpenRLHF --algo.kl.unbiased_gradient: principled off-policy with weights truncated at 10.",
+                "OpenRLHF --algo.kl.unbiased_gradient (gradient sg(min(w, C)) * delta for any estimator; C = 10 here): principled off-policy with truncated weights.",
                 estimator="k2",
                 mode="as_loss",
                 importance_sampling="token",
@@ -658,7 +658,7 @@ def surrogate_loss(
     Example::
 
         out = client.compute_kl(tokens, prompt_lengths, logprobs=logp.detach(), spec="principled")
-        loss = policy_loss + kl.surrogate_loss(out.coef, logp, out.lengths, beta=0.05)
+        loss = policy_loss + kl.surrogate_loss(out.coef, logp, out.scored_lengths, beta=0.05)
     """
     import torch
 

@@ -12,7 +12,7 @@ import torch
 
 from klservice_client import TokenizerMismatch, kl
 from tests.server.test_metrics_and_health import scrape
-from tests.trl.trl_helpers import BETA, TEMPERATURE, length_reward, perturb
+from tests.trl.trl_helpers import BETA, length_reward, perturb
 
 BATCH = 4
 

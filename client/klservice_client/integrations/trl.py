@@ -77,6 +77,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -194,6 +195,8 @@ class KLServiceGRPOTrainer(GRPOTrainer):
             args = GRPOConfig(f"{os.path.basename(str(name).rstrip('/'))}-GRPO")
         if kl_spec is not None:
             kl.resolve_spec(kl_spec)  # a bad spec fails here, not at the first step
+            if args.beta == 0.0:
+                warnings.warn("kl_spec is ignored: GRPOConfig.beta is 0, so the loss has no KL term", stacklevel=2)
         if args.beta != 0.0 and args.sync_ref_model:
             raise ValueError(
                 "sync_ref_model: the reference model lives in klservice and is not synchronised from the "
@@ -281,7 +284,7 @@ class KLServiceGRPOTrainer(GRPOTrainer):
         if self.kl_spec is not None:
             loss = loss + kl_term
         self._log_diagnostics(diagnostics)
-        if self.log_kl_grad_norm:
+        if self.log_kl_grad_norm and kl_term.requires_grad:  # not under evaluation's no_grad
             params = [p for p in model.parameters() if p.requires_grad]
             grads = torch.autograd.grad(kl_term, params, retain_graph=True, allow_unused=True)
             norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
