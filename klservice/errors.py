@@ -1,14 +1,17 @@
 """Domain exceptions of the server and the one table that maps them to gRPC status codes.
 
-Code below the servicer raises these (or plain ValueError for bad input found by shared
-helpers such as `klservice_client.kl`); `status_for` is the only place that decides which
-status a client sees. Anything unexpected becomes INTERNAL with a generic message: the
-traceback goes to the server log, never on the wire.
+Code below the servicer raises these (or `klservice_client.kl.KLInputError` for bad input
+found by the KL library); `status_for` is the only place that decides which status a client
+sees. Anything else, a `ValueError` raised inside torch, numpy or a backend included, is an
+internal failure: INTERNAL with a generic message, the traceback in the server log, never
+on the wire and never blamed on the client.
 """
 
 from __future__ import annotations
 
 import grpc
+
+from klservice_client.kl import KLInputError
 
 
 class ServiceError(Exception):
@@ -49,7 +52,7 @@ class DeadlineExpired(ServiceError):
 
 _STATUS: dict[type[BaseException], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ValueError: grpc.StatusCode.INVALID_ARGUMENT,
+    KLInputError: grpc.StatusCode.INVALID_ARGUMENT,
     OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,

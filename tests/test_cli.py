@@ -112,13 +112,13 @@ def test_serve_embedded_model_answers_health_score_and_demo(cli_server):
     assert process.wait(60) == 0
 
 
-def test_readme_documents_every_serve_flag():
+def test_docs_document_every_serve_flag():
     import dataclasses
     import pathlib
 
     from klservice.config import ENV_PREFIX, ServerConfig
 
-    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     for field in dataclasses.fields(ServerConfig):
         flag = "--" + field.name.replace("_", "-")
         assert f"`{flag}`" in readme and f"`{ENV_PREFIX}{field.name.upper()}`" in readme, flag

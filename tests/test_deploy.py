@@ -415,7 +415,7 @@ def _referenced_metric_names(path: pathlib.Path) -> set[str]:
 def test_rules_and_docs_use_only_exported_metrics(tiny_server):
     exported = _scrape_names(tiny_server.metrics_url)
     assert {"klservice_ready", "klservice_requests_total", "klservice_kl_coef_bias_abs_mean"} <= exported
-    for path in (RULES, README):
+    for path in (RULES, README, ROOT / "docs" / "metrics.md", ROOT / "docs" / "deployment.md"):
         used = _referenced_metric_names(path)
         assert used, f"{path.name} names no metric"
         unknown = used - exported

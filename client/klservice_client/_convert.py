@@ -50,11 +50,11 @@ def _enum(table, value, field, enum_type):
     try:
         return table[value]
     except KeyError:
-        raise ValueError(f"spec.{field}: unknown value {value} for {enum_type}") from None
+        raise kl.KLInputError(f"spec.{field}: unknown value {value} for {enum_type}") from None
 
 
 def spec_from_proto(message: pb.KLSpec) -> kl.KLSpec:
-    """The KLSpec a message asks for. Raises ValueError naming the field for anything invalid."""
+    """The KLSpec a message asks for. Raises kl.KLInputError naming the field for anything invalid."""
     fields = {
         "estimator": _enum(_ESTIMATORS, message.estimator, "estimator", "Estimator"),
         "mode": _enum(_MODES, message.mode, "mode", "KLMode"),
@@ -66,7 +66,7 @@ def spec_from_proto(message: pb.KLSpec) -> kl.KLSpec:
     explicit = {name: value for name, value in fields.items() if value is not None}
     if message.preset:
         if explicit:
-            raise ValueError(f"spec: preset {message.preset!r} given together with {', '.join(sorted(explicit))}; use one or the other")
+            raise kl.KLInputError(f"spec: preset {message.preset!r} given together with {', '.join(sorted(explicit))}; use one or the other")
         return kl.resolve_spec(message.preset)
     return kl.KLSpec(**explicit)
 

@@ -47,6 +47,7 @@ __all__ = [
     "Estimator",
     "ImportanceSampling",
     "KLDiagnostics",
+    "KLInputError",
     "KLResult",
     "KLSpec",
     "MAX_EXPONENT",
@@ -65,6 +66,14 @@ __all__ = [
 
 #: Exponent arguments are clamped to [-MAX_EXPONENT, MAX_EXPONENT]; exp(80) ~ 5.5e34 is finite in float32.
 MAX_EXPONENT = 80.0
+
+
+class KLInputError(ValueError):
+    """Bad input to the KL library (a spec, arrays or lengths): the message names the argument.
+
+    A `ValueError`, so callers that catch ValueError see no change; the server maps exactly
+    this type (not every ValueError) to INVALID_ARGUMENT.
+    """
 
 
 class Estimator(str, enum.Enum):
@@ -137,23 +146,23 @@ class KLSpec:
         ):
             object.__setattr__(self, field, _enum_value(kind, getattr(self, field), field))
         if self.mode is Mode.AS_LOSS and self.aggregation is Aggregation.REWARD_TO_GO:
-            raise ValueError("spec: aggregation=reward_to_go is only valid with mode=in_reward, not as_loss")
+            raise KLInputError("spec: aggregation=reward_to_go is only valid with mode=in_reward, not as_loss")
         if self.importance_sampling is ImportanceSampling.TOKEN and self.aggregation is Aggregation.SEQUENCE:
-            raise ValueError(
+            raise KLInputError(
                 "spec: aggregation=sequence needs importance_sampling=sequence (or none), not token"
             )
         if self.truncation is not None:
             if self.importance_sampling is ImportanceSampling.NONE:
-                raise ValueError("spec: truncation is set but importance_sampling=none")
+                raise KLInputError("spec: truncation is set but importance_sampling=none")
             is_number = isinstance(self.truncation, (int, float)) and not isinstance(self.truncation, bool)
             if not (is_number and math.isfinite(self.truncation) and self.truncation > 0):
-                raise ValueError(f"spec: truncation must be a finite number > 0, got {self.truncation!r}")
+                raise KLInputError(f"spec: truncation must be a finite number > 0, got {self.truncation!r}")
             object.__setattr__(self, "truncation", float(self.truncation))
         if self.differentiable_weight:
             if self.mode is not Mode.AS_LOSS:
-                raise ValueError("spec: differentiable_weight needs mode=as_loss (a reward is detached)")
+                raise KLInputError("spec: differentiable_weight needs mode=as_loss (a reward is detached)")
             if self.importance_sampling is ImportanceSampling.NONE:
-                raise ValueError("spec: differentiable_weight is set but importance_sampling=none")
+                raise KLInputError("spec: differentiable_weight is set but importance_sampling=none")
 
     @property
     def needs_old_logprobs(self) -> bool:
@@ -176,7 +185,7 @@ def _enum_value(kind: type[enum.Enum], value: Any, field: str, owner: str = "spe
         return kind(str(value).lower())
     except ValueError:
         known = ", ".join(member.value for member in kind)
-        raise ValueError(f"{owner}unknown {field} {value!r}; expected one of: {known}") from None
+        raise KLInputError(f"{owner}unknown {field} {value!r}; expected one of: {known}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,7 +285,7 @@ def resolve_spec(spec: KLSpec | str | None) -> KLSpec:
         try:
             return PRESETS[spec].spec
         except KeyError:
-            raise ValueError(f"spec: unknown preset {spec!r}; known presets: {', '.join(PRESETS)}") from None
+            raise KLInputError(f"spec: unknown preset {spec!r}; known presets: {', '.join(PRESETS)}") from None
     raise TypeError(f"spec: expected a KLSpec or a preset name, got {type(spec).__name__}")
 
 
@@ -399,11 +408,11 @@ def _prepare(logprobs, ref_logprobs, lengths, old_logprobs):
         try:
             array = ops.asarray(value, like=like)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{name}: not a numeric array ({error})") from None
+            raise KLInputError(f"{name}: not a numeric array ({error})") from None
         if not _is_real(array):
-            raise ValueError(f"{name}: expected real numbers, got dtype {array.dtype}")
+            raise KLInputError(f"{name}: expected real numbers, got dtype {array.dtype}")
         if array.ndim != 1:
-            raise ValueError(f"{name}: expected a flat 1-D array over scored tokens, got shape {tuple(array.shape)}")
+            raise KLInputError(f"{name}: expected a flat 1-D array over scored tokens, got shape {tuple(array.shape)}")
         return array
 
     converted = {name: as_float(name, value) for name, value in arrays.items()}
@@ -414,21 +423,21 @@ def _prepare(logprobs, ref_logprobs, lengths, old_logprobs):
 
     lengths_array = np.asarray(lengths.cpu() if is_torch(lengths) else lengths)
     if lengths_array.ndim != 1:
-        raise ValueError(f"lengths: expected a 1-D sequence of per-sequence token counts, got shape {lengths_array.shape}")
+        raise KLInputError(f"lengths: expected a 1-D sequence of per-sequence token counts, got shape {lengths_array.shape}")
     if lengths_array.size and not np.issubdtype(lengths_array.dtype, np.integer):
         if not np.all(np.mod(lengths_array, 1) == 0):
-            raise ValueError("lengths: expected integers")
+            raise KLInputError("lengths: expected integers")
     lengths_array = lengths_array.astype(np.int64)
     negative = np.flatnonzero(lengths_array < 0)
     if negative.size:
-        raise ValueError(f"lengths: sequence {negative[0]} has negative length {lengths_array[negative[0]]}")
+        raise KLInputError(f"lengths: sequence {negative[0]} has negative length {lengths_array[negative[0]]}")
     total = int(lengths_array.sum())
     ends = np.cumsum(lengths_array)
     for name, array in converted.items():
         if array is None:
             continue
         if len(array) != total:
-            raise ValueError(
+            raise KLInputError(
                 f"{name}: has {len(array)} tokens but lengths sum to {total} "
                 f"({len(lengths_array)} sequences)"
             )
@@ -438,7 +447,7 @@ def _prepare(logprobs, ref_logprobs, lengths, old_logprobs):
             sequence = int(np.searchsorted(ends, index, side="right"))
             position = index - (int(ends[sequence - 1]) if sequence else 0)
             value = ops.to_float(array[index])
-            raise ValueError(
+            raise KLInputError(
                 f"{name}: non-finite value {value} at sequence {sequence}, scored token {position} (flat index {index})"
             )
     return ops, converted["logprobs"], converted["ref_logprobs"], converted["old_logprobs"], ops.lengths(lengths_array, like=like)
@@ -462,10 +471,10 @@ def importance_weights(logprobs, old_logprobs, lengths, level: ImportanceSamplin
     """
     level = _enum_value(ImportanceSampling, level, "level", owner="level: ")
     if level is ImportanceSampling.NONE:
-        raise ValueError("level: importance weights need level token or sequence, not none")
+        raise KLInputError("level: importance weights need level token or sequence, not none")
     ops, logp, _, old, lengths = _prepare(logprobs, logprobs, lengths, old_logprobs)
     if old is None:
-        raise ValueError("old_logprobs: required for importance weights")
+        raise KLInputError("old_logprobs: required for importance weights")
     log_w, _ = _log_weights(ops, logp - old, lengths, level)
     return ops.exp(log_w)
 
@@ -512,7 +521,7 @@ def compute_kl(
     spec = resolve_spec(spec)
     ops, logp, ref, old, lengths_t = _prepare(logprobs, ref_logprobs, lengths, old_logprobs)
     if spec.needs_old_logprobs and old is None:
-        raise ValueError(
+        raise KLInputError(
             f"old_logprobs: importance_sampling={spec.importance_sampling.value} needs the behaviour policy's log-probs"
         )
 
@@ -666,10 +675,10 @@ def surrogate_loss(
         raise TypeError("logprobs: surrogate_loss needs the trainer's torch tensor (with its autograd graph)")
     coef = torch.as_tensor(coef, device=logprobs.device).to(logprobs.dtype).detach()
     if coef.shape != logprobs.shape or logprobs.ndim != 1:
-        raise ValueError(f"coef: shape {tuple(coef.shape)} does not match logprobs {tuple(logprobs.shape)} (flat 1-D)")
+        raise KLInputError(f"coef: shape {tuple(coef.shape)} does not match logprobs {tuple(logprobs.shape)} (flat 1-D)")
     lengths_t = torch.as_tensor(lengths, dtype=torch.int64, device=logprobs.device)
     if int(lengths_t.sum()) != logprobs.shape[0]:
-        raise ValueError(f"lengths: sum to {int(lengths_t.sum())} but logprobs has {logprobs.shape[0]} tokens")
+        raise KLInputError(f"lengths: sum to {int(lengths_t.sum())} but logprobs has {logprobs.shape[0]} tokens")
     per_token = coef * logprobs
     if normalization == "token_mean":
         total = per_token.sum() / max(logprobs.shape[0], 1)
@@ -680,12 +689,12 @@ def surrogate_loss(
         total = (sums[nonempty] / lengths_t[nonempty]).sum() / max(int(nonempty.sum()), 1)
     elif normalization == "constant":
         if constant is None or not constant > 0:
-            raise ValueError("constant: normalization='constant' needs constant > 0")
+            raise KLInputError("constant: normalization='constant' needs constant > 0")
         total = per_token.sum() / constant
     elif normalization == "sum":
         total = per_token.sum()
     else:
-        raise ValueError(
+        raise KLInputError(
             f"normalization: unknown {normalization!r}; expected token_mean, sequence_mean, constant or sum"
         )
     return beta * total

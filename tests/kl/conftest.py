@@ -1,6 +1,6 @@
 """Shared helpers for the KL math tests: batches with extreme values and loss oracles.
 
-Everything here is written from the definitions in KL_MATH.md, never from
+Everything here is written from the definitions in docs/kl-math.md, never from
 `klservice_client.kl`'s formulas: the estimators are ``k1 = d``, ``k2 = d**2 / 2`` and
 ``k3 = exp(-d) - 1 + d`` as torch expressions, and gradients come from torch autograd.
 

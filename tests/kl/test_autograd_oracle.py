@@ -31,7 +31,7 @@ SEEDS = (0, 1, 2)
 
 
 def invalid_reasons(f: SpecFields) -> list[str]:
-    """Why KL_MATH.md / KLSpec forbid a combination, as message fragments (empty when valid)."""
+    """Why docs/kl-math.md / KLSpec forbid a combination, as message fragments (empty when valid)."""
     reasons = []
     if f.mode == "as_loss" and f.aggregation == "reward_to_go":
         reasons.append("aggregation=reward_to_go is only valid with mode=in_reward")

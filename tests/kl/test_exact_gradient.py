@@ -9,7 +9,7 @@ reverse-KL gradient is
 and an implementation with coefficient c has the per-sample gradient c * grad log pi(y) =
 c * (e_y - pi). Averaged over N samples (from pi_theta on-policy, from pi_old off-policy)
 it must land within a few standard errors of the exact gradient for principled settings,
-and far from it for the biased ones of KL_MATH.md.
+and far from it for the biased ones of docs/kl-math.md.
 """
 
 from __future__ import annotations

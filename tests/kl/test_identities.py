@@ -1,4 +1,4 @@
-"""The identities of KL_MATH.md, and the diagnostics against numbers computed here.
+"""The identities of docs/kl-math.md, and the diagnostics against numbers computed here.
 
 Each identity is checked twice: between compute_kl outputs (two implementations give the
 same coefficient) and against a closed form computed in the test from logp, ref and old.
@@ -130,7 +130,7 @@ def test_unweighted_as_loss_off_policy_is_not_principled(seed):
 
 
 def test_k3_as_loss_coefficient_shape():
-    """c = 1 - e^-delta: exponential for delta < 0, saturating at 1 for delta > 0 (KL_MATH.md)."""
+    """c = 1 - e^-delta: exponential for delta < 0, saturating at 1 for delta > 0 (docs/kl-math.md)."""
     delta = np.linspace(-5, 5, 101)
     out = kl.compute_kl(delta, np.zeros_like(delta), [delta.size], "grpo_k3_as_loss")
     np.testing.assert_allclose(out.coef, 1 - np.exp(-delta), rtol=1e-12, atol=1e-15)
@@ -155,7 +155,7 @@ DIAGNOSTIC_SPECS = [
 
 
 def _expected_coefficient(fields: dict, batch) -> tuple[np.ndarray, np.ndarray]:
-    """The coefficient of `fields` in closed form (KL_MATH.md's table), numpy, python loops for sequences.
+    """The coefficient of `fields` in closed form (docs/kl-math.md's table), numpy, python loops for sequences.
 
     Also returns the magnitude of the terms it adds per token: w * (k' + K) for k3 adds
     w * (1 - e^-x) and w * (e^-x - 1 + x), ~1e13 each at x = -30, so its float64 error is

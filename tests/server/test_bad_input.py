@@ -186,3 +186,30 @@ def test_client_raises_typed_errors(client):
         client.score([[1, 2, 3]], 1, model="other")
     with pytest.raises(InvalidArgument, match="prompt_lengths: sequence 0"):
         client.score([[1, 2, 3]], 4)
+
+
+def test_a_value_error_inside_the_backend_is_internal_not_the_clients_fault(start_server, tiny_model_dir):
+    """Only the project's own input exceptions become INVALID_ARGUMENT: a ValueError from inside a
+    forward (torch, numpy, a backend bug) is INTERNAL with the generic message, and the server goes on."""
+    from klservice.backends.hf import HFBackend
+    from klservice.errors import INTERNAL_MESSAGE
+
+    class FailingOnce(HFBackend):
+        failures = 1
+
+        def score(self, sequences, starts, temperature=1.0):
+            if self.failures:
+                self.failures -= 1
+                raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+            return super().score(sequences, starts, temperature)
+
+    server = start_server(backend=FailingOnce(tiny_model_dir, device="cpu", progress=False), cache_mb=0)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ReferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as failure:
+            stub.Score(pb.ScoreRequest(batch=batch()), timeout=60)
+        assert failure.value.code() == grpc.StatusCode.INTERNAL
+        assert failure.value.details() == INTERNAL_MESSAGE
+        assert "broadcast" not in failure.value.details()
+        reply = stub.Score(pb.ScoreRequest(batch=batch()), timeout=60)  # the server keeps serving
+        assert len(reply.ref_logprobs.data) == 4 * 4  # 4 scored tokens, float32
