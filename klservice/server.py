@@ -17,11 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from klservice.config import ServerConfig
-from klservice.cache import ReferenceCache
 from klservice.metrics import Metrics
-from klservice.scheduler import TokenBudgetScheduler
-from klservice.servicer import ReferenceServicer, ServingState
-from klservice.validation import Limits
+from klservice.service import ReferenceService
+from klservice.servicer import ReferenceServicer
 from klservice_client._proto import klservice_pb2 as pb
 from klservice_client._proto import klservice_pb2_grpc as pb_grpc
 
@@ -47,7 +45,7 @@ class Server:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, max_jobs=config.max_jobs)
         self._backend = backend  # preloaded backend (tests, embedding); else loaded from config
-        self._state = ServingState(config, self.metrics)
+        self.service = ReferenceService(config, self.metrics)
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http = None
@@ -64,7 +62,7 @@ class Server:
                 ("grpc.max_send_message_length", limit),
             ]
         )
-        pb_grpc.add_ReferenceServiceServicer_to_server(ReferenceServicer(self._state), self._grpc)
+        pb_grpc.add_ReferenceServiceServicer_to_server(ReferenceServicer(self.service), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -109,30 +107,8 @@ class Server:
                 progress=True,
             )
             self._backend = backend
-        info = await asyncio.to_thread(backend.info)
-        cache = None
-        if self.config.cache_mb > 0:
-            cache = ReferenceCache(self.config.cache_mb * 1024 * 1024, info.revision, metrics=self.metrics)
-        engine = TokenBudgetScheduler(
-            backend,
-            max_batch_tokens=self.config.max_batch_tokens,
-            max_queue=self.config.max_queue,
-            max_wait_s=self.config.max_wait_ms / 1000.0,
-            cache=cache,
-            metrics=self.metrics,
-        )
-        await engine.start()
-        self._state.info = info
-        self._state.limits = Limits(
-            vocab_size=info.vocab_size,
-            max_length=info.max_length,
-            max_request_tokens=self.config.max_request_tokens,
-        )
-        self._state.engine = engine
-        self.metrics.model_info.info(
-            {"name": info.name, "revision": info.revision, "backend": info.backend, "dtype": info.dtype, "device": info.device}
-        )
-        self.metrics.ready.set(1)
+        served = await self.service.start(backend)
+        info = served.info
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s (revision %s, %s, %s on %s)", info.name, info.revision[:12], info.backend, info.dtype, info.device)
 
@@ -147,15 +123,13 @@ class Server:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new work, give in-flight requests `grace` seconds, release the model."""
         grace = self.config.grace_seconds if grace is None else grace
-        self._state.draining = True
-        self.metrics.ready.set(0)
+        self.service.drain()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace)
-        if self._state.engine is not None:
-            await self._state.engine.stop()
+        await self.service.stop()
         if self._backend is not None:
             self._backend.close()
         if self._metrics_http is not None:

@@ -1,10 +1,12 @@
-"""Request validation: protobuf messages in, checked numpy arrays out, or an error naming field and sequence.
+"""Request validation: protobuf messages in, checked domain requests out, or an error naming field and sequence.
 
-Everything a client can get wrong is checked here, before any model time is spent:
+One pass per request (`parse_score_request`, `parse_kl_request`) checks everything a client
+can get wrong, each check in one place, before any model time is spent: the model name,
 tensor dtypes and shapes, lengths, prompt lengths, token ids against the vocabulary,
-sequence lengths against the context, the per-request token limit, temperature, and the
-policy log-probs (count and finiteness). Errors are `InvalidInput` / `OutOfRange` /
-`ModelNotFound`, which `klservice.errors` maps to status codes.
+sequence lengths against the context, the per-request token limit, temperature, the KL spec,
+and the policy and behaviour log-probs (count, finiteness, dtype, presence when the spec
+needs them). Errors are `InvalidInput` / `OutOfRange` / `ModelNotFound` (and the KL
+library's `KLInputError` for a bad spec), which `klservice.errors` maps to status codes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import math
 import numpy as np
 
 from klservice.errors import InvalidInput, ModelNotFound, OutOfRange
+from klservice_client import kl
+from klservice_client._convert import spec_from_proto
 from klservice_client._proto import klservice_pb2 as pb
 from klservice_client.tensors import TensorError, from_tensor
 
@@ -48,9 +52,68 @@ class Batch:
 class Limits:
     """What the served model and the server configuration accept."""
 
+    model_name: str
     vocab_size: int
     max_length: int
     max_request_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreRequest:
+    """A validated Score request."""
+
+    batch: Batch
+    temperature: float
+    request_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class KLRequest:
+    """A validated ComputeKL request: the old log-probs are present exactly when given or needed."""
+
+    batch: Batch
+    temperature: float
+    logprobs: np.ndarray
+    old_logprobs: np.ndarray | None
+    spec: kl.KLSpec
+    #: The preset's name, or "custom" for an explicit spec (a bounded metric label).
+    spec_label: str = "custom"
+    request_id: str = ""
+
+
+def parse_score_request(message: pb.ScoreRequest, limits: Limits) -> ScoreRequest:
+    """Check a Score request in one pass."""
+    check_model(message.model, limits.model_name)
+    return ScoreRequest(
+        batch=parse_batch(message.batch, limits),
+        temperature=parse_temperature(message.temperature),
+        request_id=message.request_id,
+    )
+
+
+def parse_kl_request(message: pb.KLRequest, limits: Limits) -> KLRequest:
+    """Check a ComputeKL request in one pass."""
+    check_model(message.model, limits.model_name)
+    batch = parse_batch(message.batch, limits)
+    temperature = parse_temperature(message.temperature)
+    spec = spec_from_proto(message.spec)
+    logprobs = parse_logprobs(message, "logprobs", batch, required=True)
+    old = parse_logprobs(message, "old_logprobs", batch, required=False)
+    if spec.needs_old_logprobs and old is None:
+        raise InvalidInput(
+            f"old_logprobs: missing; importance_sampling={spec.importance_sampling.value} needs the behaviour policy's log-probs"
+        )
+    if old is not None and old.dtype != logprobs.dtype:
+        raise InvalidInput(f"old_logprobs: dtype {old.dtype} differs from logprobs' {logprobs.dtype}")
+    return KLRequest(
+        batch=batch,
+        temperature=temperature,
+        logprobs=logprobs,
+        old_logprobs=old,
+        spec=spec,
+        spec_label=message.spec.preset or "custom",
+        request_id=message.request_id,
+    )
 
 
 def _tensor(message, field: str, *, kinds: str, required: bool = True) -> np.ndarray | None:

@@ -1,0 +1,158 @@
+"""The reference service without gRPC: readiness, draining, scoring, KL, the served model.
+
+`ReferenceService` is what the gRPC servicer calls and what a program embedding klservice (or
+a test) can call directly: validated requests in (`klservice.validation.ScoreRequest`,
+`KLRequest`), numpy results out, domain exceptions (`klservice.errors`) for everything that
+goes wrong. It owns the scheduler, the reference cache and the per-job metrics; it never
+imports grpc. Example::
+
+    service = ReferenceService(config, metrics)
+    await service.start(backend)                      # cache + scheduler on a loaded backend
+    served = service.require_ready()                  # NotReady while loading or draining
+    request = parse_score_request(message, served.limits)
+    result = await service.score(request, service.job("grpo-run-7", peer=None), deadline=None)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+
+from klservice import __version__
+from klservice.backends.base import ModelInfo, ReferenceBackend
+from klservice.cache import ReferenceCache
+from klservice.config import ServerConfig
+from klservice.errors import NotReady
+from klservice.metrics import Metrics
+from klservice.scheduler import TokenBudgetScheduler
+from klservice.validation import KLRequest, Limits, ScoreRequest
+from klservice_client import kl
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Who sent a request: `key` for fairness, `label` (bounded) for metrics."""
+
+    key: str
+    label: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """The loaded model and what requests to it may contain."""
+
+    info: ModelInfo
+    limits: Limits
+    max_message_bytes: int
+    server_version: str = __version__
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreResult:
+    ref_logprobs: np.ndarray
+    scored_lengths: np.ndarray
+    model: ModelInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class KLComputation:
+    ref_logprobs: np.ndarray
+    scored_lengths: np.ndarray
+    kl: kl.KLResult
+    spec: kl.KLSpec
+    model: ModelInfo
+
+
+class ReferenceService:
+    """One served reference model: loading → serving → draining (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics):
+        self.config = config
+        self.metrics = metrics
+        self.scheduler: TokenBudgetScheduler | None = None
+        self._served: ServedModel | None = None
+        self._draining = False
+
+    async def start(self, backend: ReferenceBackend) -> ServedModel:
+        """Put a loaded backend into service: reference cache, scheduler, limits, metrics."""
+        info = await asyncio.to_thread(backend.info)
+        config = self.config
+        cache = None
+        if config.cache_mb > 0:
+            cache = ReferenceCache(config.cache_mb * 1024 * 1024, info.revision, metrics=self.metrics)
+        scheduler = TokenBudgetScheduler(
+            backend,
+            max_batch_tokens=config.max_batch_tokens,
+            max_queue=config.max_queue,
+            max_wait_s=config.max_wait_ms / 1000.0,
+            cache=cache,
+            metrics=self.metrics,
+        )
+        await scheduler.start()
+        limits = Limits(
+            model_name=info.name,
+            vocab_size=info.vocab_size,
+            max_length=info.max_length,
+            max_request_tokens=config.max_request_tokens,
+        )
+        self.scheduler = scheduler
+        self._served = ServedModel(info=info, limits=limits, max_message_bytes=config.max_message_bytes)
+        self.metrics.model_info.info(
+            {"name": info.name, "revision": info.revision, "backend": info.backend, "dtype": info.dtype, "device": info.device}
+        )
+        self.metrics.ready.set(1)
+        return self._served
+
+    @property
+    def ready(self) -> bool:
+        return self._served is not None and not self._draining
+
+    def require_ready(self) -> ServedModel:
+        """The served model, or NotReady while it loads or once the service drains."""
+        if self._draining:
+            raise NotReady("server is draining; retry on another replica or later")
+        if self._served is None:
+            raise NotReady("model is still loading; retry shortly")
+        return self._served
+
+    def drain(self) -> None:
+        """Refuse new work from now on (work already queued still runs)."""
+        self._draining = True
+        self.metrics.ready.set(0)
+
+    async def stop(self) -> None:
+        """Drain, then stop the scheduler (queued work is answered as the scheduler decides)."""
+        self.drain()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+
+    def job(self, job_id: str | None, peer: str | None) -> Job:
+        """The caller's job: its job id, else its connection for fairness and 'anonymous' in metrics."""
+        return Job(key=job_id or f"peer:{peer}", label=self.metrics.jobs.label(job_id))
+
+    async def score(self, request: ScoreRequest, job: Job, deadline: float | None) -> ScoreResult:
+        """Reference log-probs of every scored token (`deadline`: a time.monotonic() value, or None)."""
+        served = self.require_ready()
+        ref = await self.scheduler.score(request.batch, request.temperature, job.key, deadline)
+        self.metrics.tokens_scored.labels(job.label).inc(request.batch.num_scored)
+        return ScoreResult(ref_logprobs=ref, scored_lengths=request.batch.scored_lengths, model=served.info)
+
+    async def compute_kl(self, request: KLRequest, job: Job, deadline: float | None) -> KLComputation:
+        """Reference log-probs, k1/k2/k3, the spec's coefficient and diagnostics."""
+        served = self.require_ready()
+        batch = request.batch
+        ref = await self.scheduler.score(batch, request.temperature, job.key, deadline)
+        result = await asyncio.to_thread(
+            kl.compute_kl, request.logprobs, ref, batch.scored_lengths, request.spec, request.old_logprobs
+        )
+        self.metrics.tokens_scored.labels(job.label).inc(batch.num_scored)
+        self.metrics.record_kl(job.label, request.spec_label, result.diagnostics)
+        return KLComputation(
+            ref_logprobs=ref, scored_lengths=batch.scored_lengths, kl=result, spec=request.spec, model=served.info
+        )
+
+    def model_info(self) -> ServedModel:
+        """The served model (NotReady while loading or draining)."""
+        return self.require_ready()
