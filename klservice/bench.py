@@ -740,7 +740,7 @@ def run_bench(config: BenchConfig) -> dict:
     import torch
 
     from klservice.backends._files import resolve_model_dir
-    from klservice.backends.hf import DTYPES, HFBackend, resolve_device, transformers_progress
+    from klservice.backends.hf import TORCH_DTYPES, HFBackend, resolve_device, transformers_progress
     from klservice.config import ServerConfig
     from klservice.default_model import DEFAULT_MODEL_NAME, ensure_default_model
     from klservice_client import AsyncKLClient, KLClient
@@ -819,7 +819,7 @@ def run_bench(config: BenchConfig) -> dict:
             backend = HFBackend(folder, name=model_name, dtype=config.dtype, device=str(device), progress=False)
             with transformers_progress(False):
                 naive_model = AutoModelForCausalLM.from_pretrained(
-                    folder, dtype=DTYPES[config.dtype], device_map=str(device), local_files_only=True
+                    folder, dtype=TORCH_DTYPES[config.dtype], device_map=str(device), local_files_only=True
                 ).eval()
             naive_model.requires_grad_(False)
             info = backend.info()
@@ -831,7 +831,7 @@ def run_bench(config: BenchConfig) -> dict:
         min_shared = int(getattr(backend, "_min_shared_prompt", 16))
 
         with bar("matmul peak"):
-            peak_flops = measure_matmul_peak(torch, device, DTYPES[config.dtype], config.matmul_size)
+            peak_flops = measure_matmul_peak(torch, device, TORCH_DTYPES[config.dtype], config.matmul_size)
 
         vocab, max_length = info.vocab_size, info.max_length
 

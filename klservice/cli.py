@@ -13,6 +13,7 @@ import os
 import sys
 
 from klservice import __version__
+from klservice.backends.base import DTYPES
 from klservice.config import ServerConfig
 
 DEFAULT_TARGET = "localhost:50051"
@@ -120,7 +121,7 @@ def _add_bench_command(commands) -> None:
     )
     add = bench.add_argument
     add("--model", help="Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
-    add("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: float32)")
+    add("--dtype", choices=DTYPES, help="compute dtype (default: float32)")
     add("--device", help="torch device for the server and the in-process paths (default: auto)")
     add("--cache-dir", help="cache directory of the embedded model (default: as klservice serve)")
     add("--out", help="output folder for bench.json, bench.png and the server log (default: bench-out)")

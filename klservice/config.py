@@ -13,6 +13,8 @@ import dataclasses
 import os
 from typing import Any
 
+from klservice.backends.base import DTYPES
+
 ENV_PREFIX = "KLSERVICE_"
 
 
@@ -36,7 +38,7 @@ class ServerConfig:
     host: str = _field("0.0.0.0", "Address to listen on (gRPC).")
     port: int = _field(50051, "gRPC port (0 picks a free port and logs it).")
     metrics_port: int = _field(9400, "Prometheus /metrics HTTP port (0 picks a free port, -1 disables).")
-    dtype: str = _field("float32", "Compute dtype of the model.", choices=("float32", "bfloat16", "float16"))
+    dtype: str = _field("float32", "Compute dtype of the model.", choices=DTYPES)
     device: str = _field("auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     cache_dir: str | None = _field(
         None, "Where the embedded model is converted to (default: $XDG_CACHE_HOME/klservice or ~/.cache/klservice)."

@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from klservice.backends.base import ReferenceBackend
 from klservice.errors import DeadlineExpired, NotReady, Overloaded
 from klservice.validation import Batch
 
@@ -116,7 +117,7 @@ class TokenBudgetScheduler:
 
     def __init__(
         self,
-        backend,
+        backend: ReferenceBackend,
         *,
         max_batch_tokens: int,
         max_queue: int,
@@ -169,9 +170,7 @@ class TokenBudgetScheduler:
         """
         if self._closing:
             raise NotReady("server is shutting down")
-        check_temperature = getattr(self._backend, "check_temperature", None)
-        if check_temperature is not None:
-            check_temperature(temperature)  # refuse what the backend cannot do before it takes a queue slot
+        self._backend.check_temperature(temperature)  # refuse what the backend cannot do before it takes a queue slot
         request = _Request(job, temperature, deadline, asyncio.get_running_loop().create_future(), [], 0)
         items = []
         for index, (tokens, start) in enumerate(zip(batch.sequences(), batch.prompt_lengths.tolist())):
@@ -307,7 +306,7 @@ class TokenBudgetScheduler:
         starts = [item.start for item in items]
         values: list[np.ndarray | None] = [None] * len(items)
         for call in plan_calls(sequences, starts, self._max_batch_tokens):
-            saved_before = getattr(self._backend, "tokens_saved", 0)
+            saved_before = self._backend.tokens_saved
             started = time.perf_counter()
             outputs = self._backend.score([sequences[i] for i in call], [starts[i] for i in call], temperature)
             if self._metrics is not None:
@@ -316,7 +315,7 @@ class TokenBudgetScheduler:
                 metrics.batch_sequences.observe(len(call))
                 metrics.batch_tokens.observe(len(call) * max(len(sequences[i]) for i in call))
                 metrics.tokens_forwarded.inc(sum(len(sequences[i]) for i in call))
-                metrics.tokens_saved.inc(getattr(self._backend, "tokens_saved", 0) - saved_before)
+                metrics.tokens_saved.inc(self._backend.tokens_saved - saved_before)
             for i, output in zip(call, outputs):
                 values[i] = output
         return values

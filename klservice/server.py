@@ -93,19 +93,7 @@ class Server:
         if backend is None:
             from klservice.backends import load_backend
 
-            config = self.config
-            backend = await asyncio.to_thread(
-                load_backend,
-                config.backend,
-                config.model,
-                dtype=config.dtype,
-                device=config.device,
-                cache_dir=config.cache_dir,
-                max_length=config.max_length,
-                tensor_parallel_size=config.tensor_parallel_size,
-                gpu_memory_utilization=config.gpu_memory_utilization,
-                progress=True,
-            )
+            backend = await asyncio.to_thread(load_backend, self.config, progress=True)
             self._backend = backend
         served = await self.service.start(backend)
         info = served.info

@@ -7,13 +7,19 @@ torch, transformers or vLLM.
 Example::
 
     from klservice.backends import load_backend
-    backend = load_backend("hf", None)          # the embedded SmolLM2-135M-Instruct on CPU
-    backend.info().revision                      # content hash quoted in every response
+    from klservice.config import ServerConfig
+    backend = load_backend(ServerConfig())        # the embedded SmolLM2-135M-Instruct, hf backend
+    backend.info().revision                       # content hash quoted in every response
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from klservice.backends.base import ModelInfo, ReferenceBackend
+
+if TYPE_CHECKING:
+    from klservice.config import ServerConfig
 
 __all__ = ["KNOWN_BACKENDS", "ModelInfo", "ReferenceBackend", "load_backend"]
 
@@ -21,26 +27,17 @@ KNOWN_BACKENDS = ("hf", "vllm")
 """Backend names `load_backend` accepts."""
 
 
-def load_backend(
-    backend: str,
-    model: str | None,
-    *,
-    dtype: str = "float32",
-    device: str = "cpu",
-    cache_dir: str | None = None,
-    max_length: int | None = None,
-    tensor_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
-    progress: bool = True,
-) -> ReferenceBackend:
-    """Load `model` (a local Hugging Face folder, a hub id already in the local HF cache, or None
-    for the embedded default model) into the named backend.
+def load_backend(config: "ServerConfig", *, progress: bool = True) -> ReferenceBackend:
+    """Load the model a server configuration names into its backend.
 
-    `cache_dir` is where the embedded model is converted to (see `ensure_default_model`);
-    `device` may be "auto" (CUDA if available, else CPU); `max_length` caps the model's own
-    context length; `progress` shows conversion and loading progress on stderr.
-    `tensor_parallel_size` and `gpu_memory_utilization` are vLLM's (the vllm backend only; hf ignores them).
+    Reads `config.backend`, `config.model` (a local Hugging Face folder, a hub id already in the
+    local HF cache, or None for the embedded default model), `dtype`, `device` ("auto": CUDA if
+    available, else CPU), `cache_dir` (where the embedded model is converted to, see
+    `ensure_default_model`), `max_length` (caps the model's own context length), and for the
+    vllm backend `tensor_parallel_size` and `gpu_memory_utilization`. `progress` shows
+    conversion and loading progress on stderr.
     """
+    backend, model = config.backend, config.model
     if backend not in KNOWN_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(KNOWN_BACKENDS)}")
 
@@ -48,25 +45,27 @@ def load_backend(
     from klservice.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
     if model is None:
-        folder, name = ensure_default_model(cache_dir, progress=progress), f"{DEFAULT_MODEL_NAME} (embedded)"
+        folder, name = ensure_default_model(config.cache_dir, progress=progress), f"{DEFAULT_MODEL_NAME} (embedded)"
     else:
         folder, name = resolve_model_dir(model), model
 
     if backend == "hf":
         from klservice.backends.hf import HFBackend
 
-        return HFBackend(folder, name=name, dtype=dtype, device=device, max_length=max_length, progress=progress)
+        return HFBackend(
+            folder, name=name, dtype=config.dtype, device=config.device, max_length=config.max_length, progress=progress
+        )
     if backend == "vllm":
         from klservice.backends.vllm import VLLMBackend
 
         return VLLMBackend(
             folder,
             name=name,
-            dtype=dtype,
-            device=device,
-            max_length=max_length,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=config.dtype,
+            device=config.device,
+            max_length=config.max_length,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
             progress=progress,
         )
     raise AssertionError(f"backend {backend!r} is listed in KNOWN_BACKENDS but not wired up")

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+DTYPES = ("float32", "bfloat16", "float16")
+"""Compute dtypes every backend accepts (the `--dtype` choices)."""
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -45,6 +48,31 @@ class ModelInfo:
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
+
+    @classmethod
+    def describe(
+        cls, *, name: str, revision: str, tokenizer, model_config, backend: str, dtype: str, device: str,
+        vocab_size: int, max_length: int,
+    ) -> "ModelInfo":
+        """The info of a loaded model; special token ids from the tokenizer, else the model config."""
+        from klservice_client import tokenizer_fingerprint
+
+        def token(field: str) -> int | None:
+            return first_int(getattr(tokenizer, field, None), getattr(model_config, field, None))
+
+        return cls(
+            name=name,
+            revision=revision,
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),  # what KLClient.check_tokenizer compares
+            backend=backend,
+            dtype=dtype,
+            device=device,
+            vocab_size=int(vocab_size),
+            max_length=int(max_length),
+            bos_token_id=token("bos_token_id"),
+            eos_token_id=token("eos_token_id"),
+            pad_token_id=token("pad_token_id"),
+        )
 
 
 class ReferenceBackend(abc.ABC):

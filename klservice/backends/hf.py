@@ -39,14 +39,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from klservice_client import tokenizer_fingerprint
 
 from klservice.backends._files import model_revision
-from klservice.backends.base import ModelInfo, ReferenceBackend, first_int, probe_tokens, shared_prompt_groups
+from klservice.backends.base import DTYPES, ModelInfo, ReferenceBackend, probe_tokens, shared_prompt_groups
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 # Signature of a function giving float32 logits / temperature for a block of rows and vocab ids [v0, v1).
 LogitsFn = Callable[[torch.Tensor, int, int, float], torch.Tensor]
@@ -105,7 +104,7 @@ class HFBackend(ReferenceBackend):
         *,
         name: str | None = None,
         dtype: str = "float32",
-        device: str = "cpu",
+        device: str = "auto",
         max_length: int | None = None,
         progress: bool = True,
         vocab_chunk: int = 8192,
@@ -131,7 +130,7 @@ class HFBackend(ReferenceBackend):
             with transformers_progress(progress):
                 self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
                 model = AutoModelForCausalLM.from_pretrained(
-                    folder, dtype=DTYPES[dtype], device_map=str(self._device), local_files_only=True
+                    folder, dtype=TORCH_DTYPES[dtype], device_map=str(self._device), local_files_only=True
                 )
             revision = revision.result()
         model.eval()
@@ -153,18 +152,16 @@ class HFBackend(ReferenceBackend):
         if share_prompts is None:  # see the class docstring
             share_prompts = self._device.type == "cpu"
         self._share_prompts = share_prompts and self._head_on_hidden and self._prompt_sharing_matches()
-        self._info = ModelInfo(
+        self._info = ModelInfo.describe(
             name=name or str(folder),
             revision=revision,
-            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),  # what KLClient.check_tokenizer compares
+            tokenizer=self.tokenizer,
+            model_config=config,
             backend="hf",
             dtype=dtype,
             device=str(self._device),
-            vocab_size=int(self._vocab_size),
+            vocab_size=self._vocab_size,
             max_length=self._max_length(config, max_length),
-            bos_token_id=first_int(self.tokenizer.bos_token_id, config.bos_token_id),
-            eos_token_id=first_int(self.tokenizer.eos_token_id, config.eos_token_id),
-            pad_token_id=first_int(self.tokenizer.pad_token_id, config.pad_token_id),
         )
 
     def _max_length(self, config, user_limit: int | None) -> int:

@@ -80,12 +80,11 @@ from typing import Any
 import numpy as np
 
 from klservice.backends._files import model_revision
-from klservice.backends.base import ModelInfo, ReferenceBackend, first_int, probe_tokens, shared_prompt_groups
+from klservice.backends.base import DTYPES, ModelInfo, ReferenceBackend, probe_tokens, shared_prompt_groups
 from klservice.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
 MAX_LOGPROB_TOKEN_IDS = 128
 """Most ``logprob_token_ids`` vLLM takes in one request (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS)."""
 DEFAULT_CPU_KV_CACHE_GB = 1.0
@@ -232,7 +231,6 @@ class VLLMBackend(ReferenceBackend):
         progress: bool = True,
     ) -> None:
         _import_vllm()
-        from klservice_client import tokenizer_fingerprint
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -280,18 +278,16 @@ class VLLMBackend(ReferenceBackend):
         device_name = platform if platform == "cpu" else f"{platform}:0"
         if tensor_parallel_size > 1:
             device_name = f"{platform} x{tensor_parallel_size} (tensor parallel)"
-        self._info = ModelInfo(
+        self._info = ModelInfo.describe(
             name=name or str(folder),
             revision=revision,
-            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            tokenizer=tokenizer,
+            model_config=hf_config,
             backend="vllm",
             dtype=dtype,
             device=device_name,
             vocab_size=self._vocab_size,
-            max_length=int(model_config.max_model_len),
-            bos_token_id=first_int(tokenizer.bos_token_id, getattr(hf_config, "bos_token_id", None)),
-            eos_token_id=first_int(tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)),
-            pad_token_id=first_int(tokenizer.pad_token_id, getattr(hf_config, "pad_token_id", None)),
+            max_length=model_config.max_model_len,
         )
 
     def info(self) -> ModelInfo:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from klservice.backends import KNOWN_BACKENDS, load_backend
+from klservice.config import ServerConfig
 
 
 def test_importing_the_package_does_not_import_torch():
@@ -23,23 +24,23 @@ def test_importing_the_package_does_not_import_torch():
 
 def test_unknown_backend_lists_the_known_ones():
     with pytest.raises(ValueError, match="known backends: hf"):
-        load_backend("tensorrt", None)
+        load_backend(ServerConfig(backend="tensorrt"))
     assert "hf" in KNOWN_BACKENDS
 
 
 def test_missing_folder_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        load_backend("hf", str(tmp_path / "nope"))
+        load_backend(ServerConfig(model=str(tmp_path / "nope")))
 
 
 def test_uncached_hub_id_is_not_downloaded(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
     with pytest.raises(FileNotFoundError, match="never downloads"):
-        load_backend("hf", "klservice-tests/not-a-cached-model")
+        load_backend(ServerConfig(model="klservice-tests/not-a-cached-model"))
 
 
 def test_loads_a_local_folder(tiny_llama_dir, tiny_backend):
-    backend = load_backend("hf", str(tiny_llama_dir), device="auto", max_length=64, progress=False)
+    backend = load_backend(ServerConfig(model=str(tiny_llama_dir), device="auto", max_length=64), progress=False)
     info = backend.info()
     assert (info.name, info.backend, info.device, info.max_length) == (str(tiny_llama_dir), "hf", "cpu", 64)
     sequence = np.arange(10, 40, dtype=np.int64)
@@ -47,7 +48,7 @@ def test_loads_a_local_folder(tiny_llama_dir, tiny_backend):
 
 
 def test_no_model_means_the_embedded_one(default_model_dir):
-    backend = load_backend("hf", None, cache_dir=str(default_model_dir.parent), progress=False)
+    backend = load_backend(ServerConfig(cache_dir=str(default_model_dir.parent)), progress=False)
     info = backend.info()
     assert info.name == "SmolLM2-135M-Instruct (embedded)"
     assert (info.vocab_size, info.max_length, info.eos_token_id) == (49152, 8192, 2)

@@ -11,10 +11,12 @@ import grpc
 import numpy as np
 import pytest
 
+from klservice.backends.base import ReferenceBackend
+from klservice.config import ServerConfig
 from klservice_client import KLClient, ServiceOverloaded, ServiceUnavailable
 
 
-class GatedBackend:
+class GatedBackend(ReferenceBackend):
     """The real backend behind a gate: forwards (or loading) wait until the test opens it."""
 
     def __init__(self, backend, gate_info: bool = False):
@@ -41,7 +43,7 @@ class GatedBackend:
 def hf_backend(tiny_model_dir):
     from klservice.backends import load_backend
 
-    return load_backend("hf", str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+    return load_backend(ServerConfig(model=str(tiny_model_dir), device="cpu"), progress=False)
 
 
 def test_large_batch_is_split_and_reassembled_in_order(start_server, client):

@@ -67,10 +67,12 @@ def test_health_not_serving_while_loading_then_serving(start_server, tiny_model_
     import threading
 
     from klservice.backends import load_backend
+    from klservice.backends.base import ReferenceBackend
+    from klservice.config import ServerConfig
 
-    class SlowToLoad:
+    class SlowToLoad(ReferenceBackend):
         def __init__(self):
-            self.backend = load_backend("hf", str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+            self.backend = load_backend(ServerConfig(model=str(tiny_model_dir), device="cpu"), progress=False)
             self.gate = threading.Event()
 
         def info(self):

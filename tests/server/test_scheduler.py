@@ -15,14 +15,18 @@ import time
 import numpy as np
 import pytest
 
+from klservice.backends.base import ReferenceBackend
 from klservice.cache import ReferenceCache
 from klservice.errors import DeadlineExpired, Overloaded
 from klservice.scheduler import TokenBudgetScheduler, plan_calls
 from klservice.validation import Batch
 
 
-class RecordingBackend:
+class RecordingBackend(ReferenceBackend):
     """Value of token t at temperature T: -(t + 1) / (1000 T). Records every call."""
+
+    def info(self):
+        raise AssertionError("the scheduler never asks for the model info")
 
     def __init__(self, delay: float = 0.0):
         self.calls: list[tuple[list[int], float]] = []  # (sequence lengths, temperature)

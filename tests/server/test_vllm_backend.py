@@ -209,10 +209,11 @@ def test_a_group_with_more_first_tokens_than_vllm_takes_in_one_request(start_ser
 def smollm2_backends(default_model_dir):
     """SmolLM2-135M float32 on both backends, in this process (the vllm one closed at the end)."""
     from klservice.backends import load_backend
+    from klservice.config import ServerConfig
 
-    hf = load_backend("hf", str(default_model_dir), dtype="float32", device="cpu", progress=False)
+    hf = load_backend(ServerConfig(backend="hf", model=str(default_model_dir), device="cpu"), progress=False)
     before = _engine_processes()
-    vllm = load_backend("vllm", str(default_model_dir), dtype="float32", device="cpu", progress=False)
+    vllm = load_backend(ServerConfig(backend="vllm", model=str(default_model_dir), device="cpu"), progress=False)
     vllm.test_processes = _engine_processes() - before  # this engine's, not the tiny server's
     yield hf, vllm
     vllm.close()
