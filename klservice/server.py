@@ -20,8 +20,7 @@ from klservice.config import ServerConfig
 from klservice.metrics import Metrics
 from klservice.service import ReferenceService
 from klservice.servicer import ReferenceServicer
-from klservice_client._proto import klservice_pb2 as pb
-from klservice_client._proto import klservice_pb2_grpc as pb_grpc
+from klservice_client.wire import pb, pb_grpc
 
 log = logging.getLogger(__name__)
 

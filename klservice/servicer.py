@@ -17,10 +17,7 @@ import grpc
 from klservice.errors import InvalidInput, status_for
 from klservice.service import Job, KLComputation, ReferenceService, ScoreResult
 from klservice.validation import parse_kl_request, parse_score_request
-from klservice_client._convert import diagnostics_to_proto
-from klservice_client._proto import klservice_pb2 as pb
-from klservice_client._proto import klservice_pb2_grpc as pb_grpc
-from klservice_client.tensors import to_tensor
+from klservice_client.wire import diagnostics_to_proto, pb, pb_grpc, to_tensor
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,7 @@ import numpy as np
 
 from klservice.errors import InvalidInput, ModelNotFound, OutOfRange
 from klservice_client import kl
-from klservice_client._convert import spec_from_proto
-from klservice_client._proto import klservice_pb2 as pb
-from klservice_client.tensors import TensorError, from_tensor
+from klservice_client.wire import TensorError, from_tensor, pb, spec_from_proto
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,18 +28,15 @@ import hashlib
 import json
 import random
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 
 from klservice_client import kl
 from klservice_client._arrays import is_torch
-from klservice_client._convert import diagnostics_from_proto, spec_to_proto
-from klservice_client._proto import klservice_pb2 as pb
-from klservice_client._proto import klservice_pb2_grpc as pb_grpc
 from klservice_client.errors import InvalidArgument, KLServiceError, TokenizerMismatch, from_rpc_error
-from klservice_client.tensors import from_tensor, to_tensor
+from klservice_client.wire import diagnostics_from_proto, from_tensor, pb, pb_grpc, spec_to_proto, to_tensor
 
 __all__ = ["AsyncKLClient", "KLClient", "KLOutput", "ModelInfo", "ScoreOutput", "tokenizer_fingerprint"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from klservice_client import kl
-from klservice_client._convert import spec_to_proto
+from klservice_client.wire import spec_to_proto
 from klservice_client._proto import klservice_pb2 as pb
 from klservice_client.tensors import from_tensor, to_tensor
 

@@ -1,4 +1,15 @@
-"""Conversions between the KL math's Python types and their protobuf messages (used by client and server)."""
+"""The wire format of klservice, shared by the client and the server.
+
+- `pb` / `pb_grpc`: the generated messages and stubs of ``proto/klservice/v1/klservice.proto``
+  (package ``klservice.v1``);
+- `to_tensor` / `from_tensor` (`klservice_client.tensors`): per-token arrays as packed
+  little-endian bytes with a dtype and shape;
+- `spec_to_proto` / `spec_from_proto` and `diagnostics_to_proto` / `diagnostics_from_proto`:
+  the KL library's `KLSpec` and `KLDiagnostics` as messages.
+
+A program speaking to klservice with its own stubs, or a server of the same contract, builds
+on these; `KLClient` and the klservice server do.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,20 @@ import dataclasses
 
 from klservice_client import kl
 from klservice_client._proto import klservice_pb2 as pb
+from klservice_client._proto import klservice_pb2_grpc as pb_grpc
+from klservice_client.tensors import TensorError, from_tensor, to_tensor
+
+__all__ = [
+    "TensorError",
+    "diagnostics_from_proto",
+    "diagnostics_to_proto",
+    "from_tensor",
+    "pb",
+    "pb_grpc",
+    "spec_from_proto",
+    "spec_to_proto",
+    "to_tensor",
+]
 
 _ESTIMATORS = {pb.ESTIMATOR_K1: kl.Estimator.K1, pb.ESTIMATOR_K2: kl.Estimator.K2, pb.ESTIMATOR_K3: kl.Estimator.K3}
 _MODES = {pb.KL_MODE_IN_REWARD: kl.Mode.IN_REWARD, pb.KL_MODE_AS_LOSS: kl.Mode.AS_LOSS}
