@@ -148,7 +148,7 @@ def run_setting(setting: Setting, args, model_dir, target, dataset, tokenizer, e
             self.start = [p.detach().clone() for p in model.parameters()]
 
         def on_log(self, args_, state, control, logs=None, model=None, **kwargs):
-            if not logs or "reward" not in logs and "loss" not in logs:
+            if "loss" not in (logs or {}):  # the end-of-training summary, not a step
                 return
             distance = math.sqrt(sum(float(((p.detach() - p0) ** 2).sum()) for p, p0 in zip(model.parameters(), self.start)))
             record = {

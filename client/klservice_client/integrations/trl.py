@@ -244,10 +244,10 @@ class KLServiceGRPOTrainer(GRPOTrainer):
     def _served_reference_logps(self, input_ids, attention_mask, logits_to_keep) -> torch.Tensor:
         started = time.perf_counter()
         batch = _strip(input_ids, attention_mask, logits_to_keep)
-        ref = torch.zeros(batch.scored.shape, dtype=torch.float32, device=input_ids.device)
+        values = np.zeros(0, dtype=np.float32)  # nothing to send: every position stays 0
         if batch.sequences:
-            out = self.kl_client.score(batch.sequences, batch.prompt_lengths, temperature=self.temperature)
-            ref = batch.scatter(out.ref_logprobs, like=input_ids)
+            values = self.kl_client.score(batch.sequences, batch.prompt_lengths, temperature=self.temperature).ref_logprobs
+        ref = batch.scatter(values, like=input_ids)
         self._log_kl_metric("reference_seconds", time.perf_counter() - started)
         return ref
 
