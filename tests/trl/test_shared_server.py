@@ -15,8 +15,8 @@ from tests.server.test_metrics_and_health import scrape
 JOB = pathlib.Path(__file__).with_name("train_job.py")
 
 
-def start_job(target, model_dir, job_id, out, seed):
-    command = [sys.executable, str(JOB), target, str(model_dir), job_id, str(out), "--seed", str(seed)]
+def start_job(target, model_dir, job_id, out, seed, *extra):
+    command = [sys.executable, str(JOB), target, str(model_dir), job_id, str(out), "--seed", str(seed), *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -31,7 +31,11 @@ def test_two_trainers_at_once_get_their_solo_reference_logprobs(start_server, ti
     jobs = {"trainer-a": 1, "trainer-b": 2}
     for job_id, seed in jobs.items():  # each alone first
         finish(start_job(server.target, tiny_model_dir, job_id, tmp_path / f"{job_id}-solo.json", seed))
-    running = [start_job(server.target, tiny_model_dir, j, tmp_path / f"{j}-shared.json", s) for j, s in jobs.items()]
+    together = ("--barrier", str(tmp_path / "barrier"), "--parties", str(len(jobs)))
+    running = [
+        start_job(server.target, tiny_model_dir, j, tmp_path / f"{j}-shared.json", s, *together)
+        for j, s in jobs.items()
+    ]
     for process in running:
         finish(process)
 

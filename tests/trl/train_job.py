@@ -5,6 +5,11 @@ writes, as JSON, every batch of reference log-probs it received from the service
 completion tokens they belong to and when they arrived).
 
     python tests/trl/train_job.py TARGET MODEL_DIR JOB_ID OUT.json [--steps N] [--seed S]
+                                  [--barrier DIR --parties N]
+
+With --barrier, the job writes DIR/JOB_ID once its trainer is built and starts training only when
+N jobs have done so, so that jobs started together train together (TRL's import and the trainer's
+construction take seconds, long enough for a first job to finish before a second begins).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -25,6 +31,8 @@ def main() -> int:
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--barrier", help="directory where jobs that should train together meet")
+    parser.add_argument("--parties", type=int, default=1, help="how many jobs meet at --barrier")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,10 +70,24 @@ def main() -> int:
             args=config, train_dataset=Dataset.from_dict({"prompt": prompts * 4}), processing_class=tokenizer,
             klservice=args.target,
         )
+        if args.barrier:
+            wait_for_parties(args.barrier, args.job_id, args.parties)
         trainer.train()
     with open(args.out, "w") as f:
         json.dump(received, f)
     return 0
+
+
+def wait_for_parties(directory: str, name: str, parties: int, timeout: float = 300.0) -> None:
+    """Mark this job ready in `directory`, then wait until `parties` jobs are."""
+    barrier = pathlib.Path(directory)
+    barrier.mkdir(parents=True, exist_ok=True)
+    (barrier / name).touch()
+    deadline = time.monotonic() + timeout
+    while len(list(barrier.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(barrier.iterdir()))} of {parties} jobs reached {barrier}")
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":
