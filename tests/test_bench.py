@@ -154,16 +154,15 @@ def test_bench_help_is_light_and_shows_the_config_defaults():
 
 
 def test_flop_model_counts_a_shared_prompt_once():
-    from klservice.bench import ModelShape, Workload, algorithm_flops, naive_flops, scheduler_calls, scheduler_planner
+    from klservice.bench import ModelShape, Workload, algorithm_flops, naive_flops, scheduler_calls
 
     shape = ModelShape(layers=2, hidden=8, attention_dim=8, vocab=100, non_embedding_params=1000)
     assert shape.body_flops(0, 3) == 2 * 1000 * 3 + 4 * 2 * 8 * (1 + 2 + 3)
     prompt = np.arange(20, dtype=np.int64)
     sequences = [np.concatenate([prompt, [50 + i, 60 + i]]) for i in range(3)]
     work = Workload("b", "t", sequences, [20, 20, 20])
-    _, plan = scheduler_planner()
-    calls = scheduler_calls(work, 16384, plan)
-    assert sorted(i for call in calls for i in call) == [0, 1, 2]
+    calls = scheduler_calls(work, 16384)
+    assert sorted(i for call in calls for i in call.indices) == [0, 1, 2]
     shared = algorithm_flops(shape, work, calls, share_prompts=True, min_shared_prompt=16)
     alone = algorithm_flops(shape, work, calls, share_prompts=False, min_shared_prompt=16)
     # Shared: the prompt (positions 0..19) once, then position 20 of each sequence; the head on 2 rows each.

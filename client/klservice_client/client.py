@@ -36,7 +36,9 @@ import numpy as np
 from klservice_client import kl
 from klservice_client._arrays import is_torch
 from klservice_client.errors import InvalidArgument, KLServiceError, TokenizerMismatch, from_rpc_error
-from klservice_client.wire import diagnostics_from_proto, from_tensor, pb, pb_grpc, spec_to_proto, to_tensor
+from klservice_client.wire import (
+    ModelInfo, diagnostics_from_proto, from_tensor, model_info_from_proto, pb, pb_grpc, spec_to_proto, to_tensor,
+)
 
 __all__ = ["AsyncKLClient", "KLClient", "KLOutput", "ModelInfo", "ScoreOutput", "tokenizer_fingerprint"]
 
@@ -62,36 +64,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Results
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """The served model (GetModelInfo)."""
-
-    name: str
-    revision: str
-    tokenizer_fingerprint: str
-    backend: str
-    dtype: str
-    device: str
-    vocab_size: int
-    max_length: int
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
-    max_request_tokens: int
-    max_message_bytes: int
-    server_version: str
-
-    @classmethod
-    def from_proto(cls, message: pb.ModelInfo) -> "ModelInfo":
-        values = {}
-        for field in dataclasses.fields(cls):
-            optional = field.name.endswith("_token_id")
-            values[field.name] = (
-                getattr(message, field.name) if not optional or message.HasField(field.name) else None
-            )
-        return cls(**values)
 
 
 class _Ragged:
@@ -462,7 +434,7 @@ class KLClient(_ClientBase):
                 reply = self._stub.GetModelInfo(
                     pb.GetModelInfoRequest(), timeout=max(0.1, min(5.0, deadline - time.monotonic()))
                 )
-                self._info = ModelInfo.from_proto(reply)
+                self._info = model_info_from_proto(reply)
                 return self._info
             except grpc.RpcError as error:
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -474,7 +446,7 @@ class KLClient(_ClientBase):
     def model_info(self, refresh: bool = False) -> ModelInfo:
         """The served model (cached after the first call)."""
         if self._info is None or refresh:
-            self._info = ModelInfo.from_proto(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+            self._info = model_info_from_proto(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
         return self._info
 
     def check_tokenizer(self, tokenizer) -> None:
@@ -561,7 +533,7 @@ class AsyncKLClient(_ClientBase):
                 reply = await self._stub.GetModelInfo(
                     pb.GetModelInfoRequest(), timeout=max(0.1, min(5.0, deadline - time.monotonic()))
                 )
-                self._info = ModelInfo.from_proto(reply)
+                self._info = model_info_from_proto(reply)
                 return self._info
             except grpc.RpcError as error:
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -573,7 +545,7 @@ class AsyncKLClient(_ClientBase):
     async def model_info(self, refresh: bool = False) -> ModelInfo:
         """The served model (cached after the first call)."""
         if self._info is None or refresh:
-            self._info = ModelInfo.from_proto(await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+            self._info = model_info_from_proto(await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
         return self._info
 
     async def check_tokenizer(self, tokenizer) -> None:

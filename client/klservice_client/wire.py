@@ -5,7 +5,9 @@
 - `to_tensor` / `from_tensor` (`klservice_client.tensors`): per-token arrays as packed
   little-endian bytes with a dtype and shape;
 - `spec_to_proto` / `spec_from_proto` and `diagnostics_to_proto` / `diagnostics_from_proto`:
-  the KL library's `KLSpec` and `KLDiagnostics` as messages.
+  the KL library's `KLSpec` and `KLDiagnostics` as messages;
+- `ModelInfo` with `model_info_to_proto` / `model_info_from_proto`: the served model, as
+  GetModelInfo describes it (a backend fills the model's fields, the server the limits).
 
 A program speaking to klservice with its own stubs, or a server of the same contract, builds
 on these; `KLClient` and the klservice server do.
@@ -21,10 +23,13 @@ from klservice_client._proto import klservice_pb2_grpc as pb_grpc
 from klservice_client.tensors import TensorError, from_tensor, to_tensor
 
 __all__ = [
+    "ModelInfo",
     "TensorError",
     "diagnostics_from_proto",
     "diagnostics_to_proto",
     "from_tensor",
+    "model_info_from_proto",
+    "model_info_to_proto",
     "pb",
     "pb_grpc",
     "spec_from_proto",
@@ -102,3 +107,58 @@ def diagnostics_to_proto(diagnostics: kl.KLDiagnostics) -> pb.KLDiagnostics:
 
 def diagnostics_from_proto(message: pb.KLDiagnostics) -> kl.KLDiagnostics:
     return kl.KLDiagnostics(**{f.name: getattr(message, f.name) for f in dataclasses.fields(kl.KLDiagnostics)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """The served model, as GetModelInfo describes it; every response quotes `name` and `revision`.
+
+    Example::
+
+        ModelInfo(name="SmolLM2-135M-Instruct (embedded)", revision="3f0c…", tokenizer_fingerprint="9a1e…",
+                  backend="hf", dtype="float32", device="cpu", vocab_size=49152, max_length=8192,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2, max_request_tokens=1048576,
+                  max_message_bytes=268435456, server_version="0.1.0")
+    """
+
+    name: str
+    """What the operator asked for: a folder, a hub id, or "SmolLM2-135M-Instruct (embedded)"."""
+    revision: str
+    """sha256 hex over the weights, config and tokenizer files: equal revisions give equal log-probs."""
+    tokenizer_fingerprint: str
+    """sha256 hex of the tokenizer's vocabulary and special tokens (`klservice_client.tokenizer_fingerprint`),
+    so a trainer can check that its token ids mean the same to the reference model."""
+    backend: str
+    """Backend name, e.g. "hf"."""
+    dtype: str
+    """Compute dtype: "float32", "bfloat16" or "float16"."""
+    device: str
+    """Where the model runs: "cpu", "cuda:0", ..."""
+    vocab_size: int
+    """Rows of the LM head: valid token ids are 0 .. vocab_size - 1 (may exceed the tokenizer's size)."""
+    max_length: int
+    """Longest sequence accepted, in tokens."""
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    max_request_tokens: int | None = None
+    """Most tokens (all sequences together) in one request. None in a backend's info: the server sets it."""
+    max_message_bytes: int | None = None
+    """Largest message the server sends or receives. None in a backend's info: the server sets it."""
+    server_version: str | None = None
+    """The klservice version serving it. None in a backend's info: the server sets it."""
+
+
+_OPTIONAL_INFO_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
+    fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(ModelInfo)}
+    return pb.ModelInfo(**{name: value for name, value in fields.items() if value is not None})
+
+
+def model_info_from_proto(message: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(**{
+        f.name: getattr(message, f.name) if f.name not in _OPTIONAL_INFO_FIELDS or message.HasField(f.name) else None
+        for f in dataclasses.fields(ModelInfo)
+    })

@@ -1,7 +1,8 @@
 """The one interface every model backend implements.
 
 The server only ever talks to a `ReferenceBackend`: it asks for `info()` once after loading
-and then calls `score()` from a single worker thread. Nothing here imports torch, so the
+(a `ModelInfo`, the class GetModelInfo answers with, from `klservice_client.wire`) and then
+calls `score()` from a single worker thread. Nothing here imports torch, so the
 server, the CLI and tests of the request path can use these types without a model.
 """
 
@@ -13,73 +14,52 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klservice_client.wire import ModelInfo
+
+__all__ = ["DTYPES", "ModelInfo", "ReferenceBackend", "Scored", "describe_model", "group_by_prompt", "split_shared"]
+
 DTYPES = ("float32", "bfloat16", "float16")
 """Compute dtypes every backend accepts (the `--dtype` choices)."""
 
 
+def describe_model(
+    *, name: str, revision: str, tokenizer, model_config, backend: str, dtype: str, device: str,
+    vocab_size: int, max_length: int,
+) -> ModelInfo:
+    """The `ModelInfo` of a loaded model (the serving limits are the server's to fill in); special token ids
+    from the tokenizer, else the model config."""
+    from klservice_client import tokenizer_fingerprint
+
+    def token(field: str) -> int | None:
+        return first_int(getattr(tokenizer, field, None), getattr(model_config, field, None))
+
+    return ModelInfo(
+        name=name,
+        revision=revision,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),  # what KLClient.check_tokenizer compares
+        backend=backend,
+        dtype=dtype,
+        device=device,
+        vocab_size=int(vocab_size),
+        max_length=int(max_length),
+        bos_token_id=token("bos_token_id"),
+        eos_token_id=token("eos_token_id"),
+        pad_token_id=token("pad_token_id"),
+    )
+
+
 @dataclass(frozen=True)
-class ModelInfo:
-    """What a backend serves; every response quotes `name` and `revision`.
+class Scored:
+    """What `ReferenceBackend.score` returns."""
 
-    Example::
-
-        ModelInfo(name="SmolLM2-135M-Instruct (embedded)", revision="3f0c…", tokenizer_fingerprint="9a1e…",
-                  backend="hf", dtype="float32", device="cpu", vocab_size=49152, max_length=8192,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    """
-
-    name: str
-    """What the operator asked for: a folder, a hub id, or "SmolLM2-135M-Instruct (embedded)"."""
-    revision: str
-    """sha256 hex over the weights, config and tokenizer files: equal revisions give equal log-probs."""
-    tokenizer_fingerprint: str
-    """sha256 hex of the tokenizer's vocabulary and special tokens (`klservice_client.tokenizer_fingerprint`),
-    so a trainer can check that its token ids mean the same to the reference model."""
-    backend: str
-    """Backend name, e.g. "hf"."""
-    dtype: str
-    """Compute dtype: "float32", "bfloat16" or "float16"."""
-    device: str
-    """Where the model runs: "cpu", "cuda:0", ..."""
-    vocab_size: int
-    """Rows of the LM head: valid token ids are 0 .. vocab_size - 1 (may exceed the tokenizer's size)."""
-    max_length: int
-    """Longest sequence accepted, in tokens."""
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
-
-    @classmethod
-    def describe(
-        cls, *, name: str, revision: str, tokenizer, model_config, backend: str, dtype: str, device: str,
-        vocab_size: int, max_length: int,
-    ) -> "ModelInfo":
-        """The info of a loaded model; special token ids from the tokenizer, else the model config."""
-        from klservice_client import tokenizer_fingerprint
-
-        def token(field: str) -> int | None:
-            return first_int(getattr(tokenizer, field, None), getattr(model_config, field, None))
-
-        return cls(
-            name=name,
-            revision=revision,
-            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),  # what KLClient.check_tokenizer compares
-            backend=backend,
-            dtype=dtype,
-            device=device,
-            vocab_size=int(vocab_size),
-            max_length=int(max_length),
-            bos_token_id=token("bos_token_id"),
-            eos_token_id=token("eos_token_id"),
-            pad_token_id=token("pad_token_id"),
-        )
+    values: list[np.ndarray]
+    """Per sequence, float32 log-probs of its tokens from its start on."""
+    tokens_saved: int = 0
+    """Prompt tokens this call did not compute thanks to prefix sharing (the `klservice_tokens_saved` metric)."""
 
 
 class ReferenceBackend(abc.ABC):
     """Frozen reference model. Thread-compatible: the server calls score() from ONE worker thread at a time."""
-
-    #: Running count of prompt tokens a backend did not recompute thanks to prefix sharing (for metrics).
-    tokens_saved: int = 0
 
     @abc.abstractmethod
     def info(self) -> ModelInfo:
@@ -87,14 +67,22 @@ class ReferenceBackend(abc.ABC):
 
     @abc.abstractmethod
     def score(
-        self, sequences: Sequence[np.ndarray], starts: Sequence[int], temperature: float = 1.0
-    ) -> list[np.ndarray]:
+        self,
+        sequences: Sequence[np.ndarray],
+        starts: Sequence[int],
+        temperature: float = 1.0,
+        prompt_groups: Sequence[Sequence[int]] | None = None,
+    ) -> Scored:
         """Reference log-probs of every token from its start on.
 
-        For each sequence (1-D int64 token ids, length L) and start s (1 <= s <= L) return a float32
-        array of length L - s: entry j is log softmax(logits_{s+j-1} / temperature)[token_{s+j}], i.e. the
-        reference log-prob of every token from position s on given its prefix. Inputs are assumed valid
-        (the server validates requests before calling).
+        For each sequence (1-D int64 token ids, length L) and start s (1 <= s <= L) the result holds a
+        float32 array of length L - s: entry j is log softmax(logits_{s+j-1} / temperature)[token_{s+j}],
+        i.e. the reference log-prob of every token from position s on given its prefix. Inputs are assumed
+        valid (the server validates requests before calling).
+
+        `prompt_groups` is `group_by_prompt(sequences, starts)` when the caller has computed it already
+        (the scheduler has, to keep groups in one call); a backend that shares prompts computes it
+        otherwise. A backend may share any group's prompt, or none.
         """
 
     def check_temperature(self, temperature: float) -> None:
@@ -120,25 +108,40 @@ def first_int(*candidates: object) -> int | None:
     return None
 
 
-def shared_prompt_groups(
-    sequences: Sequence[np.ndarray], starts: Sequence[int], min_prompt: int | None
-) -> tuple[list[list[int]], list[int]]:
-    """(groups, alone): indices of sequences with the same prompt (the tokens before their start, at least
-    `min_prompt` of them), groups of two or more, and the indices of the rest; both in order of first
-    appearance. `min_prompt=None`: no sharing, every sequence alone.
+def group_by_prompt(sequences: Sequence[np.ndarray], starts: Sequence[int]) -> list[list[int]]:
+    """Indices of the sequences, grouped by prompt (same start, same tokens before it), in order of first
+    appearance; a sequence that shares its prompt with no other is a group of one.
 
     Example::
 
-        shared_prompt_groups([np.array([1, 2, 3, 4]), np.array([1, 2, 3, 5]), np.array([9, 9])], [3, 3, 1], 2)
-        # -> ([[0, 1]], [2])
+        group_by_prompt([np.array([1, 2, 3, 4]), np.array([9, 9]), np.array([1, 2, 3, 5])], [3, 1, 3])
+        # -> [[0, 2], [1]]
     """
-    by_prompt: dict[bytes | int, list[int]] = {}  # a sequence that shares nothing is keyed by its index
-    for i, (seq, start) in enumerate(zip(sequences, starts)):
-        shareable = min_prompt is not None and start >= min_prompt
-        by_prompt.setdefault(np.asarray(seq[:start], dtype="<i8").tobytes() if shareable else i, []).append(i)
-    groups = [group for group in by_prompt.values() if len(group) > 1]
-    alone = [group[0] for group in by_prompt.values() if len(group) == 1]
-    return groups, alone
+    by_prompt: dict[bytes, list[int]] = {}
+    for index, (tokens, start) in enumerate(zip(sequences, starts)):
+        key = int(start).to_bytes(8, "little") + np.asarray(tokens[:start], dtype="<i8").tobytes()
+        by_prompt.setdefault(key, []).append(index)
+    return list(by_prompt.values())
+
+
+def split_shared(
+    groups: Sequence[Sequence[int]], starts: Sequence[int], min_prompt: int | None
+) -> tuple[list[list[int]], list[int]]:
+    """(shared, alone): the groups of `group_by_prompt` worth sharing (two or more sequences, a prompt of at
+    least `min_prompt` tokens), and the indices of every other sequence. `min_prompt=None`: share nothing.
+
+    Example::
+
+        split_shared([[0, 2], [1], [3, 4]], starts=[3, 1, 3, 1, 1], min_prompt=2)  # -> ([[0, 2]], [1, 3, 4])
+    """
+    shared: list[list[int]] = []
+    alone: list[int] = []
+    for group in groups:
+        if min_prompt is not None and len(group) > 1 and starts[group[0]] >= min_prompt:
+            shared.append(list(group))
+        else:
+            alone.extend(group)
+    return shared, alone
 
 
 def probe_tokens(vocab_size: int) -> np.ndarray:

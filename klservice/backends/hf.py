@@ -41,7 +41,9 @@ import numpy as np
 import torch
 
 from klservice.backends._files import model_revision
-from klservice.backends.base import DTYPES, ModelInfo, ReferenceBackend, probe_tokens, shared_prompt_groups
+from klservice.backends.base import (
+    DTYPES, ModelInfo, ReferenceBackend, Scored, describe_model, group_by_prompt, probe_tokens, split_shared,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class HFBackend(ReferenceBackend):
 
         backend = HFBackend("/models/SmolLM2-135M-Instruct", dtype="float32", device="cpu")
         ids = np.asarray(backend.tokenizer("The capital of France is Paris").input_ids)
-        backend.score([ids], starts=[5])  # → [array([-0.258...], dtype=float32)]
+        backend.score([ids], starts=[5]).values  # → [array([-0.258...], dtype=float32)]
 
     `vocab_chunk` rows of the LM head and `token_chunk` scored positions are processed at a
     time, so the logits scratch is at most token_chunk × vocab_chunk float32 values (64 MiB
@@ -152,7 +154,7 @@ class HFBackend(ReferenceBackend):
         if share_prompts is None:  # see the class docstring
             share_prompts = self._device.type == "cpu"
         self._share_prompts = share_prompts and self._head_on_hidden and self._prompt_sharing_matches()
-        self._info = ModelInfo.describe(
+        self._info = describe_model(
             name=name or str(folder),
             revision=revision,
             tokenizer=self.tokenizer,
@@ -177,18 +179,31 @@ class HFBackend(ReferenceBackend):
         return self._info
 
     def score(
-        self, sequences: Sequence[np.ndarray], starts: Sequence[int], temperature: float = 1.0
-    ) -> list[np.ndarray]:
+        self,
+        sequences: Sequence[np.ndarray],
+        starts: Sequence[int],
+        temperature: float = 1.0,
+        prompt_groups: Sequence[Sequence[int]] | None = None,
+    ) -> Scored:
         assert len(sequences) == len(starts) and temperature > 0
         results = [np.zeros(0, dtype=np.float32) for _ in sequences]
         todo = [i for i, (seq, start) in enumerate(zip(sequences, starts)) if len(seq) > start]
-        if todo:
-            batch = [np.asarray(sequences[i], dtype=np.int64) for i in todo]
-            with torch.inference_mode():
-                values = self._score_batch(batch, [int(starts[i]) for i in todo], temperature)
-            for i, value in zip(todo, values):
-                results[i] = value
-        return results
+        if not todo:
+            return Scored(results)
+        if self._share_prompts:
+            groups = prompt_groups if prompt_groups is not None else group_by_prompt(sequences, starts)
+            shared, alone = split_shared(groups, starts, self._min_shared_prompt)
+        else:
+            shared, alone = [], list(range(len(sequences)))
+        scored = set(todo)  # a sequence with nothing to score takes no part in a forward
+        shared = [[i for i in group if i in scored] for group in shared]
+        alone = [i for i in alone if i in scored]
+        batch = [np.asarray(seq, dtype=np.int64) for seq in sequences]
+        with torch.inference_mode():
+            values, saved = self._score_batch(batch, [int(s) for s in starts], shared, alone, temperature)
+        for i, value in values.items():
+            results[i] = value
+        return Scored(results, saved)
 
     def close(self) -> None:
         self._model = self._body = self._head_weight = self._head_bias = None
@@ -197,26 +212,30 @@ class HFBackend(ReferenceBackend):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _score_batch(self, sequences: list[np.ndarray], starts: list[int], temperature: float) -> list[np.ndarray]:
-        """Hidden states (or logits) at the scored positions of every sequence, then one pass of the head."""
-        for seq, start in zip(sequences, starts):
-            assert 1 <= start < len(seq)
-        min_prompt = self._min_shared_prompt if self._share_prompts else None
-        groups, alone = shared_prompt_groups(sequences, starts, min_prompt)
-        rows: list[torch.Tensor | None] = [None] * len(sequences)
+    def _score_batch(
+        self, sequences: list[np.ndarray], starts: list[int], shared: list[list[int]], alone: list[int],
+        temperature: float,
+    ) -> tuple[dict[int, np.ndarray], int]:
+        """({index: values}, tokens saved) for the sequences named in `shared` (groups whose prompt is computed
+        once) and `alone`: hidden states (or logits) at their scored positions, then one pass of the head."""
+        rows: dict[int, torch.Tensor] = {}
         if alone:
             for i, value in zip(alone, self._padded_rows([sequences[i] for i in alone], [starts[i] for i in alone])):
                 rows[i] = value
-        for group in groups:
+        saved = 0
+        for group in (group for group in shared if group):
             prompt = sequences[group[0]][: starts[group[0]]]
-            self.tokens_saved += (len(group) - 1) * len(prompt)
+            saved += (len(group) - 1) * len(prompt)
             for i, value in zip(group, self._shared_prompt_rows(prompt, [sequences[i] for i in group])):
                 rows[i] = value
-        targets = torch.from_numpy(np.concatenate([seq[start:] for seq, start in zip(sequences, starts)]))
+        order = list(rows)
+        for i in order:
+            assert 1 <= starts[i] < len(sequences[i])
+        targets = torch.from_numpy(np.concatenate([sequences[i][starts[i] :] for i in order]))
         logits_fn = self._head_logits if self._head_on_hidden else _slice_logits
-        values = self._log_probs(torch.cat(rows), targets.to(self._device), temperature, logits_fn)
-        counts = [len(seq) - start for seq, start in zip(sequences, starts)]
-        return np.split(values.cpu().numpy(), np.cumsum(counts)[:-1])
+        values = self._log_probs(torch.cat([rows[i] for i in order]), targets.to(self._device), temperature, logits_fn)
+        counts = [len(sequences[i]) - starts[i] for i in order]
+        return dict(zip(order, np.split(values.cpu().numpy(), np.cumsum(counts)[:-1]))), saved
 
     def _padded_rows(self, sequences: list[np.ndarray], starts: list[int]) -> list[torch.Tensor]:
         """One right-padded forward; per sequence, the outputs at positions start-1 .. L-2.

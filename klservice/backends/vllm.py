@@ -80,7 +80,9 @@ from typing import Any
 import numpy as np
 
 from klservice.backends._files import model_revision
-from klservice.backends.base import DTYPES, ModelInfo, ReferenceBackend, probe_tokens, shared_prompt_groups
+from klservice.backends.base import (
+    DTYPES, ModelInfo, ReferenceBackend, Scored, describe_model, group_by_prompt, probe_tokens, split_shared,
+)
 from klservice.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -203,7 +205,7 @@ class VLLMBackend(ReferenceBackend):
     Example::
 
         backend = VLLMBackend("/models/SmolLM2-135M-Instruct", dtype="float32")   # ~20 s on CPU
-        backend.score([np.array([1, 504, 3458, 282, 4649, 314, 7042])], starts=[6])  # -> [array([-0.258...])]
+        backend.score([np.array([1, 504, 3458, 282, 4649, 314, 7042])], starts=[6]).values  # -> [array([-0.258...])]
         backend.close()
 
     `score()` is called from one worker thread; all its sequences go to the engine in one
@@ -278,7 +280,7 @@ class VLLMBackend(ReferenceBackend):
         device_name = platform if platform == "cpu" else f"{platform}:0"
         if tensor_parallel_size > 1:
             device_name = f"{platform} x{tensor_parallel_size} (tensor parallel)"
-        self._info = ModelInfo.describe(
+        self._info = describe_model(
             name=name or str(folder),
             revision=revision,
             tokenizer=tokenizer,
@@ -302,26 +304,47 @@ class VLLMBackend(ReferenceBackend):
             )
 
     def score(
-        self, sequences: Sequence[np.ndarray], starts: Sequence[int], temperature: float = 1.0
-    ) -> list[np.ndarray]:
+        self,
+        sequences: Sequence[np.ndarray],
+        starts: Sequence[int],
+        temperature: float = 1.0,
+        prompt_groups: Sequence[Sequence[int]] | None = None,
+    ) -> Scored:
         assert len(sequences) == len(starts)
         self.check_temperature(temperature)
         if self._closed:
             raise RuntimeError("the vLLM backend is closed")
         results = [np.zeros(0, dtype=np.float32) for _ in sequences]
-        # Each distinct (sequence, start) once: a repeat would hit the blocks of its twin in the prefix cache.
-        todo: dict[bytes, list[int]] = {}
-        for i, (seq, start) in enumerate(zip(sequences, starts)):
-            if len(seq) > start:
-                key = int(start).to_bytes(8, "little") + np.asarray(seq, dtype="<i8").tobytes()
-                todo.setdefault(key, []).append(i)
-        if todo:
-            firsts = [same[0] for same in todo.values()]
-            values = self._score([np.asarray(sequences[i]) for i in firsts], [int(starts[i]) for i in firsts])
-            for same, value in zip(todo.values(), values):
-                for i in same:
-                    results[i] = value if i == same[0] else value.copy()
-        return results
+        groups = prompt_groups if prompt_groups is not None else group_by_prompt(sequences, starts)
+        # Each distinct sequence once: a repeat would hit its twin's blocks in the prefix cache. Twins have
+        # the same prompt, so they are looked for within a group.
+        firsts: list[int] = []  # indices of the distinct sequences, in the order sent to _score
+        twins: dict[int, int] = {}  # index of a repeat -> index of the first of its kind
+        distinct_groups: list[list[int]] = []  # the groups, as positions in `firsts`
+        for group in groups:
+            members, seen = [], {}
+            for i in group:
+                if len(sequences[i]) <= starts[i]:
+                    continue
+                key = np.asarray(sequences[i][starts[i] :], dtype="<i8").tobytes()
+                if key in seen:
+                    twins[i] = seen[key]
+                    continue
+                seen[key] = i
+                members.append(len(firsts))
+                firsts.append(i)
+            if members:
+                distinct_groups.append(members)
+        if not firsts:
+            return Scored(results)
+        values, saved = self._score(
+            [np.asarray(sequences[i]) for i in firsts], [int(starts[i]) for i in firsts], distinct_groups
+        )
+        for i, value in zip(firsts, values):
+            results[i] = value
+        for i, twin in twins.items():
+            results[i] = results[twin].copy()
+        return Scored(results, saved)
 
     def close(self) -> None:
         if getattr(self, "_closed", True):
@@ -336,15 +359,17 @@ class VLLMBackend(ReferenceBackend):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _score(self, sequences: list[np.ndarray], starts: list[int]) -> list[np.ndarray]:
-        """Log-probs of tokens start .. L-1 of each sequence (1 <= start < L).
+    def _score(
+        self, sequences: list[np.ndarray], starts: list[int], prompt_groups: list[list[int]]
+    ) -> tuple[list[np.ndarray], int]:
+        """(log-probs of tokens start .. L-1 of each sequence (1 <= start < L), prompt tokens saved).
 
         One ``generate`` call for the sequences that share no prompt plus one prompt-only request
         per shared prompt; a second one for the members of those groups (module docstring).
         """
         for seq, start in zip(sequences, starts):
             assert 1 <= start < len(seq)
-        groups, alone = shared_prompt_groups(sequences, starts, self.min_shared_prompt if self._share_prompts else None)
+        groups, alone = split_shared(prompt_groups, starts, self.min_shared_prompt if self._share_prompts else None)
         results: list[np.ndarray | None] = [None] * len(sequences)
 
         # Step 1: the sequences alone, and one prompt-only request per group (filling the prefix cache).
@@ -396,7 +421,6 @@ class VLLMBackend(ReferenceBackend):
                     continue
                 saved += int(cached)
                 results[i] = np.concatenate([np.asarray([first_logprob[g, int(seq[start])]], np.float32), rest])
-            self.tokens_saved += max(0, saved)
             if again:
                 log.debug("%d shared-prompt sequences hit the prefix cache past their prompt; rescoring", len(again))
                 requests = [self._sequence_request(sequences[i], starts[i], read_cache=False) for i in again]
@@ -404,7 +428,7 @@ class VLLMBackend(ReferenceBackend):
                 for i, output in zip(again, outputs):
                     results[i] = self._values(output, sequences[i], starts[i])
         assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+        return results, max(0, saved)  # type: ignore[return-value]
 
     def _sequence_request(self, seq: np.ndarray, start: int, *, read_cache: bool) -> tuple[list[int], Any]:
         """(prompt, params) scoring seq[start:]: prompt log-probs for start .. L-2, the last token from the sample."""
@@ -485,7 +509,7 @@ class VLLMBackend(ReferenceBackend):
     def _warm_up(self) -> None:
         """One short request, so the first real one does not pay vLLM's lazy initialisation (seconds on CPU)."""
         probe = probe_tokens(self._vocab_size)
-        values = self._score([probe, probe[:3]], [4, 2])
+        values, _ = self._score([probe, probe[:3]], [4, 2], [[0], [1]])
         if not all(np.isfinite(v).all() for v in values):
             raise RuntimeError("the vLLM engine returned non-finite log-probs on a probe sequence")
 

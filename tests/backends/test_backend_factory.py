@@ -44,7 +44,8 @@ def test_loads_a_local_folder(tiny_llama_dir, tiny_backend):
     info = backend.info()
     assert (info.name, info.backend, info.device, info.max_length) == (str(tiny_llama_dir), "hf", "cpu", 64)
     sequence = np.arange(10, 40, dtype=np.int64)
-    np.testing.assert_array_equal(backend.score([sequence], [5])[0], tiny_backend.score([sequence], [5])[0])
+    (got,), (want,) = backend.score([sequence], [5]).values, tiny_backend.score([sequence], [5]).values
+    np.testing.assert_array_equal(got, want)
 
 
 def test_no_model_means_the_embedded_one(default_model_dir):

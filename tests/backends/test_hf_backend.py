@@ -37,7 +37,7 @@ def grpo_batch(vocab_size: int, seed: int = 5) -> tuple[list[np.ndarray], list[i
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_batched_score_matches_plain_forward(tiny_backend, plain_model, reference, temperature):
     sequences = ragged_sequences(tiny_backend.info().vocab_size)
-    got = tiny_backend.score(sequences, STARTS, temperature)  # one call: one right-padded batch
+    got = tiny_backend.score(sequences, STARTS, temperature).values  # one call: one right-padded batch
     assert len(got) == len(sequences)
     for seq, start, values in zip(sequences, STARTS, got):
         assert values.dtype == np.float32 and values.shape == (len(seq) - start,)
@@ -50,9 +50,11 @@ def test_shared_prompts_are_computed_once_with_the_same_values(tiny_backend, pla
     embeddings = tiny_backend._model.get_input_embeddings()
     hook = embeddings.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
     try:
-        got = tiny_backend.score(sequences, starts, temperature=0.7)
+        scored = tiny_backend.score(sequences, starts, temperature=0.7)
     finally:
         hook.remove()
+    got = scored.values
+    assert scored.tokens_saved == 3 * 20 + 2 * 40 + 1 * 16  # each group's prompt computed once, not per member
     for seq, start, values in zip(sequences, starts, got):
         np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
     # One padded batch for the unrelated sequences, each prompt once, then the continuations of
@@ -66,11 +68,12 @@ def test_prompt_sharing_can_be_turned_off(tiny_llama_dir, tiny_backend):
     shapes = []
     hook = backend._model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(args[0].shape))
     try:
-        got = backend.score(sequences, starts)
+        scored = backend.score(sequences, starts)
     finally:
         hook.remove()
-    assert len(shapes) == 1  # everything in one padded forward
-    for plain, shared in zip(got, tiny_backend.score(sequences, starts)):
+    got = scored.values
+    assert len(shapes) == 1 and scored.tokens_saved == 0  # everything in one padded forward
+    for plain, shared in zip(got, tiny_backend.score(sequences, starts).values):
         np.testing.assert_allclose(plain, shared, atol=1e-5, rtol=0)
 
 
@@ -78,7 +81,7 @@ def test_small_chunks_give_the_same_values(tiny_llama_dir, plain_model, referenc
     """Blocks of 1000 vocab rows (not a divisor of 49152) and 64 positions change no value."""
     backend = HFBackend(tiny_llama_dir, progress=False, vocab_chunk=1000, token_chunk=64)
     sequence = np.random.default_rng(2).integers(0, 49152, size=400, dtype=np.int64)
-    (values,) = backend.score([sequence], [1], temperature=0.9)
+    (values,) = backend.score([sequence], [1], temperature=0.9).values
     np.testing.assert_allclose(values, reference(plain_model, sequence, 1, 0.9), atol=1e-5, rtol=0)
 
 
@@ -87,7 +90,7 @@ def test_full_forward_fallback_gives_the_same_values(tiny_llama_dir, plain_model
     backend = HFBackend(tiny_llama_dir, progress=False, vocab_chunk=5000)
     backend._head_on_hidden = False
     sequences = ragged_sequences(49152, seed=3)
-    for seq, start, values in zip(sequences, STARTS, backend.score(sequences, STARTS, 0.7)):
+    for seq, start, values in zip(sequences, STARTS, backend.score(sequences, STARTS, 0.7).values):
         np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
 
 
@@ -121,8 +124,8 @@ def test_bfloat16_agrees_with_float32(tiny_llama_dir, tiny_backend):
     backend = HFBackend(tiny_llama_dir, progress=False, dtype="bfloat16")
     assert backend.info().dtype == "bfloat16"
     sequences = ragged_sequences(49152)
-    low = np.concatenate(backend.score(sequences, STARTS))
-    high = np.concatenate(tiny_backend.score(sequences, STARTS))
+    low = np.concatenate(backend.score(sequences, STARTS).values)
+    high = np.concatenate(tiny_backend.score(sequences, STARTS).values)
     assert low.dtype == np.float32
     error = np.abs(low - high)
     # bfloat16 rounding of activations and logits (|logit| ~ 10 here): ~0.03 on average, rarely above 0.1.
@@ -165,7 +168,7 @@ def test_other_architectures_use_the_separate_head_exactly(model_type, extra, ma
     assert backend._share_prompts  # ... and prompt sharing
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()
     sequences, starts = grpo_batch(49152, seed=4)
-    for seq, start, values in zip(sequences, starts, backend.score(sequences, starts, 0.7)):
+    for seq, start, values in zip(sequences, starts, backend.score(sequences, starts, 0.7).values):
         np.testing.assert_allclose(values, reference(plain, seq, start, 0.7), atol=1e-5, rtol=0)
 
 
@@ -173,5 +176,5 @@ def test_embedded_model_knows_the_capital_of_france(default_model_dir):
     backend = HFBackend(default_model_dir, progress=False)
     ids = backend.tokenizer("The capital of France is Paris").input_ids
     assert backend.tokenizer.convert_ids_to_tokens(ids[-1]) == "ĠParis"
-    (values,) = backend.score([np.asarray(ids)], [len(ids) - 1])
+    (values,) = backend.score([np.asarray(ids)], [len(ids) - 1]).values
     assert values[0] == pytest.approx(-0.258, abs=0.05)

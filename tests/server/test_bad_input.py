@@ -197,11 +197,11 @@ def test_a_value_error_inside_the_backend_is_internal_not_the_clients_fault(star
     class FailingOnce(HFBackend):
         failures = 1
 
-        def score(self, sequences, starts, temperature=1.0):
+        def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
             if self.failures:
                 self.failures -= 1
                 raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
-            return super().score(sequences, starts, temperature)
+            return super().score(sequences, starts, temperature, prompt_groups)
 
     server = start_server(backend=FailingOnce(tiny_model_dir, device="cpu", progress=False), cache_mb=0)
     with grpc.insecure_channel(server.target) as channel:

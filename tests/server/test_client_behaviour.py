@@ -30,10 +30,10 @@ class GatedBackend(ReferenceBackend):
             self.gate.wait(60)
         return self.backend.info()
 
-    def score(self, sequences, starts, temperature=1.0):
+    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
         self.calls += 1
         self.gate.wait(60)
-        return self.backend.score(sequences, starts, temperature)
+        return self.backend.score(sequences, starts, temperature, prompt_groups)
 
     def close(self):
         self.gate.set()

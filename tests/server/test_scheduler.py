@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from klservice.backends.base import ReferenceBackend
+from klservice.backends.base import ReferenceBackend, Scored
 from klservice.cache import ReferenceCache
 from klservice.errors import DeadlineExpired, Overloaded
 from klservice.scheduler import TokenBudgetScheduler, plan_calls
@@ -34,15 +34,14 @@ class RecordingBackend(ReferenceBackend):
         self.gate = threading.Event()
         self.gate.set()
         self.delay = delay
-        self.tokens_saved = 0
 
-    def score(self, sequences, starts, temperature=1.0):
+    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
         self.gate.wait(30)
         if self.delay:
             time.sleep(self.delay)
         self.calls.append(([len(s) for s in sequences], temperature))
         self.seen.extend(np.asarray(s).tobytes() for s in sequences)
-        return [expected(s[start:], temperature) for s, start in zip(sequences, starts)]
+        return Scored([expected(s[start:], temperature) for s, start in zip(sequences, starts)])
 
 
 def expected(tokens, temperature=1.0) -> np.ndarray:
@@ -78,7 +77,8 @@ def test_plan_calls_respects_budget_and_keeps_prompt_groups_together():
     singles = [rng.integers(0, 100, size=int(n)) for n in (3, 90, 40, 41, 7, 300)]
     sequences = singles[:3] + group + singles[3:]
     starts = [1, 1, 1, 20, 20, 20, 20, 1, 1, 1]
-    calls = plan_calls(sequences, starts, max_batch_tokens=200)
+    planned = plan_calls(sequences, starts, max_batch_tokens=200)
+    calls = [call.indices for call in planned]
     assert sorted(i for call in calls for i in call) == list(range(len(sequences)))
     group_calls = {k for k, call in enumerate(calls) for i in call if 3 <= i <= 6}
     assert len(group_calls) == 1, calls
@@ -87,6 +87,9 @@ def test_plan_calls_respects_budget_and_keeps_prompt_groups_together():
         assert len(call) * longest <= 200 or len(call) == 1, call
     # Sorted by length: a call never mixes the 300-token sequence with short ones.
     assert [9] in calls
+    # The group reaches the backend as one prompt group, every other sequence as a group of its own.
+    groups = [sorted(call.indices[p] for p in group) for call in planned for group in call.prompt_groups]
+    assert sorted(groups) == sorted([[3, 4, 5, 6]] + [[i] for i in (0, 1, 2, 7, 8, 9)])
 
 
 def test_every_result_returns_to_its_request_in_order():

@@ -69,7 +69,7 @@ def test_score_is_the_backends_forward_and_counts_the_job(service, backend):
     service, loop = service
     loop.run_until_complete(service.start(backend))
     result = loop.run_until_complete(service.score(ScoreRequest(batch(), 0.7), service.job("job-a", None), None))
-    expected = np.concatenate(backend.score(SEQUENCES, PROMPTS, temperature=0.7))
+    expected = np.concatenate(backend.score(SEQUENCES, PROMPTS, temperature=0.7).values)
     np.testing.assert_allclose(result.ref_logprobs, expected, atol=1e-5, rtol=0)
     assert result.scored_lengths.tolist() == [3, 2]
     assert result.model.revision == backend.info().revision

@@ -33,7 +33,7 @@ def test_grpo_groups_share_prompts_across_requests_with_unshared_values(start_se
 
     unshared = HFBackend(tiny_model_dir, device="cpu", progress=False, share_prompts=False)
     for group, got in zip(groups, results):
-        want = np.concatenate(unshared.score([np.array(s) for s in group], [64] * len(group)))
+        want = np.concatenate(unshared.score([np.array(s) for s in group], [64] * len(group)).values)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
