@@ -21,7 +21,7 @@ norm of the KL term's gradient, the mean |c - c*| and the distance of the weight
 start. Output in OUT: study.json (every number), study.png (the curves) and table.md (the
 claims, with what was observed).
 
-    python examples/kl_study.py OUT            # the full study (about 25 minutes on 2 CPU cores)
+    python examples/kl_study.py OUT            # the full study (about 16 minutes on 2 CPU cores)
     python examples/kl_study.py OUT --quick    # two steps per setting (CI)
 
 A server is started for the run (``klservice serve`` on the embedded model, free ports), or

@@ -17,12 +17,12 @@ import grpc
 from klservice.errors import InvalidInput, status_for
 from klservice.service import Job, KLComputation, ReferenceService, ScoreResult
 from klservice.validation import parse_kl_request, parse_score_request
-from klservice_client.wire import diagnostics_to_proto, model_info_to_proto, pb, pb_grpc, to_tensor
+from klservice_client.wire import (
+    JOB_METADATA_KEY, RETRY_AFTER_METADATA_KEY, diagnostics_to_proto, model_info_to_proto, pb, pb_grpc, to_tensor,
+)
 
 log = logging.getLogger(__name__)
 
-JOB_METADATA_KEY = "x-job-id"
-RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 
 
 class ReferenceServicer(pb_grpc.ReferenceServiceServicer):

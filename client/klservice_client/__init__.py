@@ -1,7 +1,8 @@
 """klservice-client: the light client of klservice and the KL math it shares with the server.
 
 - `KLClient` / `AsyncKLClient`: reference log-probs (`score`), KL values and gradient
-  coefficients (`compute_kl`) and the served model (`model_info`) from a klservice server.
+  coefficients (`compute_kl`, or `stream_kl` for a stream of `KLItem`s) and the served
+  model (`model_info`) from a klservice server.
 - `klservice_client.kl`: KL estimator values and exact gradient coefficients of any KL
   implementation, on numpy arrays or torch tensors.
 
@@ -10,7 +11,9 @@ seen or torch outputs are asked for.
 """
 
 from klservice_client import kl
-from klservice_client.client import AsyncKLClient, KLClient, KLOutput, ModelInfo, ScoreOutput, tokenizer_fingerprint
+from klservice_client.client import (
+    AsyncKLClient, KLClient, KLItem, KLOutput, KLStreamResult, ModelInfo, ScoreOutput, tokenizer_fingerprint,
+)
 from klservice_client.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -33,8 +36,10 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "KLClient",
+    "KLItem",
     "KLOutput",
     "KLServiceError",
+    "KLStreamResult",
     "ModelInfo",
     "ModelNotFound",
     "PermissionDenied",

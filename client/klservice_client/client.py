@@ -18,6 +18,10 @@ reassembled in order. Calls carry a deadline (``timeout``) and are retried with
 exponential backoff on UNAVAILABLE and RESOURCE_EXHAUSTED only. Failures raise
 subclasses of `klservice_client.errors.KLServiceError`. torch is imported only when an
 input is a torch tensor or ``as_torch=True`` is asked for.
+
+Both clients are thin shells over `_ClientCore`, which holds everything but the waiting
+(request building, retry decisions, readiness polling, the tokenizer check, StreamKL
+bookkeeping): `KLClient` blocks where `AsyncKLClient` awaits, and nothing else differs.
 """
 
 from __future__ import annotations
@@ -25,28 +29,30 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import itertools
 import json
-import random
+import queue
+import threading
 import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import grpc
-import numpy as np
 
 from klservice_client import kl
-from klservice_client._arrays import is_torch
-from klservice_client.errors import InvalidArgument, KLServiceError, TokenizerMismatch, from_rpc_error
-from klservice_client.wire import (
-    ModelInfo, diagnostics_from_proto, from_tensor, model_info_from_proto, pb, pb_grpc, spec_to_proto, to_tensor,
+from klservice_client._requests import (
+    Prepared, backoff, check_revisions, chunks, kl_output, kl_requests, prepare, score_output, score_requests,
 )
+from klservice_client.errors import InvalidArgument, KLServiceError, ServerError, TokenizerMismatch, from_rpc_error, from_status
+from klservice_client.results import KLItem, KLOutput, KLStreamResult, ScoreOutput
+from klservice_client.wire import JOB_METADATA_KEY, ModelInfo, model_info_from_proto, pb, pb_grpc
 
-__all__ = ["AsyncKLClient", "KLClient", "KLOutput", "ModelInfo", "ScoreOutput", "tokenizer_fingerprint"]
+__all__ = ["AsyncKLClient", "KLClient", "KLItem", "KLOutput", "KLStreamResult", "ModelInfo", "ScoreOutput", "tokenizer_fingerprint"]
 
-JOB_METADATA_KEY = "x-job-id"
-RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-#: Bytes a scored token costs on the wire in the largest message (ComputeKL response: 7 float arrays).
-_BYTES_PER_TOKEN = 8 + 7 * 8
+#: While waiting for a server to become ready, these mean "not yet" rather than failure.
+NOT_READY_YET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+READY_POLL_SECONDS = 0.2
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -62,278 +68,85 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-# ---------------------------------------------------------------------------------------
-# Results
-
-
-class _Ragged:
-    """Flat per-token arrays over scored tokens plus `scored_lengths`, viewable ragged or padded."""
-
-    scored_lengths: np.ndarray
-
-    def ragged(self, name: str) -> list:
-        """The array `name` split per sequence."""
-        values = getattr(self, name)
-        offsets = np.cumsum(np.asarray(self.scored_lengths))[:-1].tolist()
-        if is_torch(values):
-            return list(values.tensor_split(offsets))
-        return np.split(values, offsets)
-
-    def padded(self, name: str, pad_value: float = 0.0):
-        """(values [num_sequences, max_scored], mask) with right padding; torch if the array is torch."""
-        values = getattr(self, name)
-        lengths = np.asarray(self.scored_lengths)
-        width = int(lengths.max()) if lengths.size else 0
-        mask = np.arange(width)[None, :] < lengths[:, None]
-        if is_torch(values):
-            import torch
-
-            mask_t = torch.as_tensor(mask, device=values.device)
-            out = torch.full(mask.shape, pad_value, dtype=values.dtype, device=values.device)
-            out[mask_t] = values
-            return out, mask_t
-        out = np.full(mask.shape, pad_value, dtype=values.dtype)
-        out[mask] = values
-        return out, mask
-
-
 @dataclasses.dataclass(frozen=True)
-class ScoreOutput(_Ragged):
-    """Reference log-probs of the scored tokens (flat; `ragged()` / `padded()` to reshape)."""
+class _Plan:
+    """The requests of one client call, the stub method they go to, and how their responses become the result."""
 
-    ref_logprobs: Any
-    scored_lengths: np.ndarray
-    model: str
-    revision: str
-
-
-@dataclasses.dataclass(frozen=True)
-class KLOutput(_Ragged):
-    """ComputeKL results: per-token arrays (flat over scored tokens) and batch diagnostics."""
-
-    ref_logprobs: Any
-    k1: Any
-    k2: Any
-    k3: Any
-    coef: Any
-    coef_principled: Any
-    scored_lengths: np.ndarray
-    diagnostics: kl.KLDiagnostics
-    spec: str
-    model: str
-    revision: str
+    rpc: str
+    requests: list
+    finish: Any  # Callable[[list[response]], result]
 
 
-# ---------------------------------------------------------------------------------------
-# Request building (shared by both clients)
+class _StreamAssembly:
+    """StreamKL bookkeeping: items become requests (split to fit the server's limits, ids "<item>.<part>"),
+    answers become one `KLStreamResult` per item once all its parts are in (or at its first failed part).
+
+    Thread-safe: the blocking client feeds items from gRPC's request thread and reads answers in the caller's.
+    """
+
+    def __init__(self, parts_of):
+        self._parts_of = parts_of  # Prepared -> list[slice]
+        self._lock = threading.Lock()
+        self._items: dict[int, _StreamItem] = {}
+
+    def requests(self, number: int, item: KLItem) -> list[pb.KLRequest] | KLStreamResult:
+        """The requests of item `number`, or its result when it fails before anything is sent."""
+        key = number if getattr(item, "key", None) is None else item.key
+        try:
+            if not isinstance(item, KLItem):
+                raise InvalidArgument(f"stream item {number}: expected a KLItem, got {type(item).__name__}")
+            prepared = _prepare_kl(item.sequences, item.prompt_lengths, item.logprobs, item.old_logprobs)
+            parts = self._parts_of(prepared)
+            requests = kl_requests(prepared, parts, item.model, item.temperature, item.spec, id_prefix=f"{number}.")
+        except KLServiceError as error:
+            return KLStreamResult(key=key, error=error)
+        with self._lock:
+            self._items[number] = _StreamItem(key, prepared, item.as_torch, len(requests))
+        return requests
+
+    def answer(self, message: pb.StreamKLResponse) -> KLStreamResult | None:
+        """The item result an answer completes, if any."""
+        number, _, part = message.request_id.partition(".")
+        with self._lock:
+            entry = self._items.get(int(number)) if number.isdigit() and part.isdigit() else None
+            if entry is None:
+                raise ServerError(f"StreamKL answered a request id this client did not send: {message.request_id!r}")
+            if message.WhichOneof("result") == "error":
+                del self._items[int(number)]
+                return KLStreamResult(key=entry.key, error=from_status(message.error.code, message.error.message))
+            entry.answers[int(part)] = message.response
+            if len(entry.answers) < entry.parts:
+                return None
+            del self._items[int(number)]
+        responses = [entry.answers[k] for k in range(entry.parts)]
+        try:
+            check_revisions(responses)
+            return KLStreamResult(key=entry.key, output=kl_output(responses, entry.prepared, entry.as_torch))
+        except KLServiceError as error:
+            return KLStreamResult(key=entry.key, error=error)
+
+    def unanswered(self) -> int:
+        with self._lock:
+            return len(self._items)
 
 
 @dataclasses.dataclass
-class _Prepared:
-    tokens: list[np.ndarray]
-    prompt_lengths: np.ndarray
-    scored_lengths: np.ndarray
-    logprobs: np.ndarray | None
-    old_logprobs: np.ndarray | None
-    torch_like: Any  # a torch tensor among the inputs (outputs follow its device), or None
+class _StreamItem:
+    key: Any
+    prepared: Prepared
+    as_torch: bool
+    parts: int
+    answers: dict[int, pb.KLResponse] = dataclasses.field(default_factory=dict)
 
 
-def _as_numpy(value) -> np.ndarray:
-    if is_torch(value):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
+def _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs) -> Prepared:
+    prepared = prepare(sequences, prompt_lengths, logprobs, old_logprobs)
+    if prepared.logprobs is None:
+        raise InvalidArgument("logprobs: required")
+    return prepared
 
 
-def _prepare(sequences, prompt_lengths, logprobs=None, old_logprobs=None) -> _Prepared:
-    torch_like = next((v for v in (logprobs, sequences, old_logprobs) if is_torch(v)), None)
-    if is_torch(sequences) or isinstance(sequences, np.ndarray):
-        array = _as_numpy(sequences)
-        if array.ndim != 2:
-            raise InvalidArgument(f"sequences: an array must be 2-D [batch, length], got shape {array.shape}")
-        tokens = list(array.astype(np.int64))
-    else:
-        tokens = [_as_numpy(s).astype(np.int64).reshape(-1) for s in sequences]
-    if not tokens:
-        raise InvalidArgument("sequences: empty batch")
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-    if np.isscalar(prompt_lengths) or (isinstance(prompt_lengths, np.ndarray) and prompt_lengths.ndim == 0):
-        prompts = np.full(len(tokens), int(prompt_lengths), dtype=np.int64)
-    else:
-        prompts = _as_numpy(prompt_lengths).astype(np.int64).reshape(-1)
-        if prompts.shape[0] != len(tokens):
-            raise InvalidArgument(f"prompt_lengths: {prompts.shape[0]} values for {len(tokens)} sequences")
-    bad = np.flatnonzero((prompts < 1) | (prompts > lengths))
-    if bad.size:
-        i = int(bad[0])
-        raise InvalidArgument(f"prompt_lengths: sequence {i}: {prompts[i]} must be between 1 and its length {lengths[i]}")
-    scored = lengths - prompts
-    return _Prepared(
-        tokens=tokens,
-        prompt_lengths=prompts,
-        scored_lengths=scored,
-        logprobs=_flat_logprobs(logprobs, scored, "logprobs"),
-        old_logprobs=_flat_logprobs(old_logprobs, scored, "old_logprobs"),
-        torch_like=torch_like,
-    )
-
-
-def _flat_logprobs(values, scored: np.ndarray, name: str) -> np.ndarray | None:
-    """Accept flat [num_scored], a list of per-sequence arrays, or padded [batch, >= max scored]."""
-    if values is None:
-        return None
-    if isinstance(values, (list, tuple)) and values and not np.isscalar(values[0]):
-        parts = [_as_numpy(v).reshape(-1) for v in values]
-        if len(parts) != len(scored):
-            raise InvalidArgument(f"{name}: {len(parts)} sequences given for a batch of {len(scored)}")
-        for i, (part, n) in enumerate(zip(parts, scored)):
-            if part.shape[0] != n:
-                raise InvalidArgument(f"{name}: sequence {i} has {part.shape[0]} values but {n} scored tokens")
-        array = np.concatenate(parts) if parts else np.zeros(0)
-    else:
-        array = _as_numpy(values)
-        if array.ndim == 2:
-            if array.shape[0] != len(scored) or array.shape[1] < (scored.max() if scored.size else 0):
-                raise InvalidArgument(
-                    f"{name}: padded shape {array.shape} does not fit {len(scored)} sequences of up to {scored.max()} scored tokens"
-                )
-            array = array[np.arange(array.shape[1])[None, :] < scored[:, None]]
-        elif array.ndim != 1 or array.shape[0] != scored.sum():
-            raise InvalidArgument(f"{name}: shape {array.shape}, expected {int(scored.sum())} values (one per scored token)")
-    if array.dtype != np.float64:
-        array = array.astype(np.float32)
-    return array
-
-
-def _chunks(prepared: _Prepared, max_tokens: int, max_bytes: int) -> list[slice]:
-    """Consecutive sequence ranges whose tokens fit the request limits (a too-long single sequence goes alone)."""
-    token_budget = max(1, min(max_tokens, max_bytes // _BYTES_PER_TOKEN))
-    ranges, start, used = [], 0, 0
-    for i, tokens in enumerate(prepared.tokens):
-        if i > start and used + len(tokens) > token_budget:
-            ranges.append(slice(start, i))
-            start, used = i, 0
-        used += len(tokens)
-    ranges.append(slice(start, len(prepared.tokens)))
-    return ranges
-
-
-def _batch_message(prepared: _Prepared, part: slice) -> pb.SequenceBatch:
-    tokens = prepared.tokens[part]
-    return pb.SequenceBatch(
-        token_ids=to_tensor(np.concatenate(tokens)),
-        lengths=to_tensor(np.array([len(t) for t in tokens], dtype=np.int64)),
-        prompt_lengths=to_tensor(prepared.prompt_lengths[part]),
-    )
-
-
-def _token_slice(prepared: _Prepared, part: slice) -> slice:
-    offsets = np.concatenate([[0], np.cumsum(prepared.scored_lengths)])
-    return slice(int(offsets[part.start]), int(offsets[part.stop]))
-
-
-def _score_requests(prepared, parts, model, temperature) -> list[pb.ScoreRequest]:
-    return [
-        pb.ScoreRequest(request_id=f"part-{i}", model=model, batch=_batch_message(prepared, part), temperature=temperature)
-        for i, part in enumerate(parts)
-    ]
-
-
-def _kl_requests(prepared, parts, model, temperature, spec) -> list[pb.KLRequest]:
-    spec_message = spec_to_proto(spec)
-    requests = []
-    for i, part in enumerate(parts):
-        tokens = _token_slice(prepared, part)
-        request = pb.KLRequest(
-            request_id=f"part-{i}",
-            model=model,
-            batch=_batch_message(prepared, part),
-            temperature=temperature,
-            logprobs=to_tensor(prepared.logprobs[tokens]),
-            spec=spec_message,
-        )
-        if prepared.old_logprobs is not None:
-            request.old_logprobs.CopyFrom(to_tensor(prepared.old_logprobs[tokens]))
-        requests.append(request)
-    return requests
-
-
-def _to_output(values: np.ndarray, prepared: _Prepared, as_torch: bool):
-    if not as_torch and prepared.torch_like is None:
-        return values
-    import torch
-
-    device = prepared.torch_like.device if prepared.torch_like is not None else "cpu"
-    return torch.from_numpy(np.array(values)).to(device)
-
-
-def _merge_diagnostics(parts: list[kl.KLDiagnostics]) -> kl.KLDiagnostics:
-    """Combine per-request diagnostics exactly: token means weighted by tokens, sequence means by sequences."""
-    if len(parts) == 1:
-        return parts[0]
-    tokens = sum(p.num_tokens for p in parts)
-    sequences = sum(p.num_sequences for p in parts)
-
-    def mean(name: str, weight: str, total: int) -> float:
-        return sum(getattr(p, name) * getattr(p, weight) for p in parts) / total if total else 0.0
-
-    fields = {
-        "num_sequences": sequences,
-        "num_tokens": tokens,
-        "is_weight_max": max(p.is_weight_max for p in parts),
-        "num_clamped": sum(p.num_clamped for p in parts),
-    }
-    for field in dataclasses.fields(kl.KLDiagnostics):
-        if field.name not in fields:
-            per_sequence = field.name.endswith("_per_sequence")
-            fields[field.name] = mean(field.name, "num_sequences" if per_sequence else "num_tokens", sequences if per_sequence else tokens)
-    return kl.KLDiagnostics(**fields)
-
-
-def _score_output(responses: list[pb.ScoreResponse], prepared: _Prepared, as_torch: bool) -> ScoreOutput:
-    ref = np.concatenate([from_tensor(r.ref_logprobs, "ref_logprobs") for r in responses])
-    return ScoreOutput(
-        ref_logprobs=_to_output(ref, prepared, as_torch),
-        scored_lengths=prepared.scored_lengths,
-        model=responses[0].model.name,
-        revision=responses[0].model.revision,
-    )
-
-
-def _kl_output(responses: list[pb.KLResponse], prepared: _Prepared, as_torch: bool) -> KLOutput:
-    def gather(name: str):
-        values = np.concatenate([from_tensor(getattr(r, name), name) for r in responses])
-        return _to_output(values, prepared, as_torch)
-
-    return KLOutput(
-        ref_logprobs=gather("ref_logprobs"),
-        k1=gather("k1"),
-        k2=gather("k2"),
-        k3=gather("k3"),
-        coef=gather("coef"),
-        coef_principled=gather("coef_principled"),
-        scored_lengths=prepared.scored_lengths,
-        diagnostics=_merge_diagnostics([diagnostics_from_proto(r.diagnostics) for r in responses]),
-        spec=responses[0].spec,
-        model=responses[0].model.name,
-        revision=responses[0].model.revision,
-    )
-
-
-def _check_revisions(responses) -> None:
-    revisions = {r.model.revision for r in responses}
-    if len(revisions) > 1:
-        raise KLServiceError(f"parts of one batch were answered by different model revisions: {sorted(revisions)}")
-
-
-def _backoff(attempt: int, initial: float, maximum: float, error: grpc.RpcError | None = None) -> float:
-    """Exponential backoff with jitter, at least the server's retry-after-ms hint (capped at 30 s)."""
-    delay = min(maximum, initial * 2**attempt) * (0.5 + random.random() / 2)
-    try:
-        metadata = dict(error.trailing_metadata() or ()) if error is not None else {}
-        hint = float(metadata.get(RETRY_AFTER_METADATA_KEY, 0)) / 1000.0
-    except (TypeError, ValueError, AttributeError):
-        hint = 0.0
-    return max(delay, min(hint, 30.0))
+_END = object()  # end of a StreamKL answer stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,22 +162,11 @@ class _Options:
         return ((JOB_METADATA_KEY, self.job_id),) if self.job_id else ()
 
 
-def _channel_options(max_message_bytes: int, load_balancing: str | None):
-    options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
-    if load_balancing:
-        options.append(("grpc.lb_policy_name", load_balancing))
-    return options
+class _ClientCore:
+    """What KLClient and AsyncKLClient share: channel, stub, options and every decision that is not I/O.
 
-
-# ---------------------------------------------------------------------------------------
-# Clients
-
-
-class _ClientBase:
-    """Channel, stub and call options shared by KLClient and AsyncKLClient (``_channel_api``: grpc or grpc.aio)."""
+    ``_channel_api`` is grpc or grpc.aio.
+    """
 
     _channel_api: Any = grpc
 
@@ -382,7 +184,12 @@ class _ClientBase:
         credentials: grpc.ChannelCredentials | None = None,
     ):
         self._options = _Options(job_id, timeout, max_retries, initial_backoff, max_backoff, max_message_bytes)
-        options = _channel_options(max_message_bytes, load_balancing)
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if load_balancing:
+            options.append(("grpc.lb_policy_name", load_balancing))
         api = self._channel_api
         self._channel = (
             api.secure_channel(target, credentials, options=options)
@@ -392,8 +199,67 @@ class _ClientBase:
         self._stub = pb_grpc.ReferenceServiceStub(self._channel)
         self._info: ModelInfo | None = None
 
+    # --- decisions both clients share ---------------------------------------------------
 
-class KLClient(_ClientBase):
+    def _retry_delay(self, attempt: int, error: grpc.RpcError) -> float:
+        """Seconds to wait before retrying a failed call; raises its typed exception when it is not retried."""
+        options = self._options
+        if error.code() in RETRYABLE and attempt < options.max_retries:
+            return backoff(attempt, options.initial_backoff, options.max_backoff, error)
+        raise from_rpc_error(error) from error
+
+    @staticmethod
+    def _ready_timeout(deadline: float) -> float:
+        """Deadline of one GetModelInfo attempt while waiting for readiness."""
+        return max(0.1, min(5.0, deadline - time.monotonic()))
+
+    def _not_ready_yet(self, error: grpc.RpcError, deadline: float, timeout: float) -> None:
+        """Return if the server may still become ready; raise otherwise."""
+        if error.code() not in NOT_READY_YET:
+            raise from_rpc_error(error) from error
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server not ready after {timeout} s")
+
+    def _remember(self, reply: pb.ModelInfo) -> ModelInfo:
+        self._info = model_info_from_proto(reply)
+        return self._info
+
+    @staticmethod
+    def _check_fingerprint(info: ModelInfo, tokenizer) -> None:
+        expected, actual = info.tokenizer_fingerprint, tokenizer_fingerprint(tokenizer)
+        if actual != expected:
+            raise TokenizerMismatch(
+                f"tokenizer fingerprint {actual[:16]}… differs from the server model's {expected[:16]}…: "
+                "token ids would mean different tokens to the reference model"
+            )
+
+    def _parts(self, info: ModelInfo, prepared: Prepared) -> list[slice]:
+        return chunks(prepared, info.max_request_tokens, min(info.max_message_bytes, self._options.max_message_bytes))
+
+    def _score_plan(self, info: ModelInfo, sequences, prompt_lengths, temperature, model, as_torch) -> _Plan:
+        prepared = prepare(sequences, prompt_lengths)
+        requests = score_requests(prepared, self._parts(info, prepared), model, temperature)
+        return _Plan("Score", requests, lambda responses: _finish(score_output, responses, prepared, as_torch))
+
+    def _kl_plan(self, info: ModelInfo, sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, model, as_torch) -> _Plan:
+        prepared = _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs)
+        requests = kl_requests(prepared, self._parts(info, prepared), model, temperature, spec)
+        return _Plan("ComputeKL", requests, lambda responses: _finish(kl_output, responses, prepared, as_torch))
+
+    def _stream_assembly(self, info: ModelInfo) -> _StreamAssembly:
+        return _StreamAssembly(lambda prepared: self._parts(info, prepared))
+
+    def _stream_timeout(self, timeout: float | None) -> float:
+        return self._options.timeout if timeout is None else timeout
+
+
+def _finish(assemble, responses, prepared: Prepared, as_torch: bool):
+    responses = list(responses)
+    check_revisions(responses)
+    return assemble(responses, prepared, as_torch)
+
+
+class KLClient(_ClientCore):
     """Blocking client. Thread-safe; one per process is enough.
 
     Args:
@@ -415,63 +281,42 @@ class KLClient(_ClientBase):
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method, request):
-        options = self._options
-        for attempt in range(options.max_retries + 1):
+    def _call(self, rpc: str, request):
+        method = getattr(self._stub, rpc)
+        for attempt in itertools.count():
             try:
-                return method(request, timeout=options.timeout, metadata=options.metadata())
+                return method(request, timeout=self._options.timeout, metadata=self._options.metadata())
             except grpc.RpcError as error:
-                if error.code() in RETRYABLE and attempt < options.max_retries:
-                    time.sleep(_backoff(attempt, options.initial_backoff, options.max_backoff, error))
-                    continue
-                raise from_rpc_error(error) from error
+                time.sleep(self._retry_delay(attempt, error))
+
+    def _run(self, plan: _Plan):
+        return plan.finish([self._call(plan.rpc, request) for request in plan.requests])
 
     def wait_ready(self, timeout: float = 120.0) -> ModelInfo:
         """Block until the server answers GetModelInfo (the model is loaded); returns the model info."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                reply = self._stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=max(0.1, min(5.0, deadline - time.monotonic()))
-                )
-                self._info = model_info_from_proto(reply)
-                return self._info
+                return self._remember(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._ready_timeout(deadline)))
             except grpc.RpcError as error:
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise from_rpc_error(error) from error
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready after {timeout} s")
-            time.sleep(0.2)
+                self._not_ready_yet(error, deadline, timeout)
+            time.sleep(READY_POLL_SECONDS)
 
     def model_info(self, refresh: bool = False) -> ModelInfo:
         """The served model (cached after the first call)."""
         if self._info is None or refresh:
-            self._info = model_info_from_proto(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+            self._remember(self._call("GetModelInfo", pb.GetModelInfoRequest()))
         return self._info
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise TokenizerMismatch unless `tokenizer` has the server model's vocabulary and special tokens."""
-        expected = self.model_info().tokenizer_fingerprint
-        actual = tokenizer_fingerprint(tokenizer)
-        if actual != expected:
-            raise TokenizerMismatch(
-                f"tokenizer fingerprint {actual[:16]}… differs from the server model's {expected[:16]}…: "
-                "token ids would mean different tokens to the reference model"
-            )
-
-    def _parts(self, prepared: _Prepared) -> list[slice]:
-        info = self.model_info()
-        return _chunks(prepared, info.max_request_tokens, min(info.max_message_bytes, self._options.max_message_bytes))
+        self._check_fingerprint(self.model_info(), tokenizer)
 
     def score(
         self, sequences, prompt_lengths, *, temperature: float = 1.0, model: str = "", as_torch: bool = False
     ) -> ScoreOutput:
         """Reference log-probs of every token after its sequence's prompt."""
-        prepared = _prepare(sequences, prompt_lengths)
-        requests = _score_requests(prepared, self._parts(prepared), model, temperature)
-        responses = [self._call(self._stub.Score, r) for r in requests]
-        _check_revisions(responses)
-        return _score_output(responses, prepared, as_torch)
+        return self._run(self._score_plan(self.model_info(), sequences, prompt_lengths, temperature, model, as_torch))
 
     def compute_kl(
         self,
@@ -491,16 +336,61 @@ class KLClient(_ClientBase):
         per-sequence arrays, or padded [batch, >= max scored]. ``spec`` is a preset name from
         `klservice_client.kl.PRESETS` or a `KLSpec` (default: ``principled``).
         """
-        prepared = _prepare(sequences, prompt_lengths, logprobs, old_logprobs)
-        if prepared.logprobs is None:
-            raise InvalidArgument("logprobs: required")
-        requests = _kl_requests(prepared, self._parts(prepared), model, temperature, spec)
-        responses = [self._call(self._stub.ComputeKL, r) for r in requests]
-        _check_revisions(responses)
-        return _kl_output(responses, prepared, as_torch)
+        plan = self._kl_plan(
+            self.model_info(), sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, model, as_torch
+        )
+        return self._run(plan)
+
+    def stream_kl(self, items: Iterable[KLItem], *, timeout: float | None = None) -> Iterator[KLStreamResult]:
+        """ComputeKL for each `KLItem` of `items` over one StreamKL stream; results in completion order.
+
+        Items are sent as `items` yields them (it is read from gRPC's sending thread, so it may
+        block, e.g. on a queue that rollout workers fill), so a trainer can have micro-batches
+        scored while it still generates the next ones. Each result carries its item's `key`;
+        an item that fails (bad input, ...) gives a result whose `error` is the typed
+        exception and the stream goes on. Items larger than one request are split and
+        reassembled like `compute_kl`'s. `timeout` (default: the client's) bounds the whole
+        stream; a failure of the stream itself (unreachable server, deadline) is raised, and
+        it is not retried: results already yielded stand.
+        """
+        assembly = self._stream_assembly(self.model_info())
+        events: queue.Queue = queue.Queue()
+
+        def requests():
+            try:
+                for number, item in enumerate(items):
+                    prepared = assembly.requests(number, item)
+                    if isinstance(prepared, KLStreamResult):
+                        events.put(prepared)
+                    else:
+                        yield from prepared
+            except Exception as error:  # noqa: BLE001 - the caller's iterator failed: re-raised in its thread
+                events.put(_Raise(error))
+
+        call = self._stub.StreamKL(requests(), timeout=self._stream_timeout(timeout), metadata=self._options.metadata())
+
+        def read():
+            try:
+                for message in call:
+                    events.put(message)
+                events.put(_END)
+            except grpc.RpcError as error:
+                events.put(error)
+
+        threading.Thread(target=read, name="klservice-stream-kl", daemon=True).start()
+        try:
+            while True:
+                event = events.get()
+                if event is _END:
+                    return
+                result = _stream_event(assembly, event)
+                if result is not None:
+                    yield result
+        finally:
+            call.cancel()
 
 
-class AsyncKLClient(_ClientBase):
+class AsyncKLClient(_ClientCore):
     """asyncio client with the same methods as `KLClient` (awaitable); parts of a split batch run concurrently."""
 
     _channel_api = grpc.aio
@@ -514,57 +404,44 @@ class AsyncKLClient(_ClientBase):
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method, request):
-        options = self._options
-        for attempt in range(options.max_retries + 1):
+    async def _call(self, rpc: str, request):
+        method = getattr(self._stub, rpc)
+        for attempt in itertools.count():
             try:
-                return await method(request, timeout=options.timeout, metadata=options.metadata())
+                return await method(request, timeout=self._options.timeout, metadata=self._options.metadata())
             except grpc.RpcError as error:
-                if error.code() in RETRYABLE and attempt < options.max_retries:
-                    await asyncio.sleep(_backoff(attempt, options.initial_backoff, options.max_backoff, error))
-                    continue
-                raise from_rpc_error(error) from error
+                await asyncio.sleep(self._retry_delay(attempt, error))
+
+    async def _run(self, plan: _Plan):
+        return plan.finish(await asyncio.gather(*(self._call(plan.rpc, request) for request in plan.requests)))
 
     async def wait_ready(self, timeout: float = 120.0) -> ModelInfo:
         """Wait until the server answers GetModelInfo (the model is loaded); returns the model info."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                reply = await self._stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=max(0.1, min(5.0, deadline - time.monotonic()))
-                )
-                self._info = model_info_from_proto(reply)
-                return self._info
+                reply = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._ready_timeout(deadline))
+                return self._remember(reply)
             except grpc.RpcError as error:
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise from_rpc_error(error) from error
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready after {timeout} s")
-            await asyncio.sleep(0.2)
+                self._not_ready_yet(error, deadline, timeout)
+            await asyncio.sleep(READY_POLL_SECONDS)
 
     async def model_info(self, refresh: bool = False) -> ModelInfo:
         """The served model (cached after the first call)."""
         if self._info is None or refresh:
-            self._info = model_info_from_proto(await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+            self._remember(await self._call("GetModelInfo", pb.GetModelInfoRequest()))
         return self._info
 
     async def check_tokenizer(self, tokenizer) -> None:
-        expected = (await self.model_info()).tokenizer_fingerprint
-        if tokenizer_fingerprint(tokenizer) != expected:
-            raise TokenizerMismatch("tokenizer fingerprint differs from the server model's")
-
-    async def _parts(self, prepared: _Prepared) -> list[slice]:
-        info = await self.model_info()
-        return _chunks(prepared, info.max_request_tokens, min(info.max_message_bytes, self._options.max_message_bytes))
+        """Raise TokenizerMismatch unless `tokenizer` has the server model's vocabulary and special tokens."""
+        self._check_fingerprint(await self.model_info(), tokenizer)
 
     async def score(
         self, sequences, prompt_lengths, *, temperature: float = 1.0, model: str = "", as_torch: bool = False
     ) -> ScoreOutput:
-        prepared = _prepare(sequences, prompt_lengths)
-        requests = _score_requests(prepared, await self._parts(prepared), model, temperature)
-        responses = await asyncio.gather(*(self._call(self._stub.Score, r) for r in requests))
-        _check_revisions(responses)
-        return _score_output(list(responses), prepared, as_torch)
+        """Reference log-probs of every token after its sequence's prompt (`KLClient.score`)."""
+        info = await self.model_info()
+        return await self._run(self._score_plan(info, sequences, prompt_lengths, temperature, model, as_torch))
 
     async def compute_kl(
         self,
@@ -578,8 +455,78 @@ class AsyncKLClient(_ClientBase):
         model: str = "",
         as_torch: bool = False,
     ) -> KLOutput:
-        prepared = _prepare(sequences, prompt_lengths, logprobs, old_logprobs)
-        requests = _kl_requests(prepared, await self._parts(prepared), model, temperature, spec)
-        responses = await asyncio.gather(*(self._call(self._stub.ComputeKL, r) for r in requests))
-        _check_revisions(responses)
-        return _kl_output(list(responses), prepared, as_torch)
+        """Reference log-probs, k1/k2/k3, the coefficient of `spec` and diagnostics (`KLClient.compute_kl`)."""
+        info = await self.model_info()
+        plan = self._kl_plan(info, sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, model, as_torch)
+        return await self._run(plan)
+
+    async def stream_kl(
+        self, items: Iterable[KLItem] | AsyncIterable[KLItem], *, timeout: float | None = None
+    ) -> AsyncIterator[KLStreamResult]:
+        """`KLClient.stream_kl` for asyncio: `items` may be an iterable or an async iterable."""
+        assembly = self._stream_assembly(await self.model_info())
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            try:
+                number = 0
+                async for item in _aiter(items):
+                    prepared = assembly.requests(number, item)
+                    number += 1
+                    if isinstance(prepared, KLStreamResult):
+                        events.put_nowait(prepared)
+                    else:
+                        for request in prepared:
+                            yield request
+            except Exception as error:  # noqa: BLE001 - the caller's iterator failed: re-raised to the caller
+                events.put_nowait(_Raise(error))
+
+        call = self._stub.StreamKL(requests(), timeout=self._stream_timeout(timeout), metadata=self._options.metadata())
+
+        async def read():
+            try:
+                async for message in call:
+                    events.put_nowait(message)
+                events.put_nowait(_END)
+            except grpc.RpcError as error:
+                events.put_nowait(error)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                event = await events.get()
+                if event is _END:
+                    return
+                result = _stream_event(assembly, event)
+                if result is not None:
+                    yield result
+        finally:
+            call.cancel()
+            reader.cancel()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Raise:
+    """The caller's item iterator raised `error` (in the sending thread or task)."""
+
+    error: BaseException
+
+
+def _stream_event(assembly: _StreamAssembly, event) -> KLStreamResult | None:
+    """One event of a stream (an answer, a local item failure, a stream failure) as a result, or raise."""
+    if isinstance(event, KLStreamResult):
+        return event
+    if isinstance(event, _Raise):
+        raise event.error
+    if isinstance(event, grpc.RpcError):
+        raise from_rpc_error(event) from event
+    return assembly.answer(event)
+
+
+async def _aiter(items):
+    if hasattr(items, "__aiter__"):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

@@ -7,7 +7,8 @@
 - `spec_to_proto` / `spec_from_proto` and `diagnostics_to_proto` / `diagnostics_from_proto`:
   the KL library's `KLSpec` and `KLDiagnostics` as messages;
 - `ModelInfo` with `model_info_to_proto` / `model_info_from_proto`: the served model, as
-  GetModelInfo describes it (a backend fills the model's fields, the server the limits).
+  GetModelInfo describes it (a backend fills the model's fields, the server the limits);
+- `JOB_METADATA_KEY` and `RETRY_AFTER_METADATA_KEY`: the metadata both sides read.
 
 A program speaking to klservice with its own stubs, or a server of the same contract, builds
 on these; `KLClient` and the klservice server do.
@@ -23,7 +24,9 @@ from klservice_client._proto import klservice_pb2_grpc as pb_grpc
 from klservice_client.tensors import TensorError, from_tensor, to_tensor
 
 __all__ = [
+    "JOB_METADATA_KEY",
     "ModelInfo",
+    "RETRY_AFTER_METADATA_KEY",
     "TensorError",
     "diagnostics_from_proto",
     "diagnostics_to_proto",
@@ -36,6 +39,11 @@ __all__ = [
     "spec_to_proto",
     "to_tensor",
 ]
+
+JOB_METADATA_KEY = "x-job-id"
+"""Request metadata naming the caller's job: the server's unit of fairness and its per-job metric label."""
+RETRY_AFTER_METADATA_KEY = "retry-after-ms"
+"""Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds the server expects its backlog to take."""
 
 _ESTIMATORS = {pb.ESTIMATOR_K1: kl.Estimator.K1, pb.ESTIMATOR_K2: kl.Estimator.K2, pb.ESTIMATOR_K3: kl.Estimator.K3}
 _MODES = {pb.KL_MODE_IN_REWARD: kl.Mode.IN_REWARD, pb.KL_MODE_AS_LOSS: kl.Mode.AS_LOSS}

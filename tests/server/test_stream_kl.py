@@ -1,0 +1,175 @@
+"""KLClient.stream_kl and AsyncKLClient.stream_kl against a real server, and the two clients' parity.
+
+The server here takes at most 64 tokens per request, so items of more are split over several
+StreamKL requests and reassembled by the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from klservice_client import (
+    AsyncKLClient,
+    InvalidArgument,
+    KLClient,
+    KLItem,
+    TokenizerMismatch,
+    kl,
+)
+
+MAX_REQUEST_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def small_requests_server(start_server):
+    return start_server(max_request_tokens=MAX_REQUEST_TOKENS)
+
+
+def make_items(count: int, seed: int = 0) -> list[KLItem]:
+    """Items of 1-4 sequences with random prompts; some longer than one request."""
+    rng = np.random.default_rng(seed)
+    presets = sorted(p for p in kl.PRESETS if not kl.PRESETS[p].spec.needs_old_logprobs)
+    items = []
+    for i in range(count):
+        lengths = rng.integers(3, 40, size=int(rng.integers(1, 5)))
+        sequences = [rng.integers(0, 49152, size=int(n)).tolist() for n in lengths]
+        prompts = [int(rng.integers(1, n)) for n in lengths]
+        scored = int(sum(n - p for n, p in zip(lengths, prompts)))
+        logprobs = rng.normal(-10, 1, size=scored).astype(np.float32)
+        items.append(KLItem(sequences, prompts, logprobs, spec=presets[i % len(presets)], key=f"item-{i}"))
+    return items
+
+
+def assert_same_as_compute_kl(client: KLClient, item: KLItem, got) -> None:
+    want = client.compute_kl(item.sequences, item.prompt_lengths, logprobs=item.logprobs, spec=item.spec)
+    assert got.scored_lengths.tolist() == want.scored_lengths.tolist()
+    for name in ("ref_logprobs", "k1", "k2", "k3", "coef", "coef_principled"):
+        # Equal up to float32 rounding: batch composition (padding, kernel blocking) may differ by an ulp.
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert got.spec == want.spec
+
+
+def test_stream_kl_answers_every_item_like_compute_kl(small_requests_server):
+    items = make_items(12)
+    assert any(sum(len(s) for s in item.sequences) > MAX_REQUEST_TOKENS for item in items)  # some are split
+    bad = KLItem([[1, 2, 3]], [1], np.zeros(5, np.float32), key="bad")  # 5 log-probs for 2 scored tokens
+    too_big = KLItem([[1, 2, 49152]], [1], [-1.0, -1.0], key="bad-token")  # token id out of the vocabulary
+    stream = items[:5] + [bad] + items[5:9] + [too_big] + items[9:]
+    with KLClient(small_requests_server.target) as client:
+        results = list(client.stream_kl(stream))
+        assert sorted(str(r.key) for r in results) == sorted(str(item.key) for item in stream)
+        by_key = {r.key: r for r in results}
+        assert isinstance(by_key["bad"].error, InvalidArgument)
+        assert "logprobs" in str(by_key["bad"].error)  # found by the client before sending
+        assert isinstance(by_key["bad-token"].error, InvalidArgument)
+        assert "49152" in str(by_key["bad-token"].error)  # found by the server; the stream went on
+        with pytest.raises(InvalidArgument):
+            by_key["bad"].result()
+        for item in items:
+            assert by_key[item.key].error is None
+            assert_same_as_compute_kl(client, item, by_key[item.key].result())
+
+
+def test_stream_kl_keys_default_to_positions(small_requests_server):
+    items = [KLItem(item.sequences, item.prompt_lengths, item.logprobs) for item in make_items(3, seed=4)]
+    with KLClient(small_requests_server.target) as client:
+        results = {r.key: r.result() for r in client.stream_kl(items)}
+        assert sorted(results) == [0, 1, 2]
+        for position, item in enumerate(items):
+            assert_same_as_compute_kl(client, item, results[position])
+
+
+def test_stream_kl_answers_while_items_are_still_coming(small_requests_server):
+    """The second item is produced only after the first one's result has arrived: a client that read all
+    items before answering would wait here forever (bounded by the event's timeout, then fail)."""
+    first, second = make_items(2, seed=7)
+    answered = threading.Event()
+    seen_before_second = []
+
+    def produce():
+        yield first
+        seen_before_second.append(answered.wait(60))
+        yield second
+
+    with KLClient(small_requests_server.target) as client:
+        keys = []
+        for result in client.stream_kl(produce()):
+            result.result()
+            keys.append(result.key)
+            answered.set()
+    assert keys == [first.key, second.key]
+    assert seen_before_second == [True]
+
+
+def test_a_failing_item_iterator_is_raised_to_the_caller(small_requests_server):
+    (item,) = make_items(1, seed=9)
+
+    def produce():
+        yield item
+        raise RuntimeError("rollout worker died")
+
+    with KLClient(small_requests_server.target) as client:
+        with pytest.raises(RuntimeError, match="rollout worker died"):
+            list(client.stream_kl(produce()))
+
+
+def test_async_stream_kl_equals_the_blocking_one(small_requests_server):
+    items = make_items(8, seed=2)
+
+    async def produce():
+        for item in items:
+            await asyncio.sleep(0)
+            yield item
+
+    async def main():
+        async with AsyncKLClient(small_requests_server.target) as client:
+            from_async = {r.key: r.result() async for r in client.stream_kl(produce())}
+            from_list = {r.key: r.result() async for r in client.stream_kl(items)}
+            return from_async, from_list
+
+    from_async, from_list = asyncio.run(main())
+    with KLClient(small_requests_server.target) as client:
+        for item in items:
+            assert_same_as_compute_kl(client, item, from_async[item.key])
+            np.testing.assert_array_equal(from_async[item.key].coef, from_list[item.key].coef)
+
+
+def test_both_clients_refuse_the_same_inputs_with_the_same_messages(small_requests_server):
+    class OtherTokenizer:
+        def get_vocab(self):
+            return {"a": 0, "b": 1}
+
+    def blocking_errors():
+        errors = []
+        with KLClient(small_requests_server.target) as client:
+            for call in (
+                lambda: client.check_tokenizer(OtherTokenizer()),
+                lambda: client.compute_kl([[1, 2, 3]], 1, logprobs=None),
+                lambda: client.score([[1, 2, 3]], 4),
+            ):
+                with pytest.raises((TokenizerMismatch, InvalidArgument)) as failure:
+                    call()
+                errors.append((type(failure.value), str(failure.value)))
+        return errors
+
+    async def async_errors():
+        errors = []
+        async with AsyncKLClient(small_requests_server.target) as client:
+            for call in (
+                lambda: client.check_tokenizer(OtherTokenizer()),
+                lambda: client.compute_kl([[1, 2, 3]], 1, logprobs=None),
+                lambda: client.score([[1, 2, 3]], 4),
+            ):
+                with pytest.raises((TokenizerMismatch, InvalidArgument)) as failure:
+                    await call()
+                errors.append((type(failure.value), str(failure.value)))
+        return errors
+
+    blocking = blocking_errors()
+    assert [kind for kind, _ in blocking] == [TokenizerMismatch, InvalidArgument, InvalidArgument]
+    assert "logprobs: required" in blocking[1][1]
+    assert asyncio.run(async_errors()) == blocking
