@@ -42,6 +42,11 @@ class Overloaded(ServiceError):
         self.retry_after = retry_after
 
 
+class TooLarge(ServiceError):
+    """The request or its response would exceed the message limit (RESOURCE_EXHAUSTED without a retry hint:
+    splitting helps, waiting does not)."""
+
+
 class NotReady(ServiceError):
     """The model is loading or the server is draining."""
 
@@ -57,6 +62,7 @@ _STATUS: dict[type[BaseException], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
 }

@@ -15,7 +15,11 @@ How:
   then picks sequences by deficit round-robin over jobs (each visit grants a job a
   quantum of ``max_batch_tokens / active jobs`` tokens; the deficit carries over while
   the job has backlog), until ``max_batch_tokens`` are chosen.
-- Work whose caller has gone or whose deadline has passed is dropped before it runs.
+- Work whose caller has gone (cancelled, or its deadline passed) leaves the queue at once
+  and is counted in ``klservice_dropped_total{reason="cancelled"|"deadline"}``; work found
+  expired when a step is formed is answered DEADLINE_EXCEEDED unrun.
+- A job is held only while it has work queued: an idle job is forgotten, so the table of
+  jobs is bounded by the queue (``max_queue`` requests), whatever job ids callers send.
 - `plan_calls` packs the chosen sequences into backend calls: sequences with the same
   prompt stay together and are handed to the backend as a group (it computes their prompt
   once), units are sorted by length and packed so count × longest stays within the budget.
@@ -167,9 +171,23 @@ class TokenBudgetScheduler:
                 pass
         for job in self._jobs.values():
             for item in job.items:
+                item.request.queued = 0
                 _fail(item.request, NotReady("server is shutting down"))
-            job.items.clear()
+        self._jobs.clear()
+        self._rotation.clear()
+        self._waiting_requests = self._waiting_tokens = 0
+        self._publish_depth()
         self._executor.shutdown(wait=True)
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests with sequences waiting for the model (the klservice_queue_depth gauge)."""
+        return self._waiting_requests
+
+    @property
+    def active_jobs(self) -> int:
+        """Jobs with work queued: the only jobs the scheduler holds state for."""
+        return len(self._jobs)
 
     # --- submitting -------------------------------------------------------------------
 
@@ -203,16 +221,43 @@ class TokenBudgetScheduler:
             )
         request.remaining = request.queued = len(items)
         state = self._jobs.get(job)
-        if state is None:
+        if state is None:  # a job is in the table exactly while it is in the rotation
             state = self._jobs[job] = _Job(job)
-        if not state.items:
             self._rotation.append(state)
         state.items.extend(items)
         self._waiting_requests += 1
         self._waiting_tokens += sum(item.cost for item in items)
         self._publish_depth()
+        request.future.add_done_callback(lambda _: self._finished(request))
         self._wakeup.set()
         return await request.future
+
+    def _finished(self, request: _Request) -> None:
+        """A request's future is done: take what it still has queued out of the queue and count why it ended early."""
+        future = request.future
+        if request.queued:
+            state = self._jobs.get(request.job)
+            if state is not None:
+                kept = [item for item in state.items if item.request is not request]
+                self._waiting_tokens -= sum(item.cost for item in state.items) - sum(item.cost for item in kept)
+                state.items = collections.deque(kept)
+                if not kept:
+                    self._forget(state)
+            request.queued = 0
+            self._waiting_requests -= 1
+            self._publish_depth()
+        if self._metrics is None:
+            return
+        if future.cancelled():
+            self._metrics.dropped.labels("deadline" if request.expired(time.monotonic()) else "cancelled").inc()
+        elif isinstance(future.exception(), DeadlineExpired):
+            self._metrics.dropped.labels("deadline").inc()
+
+    def _forget(self, job: _Job) -> None:
+        """Take a job whose queue is empty out of the rotation and the table (its deficit goes with it)."""
+        if job in self._rotation:
+            self._rotation.remove(job)
+        self._jobs.pop(job.name, None)
 
     def _retry_after(self) -> float:
         """Seconds until the backlog should have drained at the measured rate (0.05 .. 10 s)."""
@@ -268,8 +313,7 @@ class TokenBudgetScheduler:
         while self._rotation and used < self._max_batch_tokens:
             job = self._rotation[0]
             if not job.items:
-                self._rotation.popleft()
-                job.deficit = 0.0
+                self._forget(job)
                 continue
             job.deficit += quantum
             full = False
@@ -289,8 +333,7 @@ class TokenBudgetScheduler:
                 break
             self._rotation.rotate(-1)
             if not job.items:
-                self._rotation.remove(job)
-                job.deficit = 0.0
+                self._forget(job)
         self._waiting_tokens -= used
         self._publish_depth()
         return chosen
@@ -302,10 +345,8 @@ class TokenBudgetScheduler:
             request = item.request
             if request.future.done():
                 continue
-            if request.expired(now):
+            if request.expired(now):  # counted as dropped by _finished
                 _fail(request, DeadlineExpired("deadline passed before the request reached the model"))
-                if self._metrics is not None:
-                    self._metrics.dropped.labels("deadline").inc()
                 continue
             live.append(item)
         return live
@@ -333,6 +374,10 @@ class TokenBudgetScheduler:
     def _scatter(self, items: list[_Item], values: list[np.ndarray]) -> None:
         for item, value in zip(items, values):
             request = item.request
+            if not np.isfinite(value).all():  # a model failure, not the caller's: INTERNAL, and never cached
+                log.error("the backend returned non-finite log-probs (job %s, %d tokens)", request.job, len(item.tokens))
+                _fail(request, RuntimeError("the backend returned non-finite log-probs"))
+                continue
             if self._cache is not None and item.cache_key is not None:
                 self._cache.put(item.cache_key, value)
             if request.future.done():

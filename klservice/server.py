@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 from klservice.config import ServerConfig
 from klservice.metrics import Metrics
 from klservice.service import ReferenceService
-from klservice.servicer import ReferenceServicer
-from klservice_client.wire import pb, pb_grpc
+from klservice.servicer import ReferenceServicer, add_to_server
+from klservice_client.wire import pb
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Server:
                 ("grpc.max_send_message_length", limit),
             ]
         )
-        pb_grpc.add_ReferenceServiceServicer_to_server(ReferenceServicer(self.service), self._grpc)
+        add_to_server(ReferenceServicer(self.service), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

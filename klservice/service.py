@@ -24,11 +24,14 @@ from klservice import __version__
 from klservice.backends.base import ModelInfo, ReferenceBackend
 from klservice.cache import ReferenceCache
 from klservice.config import ServerConfig
-from klservice.errors import NotReady
+from klservice.errors import InvalidInput, NotReady
 from klservice.metrics import Metrics
 from klservice.scheduler import TokenBudgetScheduler
 from klservice.validation import KLRequest, Limits, ScoreRequest
 from klservice_client import kl
+
+MAX_JOB_ID_LENGTH = 128
+"""Longest accepted x-job-id, in characters."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +98,7 @@ class ReferenceService:
             vocab_size=info.vocab_size,
             max_length=info.max_length,
             max_request_tokens=config.max_request_tokens,
+            max_message_bytes=config.max_message_bytes,
         )
         self.scheduler = scheduler
         served_info = dataclasses.replace(
@@ -136,6 +140,8 @@ class ReferenceService:
 
     def job(self, job_id: str | None, peer: str | None) -> Job:
         """The caller's job: its job id, else its connection for fairness and 'anonymous' in metrics."""
+        if job_id is not None and len(job_id) > MAX_JOB_ID_LENGTH:
+            raise InvalidInput(f"x-job-id: {len(job_id)} characters, at most {MAX_JOB_ID_LENGTH} are accepted")
         return Job(key=job_id or f"peer:{peer}", label=self.metrics.jobs.label(job_id))
 
     async def score(self, request: ScoreRequest, job: Job, deadline: float | None) -> ScoreResult:
@@ -153,6 +159,7 @@ class ReferenceService:
         result = await asyncio.to_thread(
             kl.compute_kl, request.logprobs, ref, batch.scored_lengths, request.spec, request.old_logprobs
         )
+        _check_finite(result)
         self.metrics.tokens_scored.labels(job.label).inc(batch.num_scored)
         self.metrics.record_kl(job.label, request.spec_label, result.diagnostics)
         return KLComputation(
@@ -162,3 +169,12 @@ class ReferenceService:
     def model_info(self) -> ServedModel:
         """The served model (NotReady while loading or draining)."""
         return self.require_ready()
+
+
+def _check_finite(result: kl.KLResult) -> None:
+    """Validated inputs keep every value finite (`klservice.validation`); if one is not, it is our failure."""
+    for name in ("k1", "k2", "k3", "coef", "coef_principled"):
+        values = getattr(result, name)
+        if not np.isfinite(values).all():
+            index = int(np.argmax(~np.isfinite(values)))
+            raise RuntimeError(f"compute_kl produced a non-finite {name} at token {index} from validated inputs")

@@ -2,7 +2,9 @@
 
 Validation is `klservice.validation` (one pass per request), the service logic is
 `klservice.service`, and status codes come from `klservice.errors.status_for` — the only
-place exceptions become codes.
+place exceptions become codes. `add_to_server` registers the servicer with deserializers
+that turn an undecodable message into INVALID_ARGUMENT (gRPC's own would answer UNKNOWN,
+and on StreamKL end the whole stream).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import AsyncIterator
 
 import grpc
 
-from klservice.errors import InvalidInput, status_for
+from google.protobuf.message import DecodeError
+
+from klservice.errors import InvalidInput, TooLarge, status_for
 from klservice.service import Job, KLComputation, ReferenceService, ScoreResult
 from klservice.validation import parse_kl_request, parse_score_request
 from klservice_client.wire import (
@@ -23,6 +27,59 @@ from klservice_client.wire import (
 
 log = logging.getLogger(__name__)
 
+
+
+class Undecodable:
+    """Stands in for a request message that did not parse, so that its error gets a status of ours."""
+
+    request_id = ""
+
+    def __init__(self, message_type: str, error: DecodeError):
+        self.message_type = message_type
+        self.error = error
+
+    def refuse(self):
+        raise InvalidInput(f"request: not a valid {self.message_type} message ({self.error})")
+
+
+def _decoded(request):
+    if isinstance(request, Undecodable):
+        request.refuse()
+    return request
+
+
+def _tolerant_parser(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            return Undecodable(message_class.DESCRIPTOR.full_name, error)
+
+    return parse
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: "ReferenceServicer", server) -> None:
+    """Register every method of klservice.v1.ReferenceService (like the generated
+    ``add_ReferenceServiceServicer_to_server``, with `_tolerant_parser` as the request deserializer)."""
+    service = pb.DESCRIPTOR.services_by_name["ReferenceService"]
+    handlers = {
+        method.name: _HANDLER_KINDS[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
@@ -41,8 +98,18 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
         return await self._unary("GetModelInfo", context, self._model_info, request)
 
     async def StreamKL(self, request_iterator, context) -> AsyncIterator[pb.StreamKLResponse]:
-        """Each request is handled as it arrives; answers are sent as they complete, tagged with request_id."""
-        job, deadline = self._job(context), self._deadline(context)
+        """Each request is handled as it arrives; answers are sent as they complete, tagged with request_id.
+
+        A request that cannot be told apart from the others (undecodable, no request_id, or one
+        already used on this stream) is answered by an error item with an empty request_id.
+        """
+        try:
+            job = self._job(context)
+        except Exception as error:  # noqa: BLE001 - e.g. an x-job-id over the length limit
+            code, message = self._status(error)
+            self._record("StreamKL", code, time.perf_counter())
+            await context.abort(code, message)
+        deadline = self._deadline(context)
         seen: set[str] = set()
         pending: set[asyncio.Task] = set()
         requests = aiter(request_iterator)
@@ -69,19 +136,22 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
     async def _stream_item(self, request: pb.KLRequest, job: Job, deadline, seen: set[str]) -> pb.StreamKLResponse:
         """One StreamKL answer: the response, or an error item with its status (the stream goes on)."""
         started, code = time.perf_counter(), grpc.StatusCode.OK
+        answer_id = ""  # until the request is known to be identifiable
         try:
+            _decoded(request)
             if not request.request_id:
                 raise InvalidInput("request_id: required on StreamKL to match answers to requests")
             if request.request_id in seen:
                 raise InvalidInput(f"request_id: {request.request_id!r} was already used on this stream")
             seen.add(request.request_id)
+            answer_id = request.request_id
             response = await self._compute_kl(request, job, deadline)
-            return pb.StreamKLResponse(request_id=request.request_id, response=response)
+            self._check_size(response)
+            return pb.StreamKLResponse(request_id=answer_id, response=response)
         except Exception as error:  # noqa: BLE001 - every failure becomes an error item
             code, message = self._status(error)
-            return pb.StreamKLResponse(
-                request_id=request.request_id, error=pb.RequestError(code=code.value[0], message=message)
-            )
+            item = pb.RequestError(code=code.value[0], message=message, retry_after_ms=_retry_after_ms(error) or 0)
+            return pb.StreamKLResponse(request_id=answer_id, error=item)
         finally:
             self._record("StreamKL", code, started)
 
@@ -142,18 +212,38 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
         metrics.requests.labels(method, code.name).inc()
         metrics.latency.labels(method).observe(time.perf_counter() - started)
 
+    def _check_size(self, response) -> None:
+        """The backstop behind validation's up-front estimate: never hand gRPC a message it would refuse to send."""
+        limit = self._service.config.max_message_bytes
+        size = response.ByteSize()
+        if size > limit:
+            raise TooLarge(
+                f"response: {size} bytes, over this server's message limit of {limit} bytes (--max-message-mb); "
+                "split the batch"
+            )
+
     async def _unary(self, method: str, context, handler, request):
         started, code = time.perf_counter(), grpc.StatusCode.OK
+        deadline = self._deadline(context)
         try:
-            return await handler(request, self._job(context), self._deadline(context))
+            response = await handler(_decoded(request), self._job(context), deadline)
+            self._check_size(response)
+            return response
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            expired = deadline is not None and time.monotonic() >= deadline
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status in one place
             code, message = self._status(error)
-            retry_after = getattr(error, "retry_after", None)
+            retry_after = _retry_after_ms(error)
             if retry_after is not None:
-                context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(int(retry_after * 1000))),))
+                context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(retry_after)),))
         finally:
             self._record(method, code, started)
         await context.abort(code, message)
+
+
+def _retry_after_ms(error: BaseException) -> int | None:
+    """The retry hint of an overload refusal (`klservice.errors.Overloaded`), in milliseconds (at least 1)."""
+    retry_after = getattr(error, "retry_after", None)
+    return None if retry_after is None else max(1, int(retry_after * 1000))

@@ -3,10 +3,17 @@
 One pass per request (`parse_score_request`, `parse_kl_request`) checks everything a client
 can get wrong, each check in one place, before any model time is spent: the model name,
 tensor dtypes and shapes, lengths, prompt lengths, token ids against the vocabulary,
-sequence lengths against the context, the per-request token limit, temperature, the KL spec,
-and the policy and behaviour log-probs (count, finiteness, dtype, presence when the spec
-needs them). Errors are `InvalidInput` / `OutOfRange` / `ModelNotFound` (and the KL
-library's `KLInputError` for a bad spec), which `klservice.errors` maps to status codes.
+sequence lengths against the context, the per-request token limit, the size of the
+response, temperature, the KL spec, and the policy and behaviour log-probs (count, range,
+dtype, presence when the spec needs them). Errors are `InvalidInput` / `OutOfRange` /
+`ModelNotFound` / `TooLarge` (and the KL library's `KLInputError` for a bad spec), which
+`klservice.errors` maps to status codes.
+
+The accepted ranges keep every value the service computes finite: temperature in
+[`MIN_TEMPERATURE`, `MAX_TEMPERATURE`] (logits / T neither overflows nor loses the
+distribution), log-probs in [`MIN_LOGPROB`, `MAX_LOGPROB`] (a log-prob is <= 0; the
+tolerance above 0 absorbs the rounding of a float32 or float16 log-softmax, and k2 = δ²/2
+of two log-probs in range is finite in float32).
 """
 
 from __future__ import annotations
@@ -16,9 +23,14 @@ import math
 
 import numpy as np
 
-from klservice.errors import InvalidInput, ModelNotFound, OutOfRange
+from klservice.errors import InvalidInput, ModelNotFound, OutOfRange, TooLarge
 from klservice_client import kl
-from klservice_client.wire import TensorError, from_tensor, pb, spec_from_proto
+from klservice_client.wire import TensorError, from_tensor, pb, response_bytes, spec_from_proto
+
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 100.0
+MIN_LOGPROB = -1e4
+MAX_LOGPROB = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +66,7 @@ class Limits:
     vocab_size: int
     max_length: int
     max_request_tokens: int
+    max_message_bytes: int = 256 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,17 +95,16 @@ class KLRequest:
 def parse_score_request(message: pb.ScoreRequest, limits: Limits) -> ScoreRequest:
     """Check a Score request in one pass."""
     check_model(message.model, limits.model_name)
-    return ScoreRequest(
-        batch=parse_batch(message.batch, limits),
-        temperature=parse_temperature(message.temperature),
-        request_id=message.request_id,
-    )
+    batch = parse_batch(message.batch, limits)
+    check_response_size(batch, limits, kl=False)
+    return ScoreRequest(batch=batch, temperature=parse_temperature(message.temperature), request_id=message.request_id)
 
 
 def parse_kl_request(message: pb.KLRequest, limits: Limits) -> KLRequest:
     """Check a ComputeKL request in one pass."""
     check_model(message.model, limits.model_name)
     batch = parse_batch(message.batch, limits)
+    check_response_size(batch, limits, kl=True)
     temperature = parse_temperature(message.temperature)
     spec = spec_from_proto(message.spec)
     logprobs = parse_logprobs(message, "logprobs", batch, required=True)
@@ -134,9 +146,25 @@ def check_model(requested: str, served: str) -> None:
 def parse_temperature(value: float) -> float:
     if value == 0.0:
         return 1.0
-    if not math.isfinite(value) or value < 0:
-        raise InvalidInput(f"temperature: must be a finite number > 0 (0 means 1.0), got {value}")
+    if not math.isfinite(value) or not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise InvalidInput(
+            f"temperature: must be a finite number > 0 within [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+            f"(0 means 1.0), got {value:g}"
+        )
     return float(value)
+
+
+def check_response_size(batch: Batch, limits: Limits, *, kl: bool) -> None:
+    """Refuse up front a request whose answer would exceed the message limit (rather than after its forward)."""
+    size = response_bytes(len(batch.lengths), batch.num_scored, kl=kl)
+    if size > limits.max_message_bytes:
+        per_token = response_bytes(1, 1, kl=kl) - response_bytes(1, 0, kl=kl)
+        fitting = max(1, (limits.max_message_bytes - response_bytes(0, 0, kl=kl)) // per_token)
+        raise TooLarge(
+            f"batch: the response to {batch.num_scored} scored tokens would take up to {size} bytes, over this "
+            f"server's message limit of {limits.max_message_bytes} bytes (--max-message-mb); send at most "
+            f"~{fitting} scored tokens per request (KLClient splits batches to fit by itself)"
+        )
 
 
 def parse_batch(message: pb.SequenceBatch, limits: Limits, field: str = "batch") -> Batch:
@@ -186,7 +214,7 @@ def parse_batch(message: pb.SequenceBatch, limits: Limits, field: str = "batch")
 
 
 def parse_logprobs(message, field: str, batch: Batch, *, required: bool) -> np.ndarray | None:
-    """Per-scored-token log-probs (float32 or float64): one per scored token, all finite."""
+    """Per-scored-token log-probs (float32 or float64): one per scored token, each in [MIN_LOGPROB, MAX_LOGPROB]."""
     values = _tensor(message, field, kinds="f", required=required)
     if values is None:
         return None
@@ -200,6 +228,14 @@ def parse_logprobs(message, field: str, batch: Batch, *, required: bool) -> np.n
         index = int(np.argmax(bad))
         sequence, position = _locate(batch.scored_lengths, index)
         raise InvalidInput(f"{field}: non-finite value {values[index]} at sequence {sequence}, scored token {position}")
+    bad = (values < MIN_LOGPROB) | (values > MAX_LOGPROB)
+    if bad.any():
+        index = int(np.argmax(bad))
+        sequence, position = _locate(batch.scored_lengths, index)
+        raise InvalidInput(
+            f"{field}: value {values[index]:g} at sequence {sequence}, scored token {position} is not a log-prob: "
+            f"expected a value in [{MIN_LOGPROB:g}, {MAX_LOGPROB:g}] (<= 0, with {MAX_LOGPROB:g} for rounding)"
+        )
     return values
 
 

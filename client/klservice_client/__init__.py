@@ -25,6 +25,7 @@ from klservice_client.errors import (
     ServiceOverloaded,
     ServiceUnavailable,
     TokenizerMismatch,
+    TooLarge,
     Unauthenticated,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "ServiceOverloaded",
     "ServiceUnavailable",
     "TokenizerMismatch",
+    "TooLarge",
     "Unauthenticated",
     "kl",
     "tokenizer_fingerprint",

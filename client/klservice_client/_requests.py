@@ -16,12 +16,13 @@ import numpy as np
 
 from klservice_client import kl
 from klservice_client._arrays import is_torch
-from klservice_client.errors import InvalidArgument, KLServiceError
+from klservice_client.errors import InvalidArgument, KLServiceError, retry_hint
 from klservice_client.results import KLOutput, ScoreOutput
-from klservice_client.wire import RETRY_AFTER_METADATA_KEY, diagnostics_from_proto, from_tensor, pb, spec_to_proto, to_tensor
+from klservice_client.wire import (
+    diagnostics_from_proto, from_tensor, pb, request_bytes, response_bytes, spec_to_proto,
+    to_tensor,
+)
 
-#: Bytes a scored token costs on the wire in the largest message (ComputeKL response: 7 float arrays).
-_BYTES_PER_TOKEN = 8 + 7 * 8
 
 
 @dataclasses.dataclass
@@ -101,14 +102,25 @@ def _flat_logprobs(values, scored: np.ndarray, name: str) -> np.ndarray | None:
 
 
 def chunks(prepared: Prepared, max_tokens: int, max_bytes: int) -> list[slice]:
-    """Consecutive sequence ranges whose tokens fit the request limits (a too-long single sequence goes alone)."""
-    token_budget = max(1, min(max_tokens, max_bytes // _BYTES_PER_TOKEN))
-    ranges, start, used = [], 0, 0
-    for i, tokens in enumerate(prepared.tokens):
-        if i > start and used + len(tokens) > token_budget:
+    """Consecutive sequence ranges that fit the server's limits: at most `max_tokens` tokens, and a request and a
+    response of at most `max_bytes` each (`wire.request_bytes` / `wire.response_bytes`, ComputeKL's being the
+    larger). A single sequence over a limit goes alone, for the server to refuse with its reason."""
+    arrays = int(prepared.logprobs is not None) + int(prepared.old_logprobs is not None)
+
+    def fits(sequences: int, tokens: int, scored: int) -> bool:
+        return (
+            tokens <= max_tokens
+            and request_bytes(sequences, tokens, scored, logprob_arrays=arrays) <= max_bytes
+            and response_bytes(sequences, scored, kl=True) <= max_bytes
+        )
+
+    ranges, start, tokens, scored = [], 0, 0, 0
+    for i, (sequence, n_scored) in enumerate(zip(prepared.tokens, prepared.scored_lengths.tolist())):
+        if i > start and not fits(i - start + 1, tokens + len(sequence), scored + n_scored):
             ranges.append(slice(start, i))
-            start, used = i, 0
-        used += len(tokens)
+            start, tokens, scored = i, 0, 0
+        tokens += len(sequence)
+        scored += n_scored
     ranges.append(slice(start, len(prepared.tokens)))
     return ranges
 
@@ -225,9 +237,5 @@ def check_revisions(responses) -> None:
 def backoff(attempt: int, initial: float, maximum: float, error: grpc.RpcError | None = None) -> float:
     """Exponential backoff with jitter, at least the server's retry-after-ms hint (capped at 30 s)."""
     delay = min(maximum, initial * 2**attempt) * (0.5 + random.random() / 2)
-    try:
-        metadata = dict(error.trailing_metadata() or ()) if error is not None else {}
-        hint = float(metadata.get(RETRY_AFTER_METADATA_KEY, 0)) / 1000.0
-    except (TypeError, ValueError, AttributeError):
-        hint = 0.0
-    return max(delay, min(hint, 30.0))
+    hint = retry_hint(error) if error is not None else None
+    return max(delay, min(hint or 0.0, 30.0))

@@ -43,13 +43,14 @@ from klservice_client import kl
 from klservice_client._requests import (
     Prepared, backoff, check_revisions, chunks, kl_output, kl_requests, prepare, score_output, score_requests,
 )
-from klservice_client.errors import InvalidArgument, KLServiceError, ServerError, TokenizerMismatch, from_rpc_error, from_status
+from klservice_client.errors import (
+    InvalidArgument, KLServiceError, ServerError, TokenizerMismatch, from_rpc_error, from_status, is_overload,
+)
 from klservice_client.results import KLItem, KLOutput, KLStreamResult, ScoreOutput
 from klservice_client.wire import JOB_METADATA_KEY, ModelInfo, model_info_from_proto, pb, pb_grpc
 
 __all__ = ["AsyncKLClient", "KLClient", "KLItem", "KLOutput", "KLStreamResult", "ModelInfo", "ScoreOutput", "tokenizer_fingerprint"]
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 #: While waiting for a server to become ready, these mean "not yet" rather than failure.
 NOT_READY_YET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 READY_POLL_SECONDS = 0.2
@@ -113,7 +114,8 @@ class _StreamAssembly:
                 raise ServerError(f"StreamKL answered a request id this client did not send: {message.request_id!r}")
             if message.WhichOneof("result") == "error":
                 del self._items[int(number)]
-                return KLStreamResult(key=entry.key, error=from_status(message.error.code, message.error.message))
+                error = from_status(message.error.code, message.error.message, message.error.retry_after_ms)
+                return KLStreamResult(key=entry.key, error=error)
             entry.answers[int(part)] = message.response
             if len(entry.answers) < entry.parts:
                 return None
@@ -202,9 +204,14 @@ class _ClientCore:
     # --- decisions both clients share ---------------------------------------------------
 
     def _retry_delay(self, attempt: int, error: grpc.RpcError) -> float:
-        """Seconds to wait before retrying a failed call; raises its typed exception when it is not retried."""
+        """Seconds to wait before retrying a failed call; raises its typed exception when it is not retried.
+
+        Retried: UNAVAILABLE, and RESOURCE_EXHAUSTED when the server says it is overloaded (its retry
+        hint); RESOURCE_EXHAUSTED without one is a size limit, raised at once as `TooLarge`.
+        """
         options = self._options
-        if error.code() in RETRYABLE and attempt < options.max_retries:
+        retryable = error.code() == grpc.StatusCode.UNAVAILABLE or is_overload(error)
+        if retryable and attempt < options.max_retries:
             return backoff(attempt, options.initial_backoff, options.max_backoff, error)
         raise from_rpc_error(error) from error
 

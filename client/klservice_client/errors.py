@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from klservice_client.wire import RETRY_AFTER_METADATA_KEY
+
 __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -15,6 +17,7 @@ __all__ = [
     "ServiceOverloaded",
     "ServiceUnavailable",
     "TokenizerMismatch",
+    "TooLarge",
     "Unauthenticated",
     "from_rpc_error",
 ]
@@ -44,7 +47,13 @@ class FailedPrecondition(KLServiceError):
 
 
 class ServiceOverloaded(KLServiceError):
-    """The server's queue is full (RESOURCE_EXHAUSTED); retried with backoff before this is raised."""
+    """The server's queue is full (RESOURCE_EXHAUSTED with the server's retry-after-ms hint); retried with
+    backoff before this is raised."""
+
+
+class TooLarge(KLServiceError):
+    """A request, its response or its metadata exceeds a size limit (RESOURCE_EXHAUSTED without a retry hint):
+    splitting helps, waiting does not, so it is not retried. The message says which limit."""
 
 
 class ServiceUnavailable(KLServiceError):
@@ -84,16 +93,36 @@ _BY_CODE: dict[grpc.StatusCode, type[KLServiceError]] = {
 }
 
 
+def retry_hint(error: grpc.RpcError) -> float | None:
+    """Seconds the server asked the caller to wait (its retry-after-ms trailing metadata), or None."""
+    try:
+        metadata = dict(error.trailing_metadata() or ())
+        value = metadata.get(RETRY_AFTER_METADATA_KEY)
+        return None if value is None else float(value) / 1000.0
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def is_overload(error: grpc.RpcError) -> bool:
+    """RESOURCE_EXHAUSTED because the server is busy (it sent a retry hint), not because something is too large."""
+    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_hint(error) is not None
+
+
 def from_rpc_error(error: grpc.RpcError) -> KLServiceError:
     """The typed exception for a failed call (the original is kept as ``__cause__`` by the caller)."""
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
     kind = _BY_CODE.get(code, ServerError)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not is_overload(error):
+        kind = TooLarge
     name = code.name if code is not None else "UNKNOWN"
     return kind(f"{name}: {details}", code)
 
 
-def from_status(code: int, message: str) -> KLServiceError:
-    """The typed exception for an error item of a StreamKL stream (numeric status code)."""
+def from_status(code: int, message: str, retry_after_ms: int = 0) -> KLServiceError:
+    """The typed exception for an error item of a StreamKL stream (numeric status code, retry hint or 0)."""
     status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    return _BY_CODE.get(status, ServerError)(f"{status.name}: {message}", status)
+    kind = _BY_CODE.get(status, ServerError)
+    if status == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_ms <= 0:
+        kind = TooLarge
+    return kind(f"{status.name}: {message}", status)

@@ -33,6 +33,8 @@ __all__ = [
     "from_tensor",
     "model_info_from_proto",
     "model_info_to_proto",
+    "request_bytes",
+    "response_bytes",
     "pb",
     "pb_grpc",
     "spec_from_proto",
@@ -44,6 +46,23 @@ JOB_METADATA_KEY = "x-job-id"
 """Request metadata naming the caller's job: the server's unit of fairness and its per-job metric label."""
 RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 """Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds the server expects its backlog to take."""
+
+MESSAGE_OVERHEAD_BYTES = 4096
+"""Bound on what a request or response holds besides its arrays: ids, model name and revision, spec, diagnostics."""
+
+
+def request_bytes(num_sequences: int, num_tokens: int, num_scored: int, *, logprob_arrays: int = 0) -> int:
+    """Upper bound on a Score or ComputeKL request's size: int64 token ids, lengths and prompt lengths, and
+    `logprob_arrays` float64 arrays over the scored tokens (1 with logprobs, 2 with old_logprobs too)."""
+    return MESSAGE_OVERHEAD_BYTES + 8 * num_tokens + 16 * num_sequences + 8 * logprob_arrays * num_scored
+
+
+def response_bytes(num_sequences: int, num_scored: int, *, kl: bool) -> int:
+    """Upper bound on a response's size: Score sends float32 reference log-probs; ComputeKL adds k1, k2, k3,
+    coef and coef_principled (float64 at most); both send int64 scored lengths."""
+    per_token = 4 + (5 * 8 if kl else 0)
+    return MESSAGE_OVERHEAD_BYTES + per_token * num_scored + 8 * num_sequences
+
 
 _ESTIMATORS = {pb.ESTIMATOR_K1: kl.Estimator.K1, pb.ESTIMATOR_K2: kl.Estimator.K2, pb.ESTIMATOR_K3: kl.Estimator.K3}
 _MODES = {pb.KL_MODE_IN_REWARD: kl.Mode.IN_REWARD, pb.KL_MODE_AS_LOSS: kl.Mode.AS_LOSS}

@@ -98,6 +98,24 @@ BAD_REQUESTS = {
     "bad temperature": (
         "Score", score_request(temperature=-1.0),
         grpc.StatusCode.INVALID_ARGUMENT, r"temperature: must be a finite number > 0"),
+    "temperature that underflows the softmax": (
+        "Score", score_request(temperature=1e-40),
+        grpc.StatusCode.INVALID_ARGUMENT, r"temperature: must be a finite number > 0 within \[0.01, 100\]"),
+    "tiny temperature on ComputeKL names temperature": (
+        "ComputeKL", kl_request(temperature=1e-37),
+        grpc.StatusCode.INVALID_ARGUMENT, r"^temperature: .*got 1e-37"),
+    "huge temperature": (
+        "Score", score_request(temperature=1e4),
+        grpc.StatusCode.INVALID_ARGUMENT, r"temperature: .*within \[0.01, 100\]"),
+    "positive policy log-prob": (
+        "ComputeKL", kl_request(logprobs=to_tensor(np.array([-1, -1, 0.5, -1], np.float32))),
+        grpc.StatusCode.INVALID_ARGUMENT, r"logprobs: value 0.5 at sequence 1, scored token 0 is not a log-prob"),
+    "policy log-prob of -3e38": (
+        "ComputeKL", kl_request(logprobs=to_tensor(np.array([-1, -3e38, -1, -1], np.float32))),
+        grpc.StatusCode.INVALID_ARGUMENT, r"logprobs: value -3e\+38 at sequence 0, scored token 1 is not a log-prob"),
+    "behaviour log-prob of +3e38": (
+        "ComputeKL", kl_request(old_logprobs=to_tensor(np.array([-1, -1, -1, 3e38], np.float32))),
+        grpc.StatusCode.INVALID_ARGUMENT, r"old_logprobs: value 3e\+38 at sequence 1, scored token 1 is not a log-prob"),
     "policy log-prob count": (
         "ComputeKL", kl_request(logprobs=to_tensor(np.full(5, -1.0, np.float32))),
         grpc.StatusCode.INVALID_ARGUMENT, r"logprobs: has 5 values but the batch has 4 scored tokens"),

@@ -96,7 +96,7 @@ def test_full_queue_is_resource_exhausted_and_retried(start_server, hf_backend):
     second = threading.Thread(target=call, args=(0,))
     second.start()
     deadline = time.time() + 10
-    while server.server.service.scheduler._waiting_requests < 1 and time.time() < deadline:
+    while server.server.service.scheduler.queued_requests < 1 and time.time() < deadline:
         time.sleep(0.01)
     third = threading.Thread(target=call, args=(0,))
     third.start()

@@ -139,5 +139,8 @@ def test_stream_kl_rejects_missing_and_duplicate_ids(tiny_server):
     with grpc.insecure_channel(tiny_server.target) as channel:
         answers = list(pb_grpc.ReferenceServiceStub(channel).StreamKL(iter([good, duplicate, anonymous]), timeout=60))
     kinds = sorted((a.request_id, a.WhichOneof("result")) for a in answers)
-    assert kinds == [("", "error"), ("same", "error"), ("same", "response")]
-    assert all("request_id" in a.error.message for a in answers if a.WhichOneof("result") == "error")
+    # The duplicate's error carries no id: an answer tagged "same" is always the answer to the first "same".
+    assert kinds == [("", "error"), ("", "error"), ("same", "response")]
+    errors = sorted(a.error.message for a in answers if a.WhichOneof("result") == "error")
+    assert all("request_id" in message for message in errors)
+    assert any("'same' was already used" in message for message in errors)

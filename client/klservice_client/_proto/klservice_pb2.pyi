@@ -209,12 +209,14 @@ class KLResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., k1: _Optional[_Union[Tensor, _Mapping]] = ..., k2: _Optional[_Union[Tensor, _Mapping]] = ..., k3: _Optional[_Union[Tensor, _Mapping]] = ..., coef: _Optional[_Union[Tensor, _Mapping]] = ..., coef_principled: _Optional[_Union[Tensor, _Mapping]] = ..., scored_lengths: _Optional[_Union[Tensor, _Mapping]] = ..., diagnostics: _Optional[_Union[KLDiagnostics, _Mapping]] = ..., spec: _Optional[str] = ...) -> None: ...
 
 class RequestError(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class StreamKLResponse(_message.Message):
     __slots__ = ("request_id", "response", "error")

@@ -1,0 +1,263 @@
+"""What a hostile or careless caller can do to a shared server, and what it gets back.
+
+Each test sends what an adversarial user sent to an earlier version (many distinct job ids,
+undecodable messages, responses too large to send, requests left to expire in the queue,
+extreme values) and checks the server refuses it precisely, accounts for it honestly and keeps
+serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from klservice.backends.base import ReferenceBackend, Scored
+from klservice.config import ServerConfig
+from klservice.errors import INTERNAL_MESSAGE
+from klservice.scheduler import TokenBudgetScheduler
+from klservice.validation import Batch
+from klservice_client import InvalidArgument, KLClient, TooLarge, kl
+from klservice_client.wire import pb, pb_grpc, to_tensor
+from tests.server.test_metrics_and_health import scrape
+
+
+def batch_message(sequences, prompts) -> pb.SequenceBatch:
+    return pb.SequenceBatch(
+        token_ids=to_tensor(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])),
+        lengths=to_tensor(np.array([len(s) for s in sequences], dtype=np.int64)),
+        prompt_lengths=to_tensor(np.array(prompts, dtype=np.int64)),
+    )
+
+
+def good_score() -> pb.ScoreRequest:
+    return pb.ScoreRequest(batch=batch_message([[5, 6, 7, 8]], [2]))
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:
+    """Poll until `condition()` holds (an event, not a speed: the timeout only bounds a broken run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def hf_backend(tiny_model_dir):
+    from klservice.backends import load_backend
+
+    return load_backend(ServerConfig(model=str(tiny_model_dir), device="cpu"), progress=False)
+
+
+class Gated(ReferenceBackend):
+    """The real backend; forwards wait for the gate."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.gate = threading.Event()
+        self.calls = 0
+
+    def info(self):
+        return self.backend.info()
+
+    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
+        self.calls += 1
+        self.gate.wait(60)
+        return self.backend.score(sequences, starts, temperature, prompt_groups)
+
+    def close(self):
+        self.gate.set()
+
+
+# --- bounded state ----------------------------------------------------------------------
+
+
+class Instant(ReferenceBackend):
+    def info(self):
+        raise AssertionError("not needed")
+
+    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
+        return Scored([np.full(len(s) - st, -1.0, np.float32) for s, st in zip(sequences, starts)])
+
+
+def test_distinct_job_ids_leave_no_state_behind():
+    """3,000 requests from 3,000 job ids: once answered, the scheduler holds no job at all."""
+
+    async def main():
+        scheduler = TokenBudgetScheduler(Instant(), max_batch_tokens=4096, max_queue=4096, max_wait_s=0.001)
+        await scheduler.start()
+        batch = Batch(np.arange(1, 9, dtype=np.int64), np.array([8]), np.array([4]))
+        peak = 0
+
+        async def one(i):
+            nonlocal peak
+            peak = max(peak, scheduler.active_jobs)
+            return await scheduler.score(batch, 1.0, f"job-{i:05d}-" + "x" * 100)
+
+        results = await asyncio.gather(*(one(i) for i in range(3000)))
+        remaining = scheduler.active_jobs
+        await scheduler.stop()
+        return results, remaining, peak
+
+    results, remaining, peak = asyncio.run(main())
+    assert len(results) == 3000 and all(r.shape == (4,) for r in results)
+    assert peak > 1  # the jobs were really held while queued
+    assert remaining == 0
+
+
+def test_an_overlong_job_id_is_refused(tiny_server):
+    with grpc.insecure_channel(tiny_server.target) as channel:
+        stub = pb_grpc.ReferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Score(good_score(), timeout=30, metadata=(("x-job-id", "j" * 7000),))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "x-job-id: 7000 characters, at most 128" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as refused_stream:
+            list(stub.StreamKL(iter([]), timeout=30, metadata=(("x-job-id", "j" * 7000),)))
+        assert refused_stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert stub.Score(good_score(), timeout=30, metadata=(("x-job-id", "j" * 128),)).scored_lengths.shape == [1]
+
+
+def test_metadata_too_large_for_grpc_is_not_retried_as_overload(tiny_server):
+    """RESOURCE_EXHAUSTED without the server's retry hint is a size limit: raised at once as TooLarge."""
+    with KLClient(tiny_server.target, job_id="j" * 20_000, max_retries=5, initial_backoff=5.0) as client:
+        with pytest.raises(TooLarge):
+            client.score([[1, 2, 3]], 1)
+
+
+# --- undecodable messages ---------------------------------------------------------------------
+
+
+def test_an_undecodable_message_is_invalid_argument_and_does_not_end_a_stream(tiny_server):
+    garbage = b"\x0a\xff\xff\xff\xff\xff"  # field 1, length-delimited, with a length past the end
+    with grpc.insecure_channel(tiny_server.target) as channel:
+        raw_score = channel.unary_unary("/klservice.v1.ReferenceService/Score")
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_score(garbage, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid klservice.v1.ScoreRequest message" in refused.value.details()
+
+        good = pb.KLRequest(
+            request_id="good", batch=batch_message([[5, 6, 7, 8]], [2]), logprobs=to_tensor(np.full(2, -1.0, np.float32))
+        )
+        raw_stream = channel.stream_stream(
+            "/klservice.v1.ReferenceService/StreamKL", response_deserializer=pb.StreamKLResponse.FromString
+        )
+        answers = list(raw_stream(iter([garbage, good.SerializeToString()]), timeout=60))
+    kinds = sorted((a.request_id, a.WhichOneof("result")) for a in answers)
+    assert kinds == [("", "error"), ("good", "response")]
+    error = next(a.error for a in answers if a.WhichOneof("result") == "error")
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "not a valid klservice.v1.KLRequest message" in error.message
+
+
+# --- responses too large to send -------------------------------------------------------------
+
+
+def test_a_response_too_large_is_refused_before_any_forward(start_server):
+    """The request fits the 1 MiB limit, its ComputeKL response would not: refused up front, counted as refused."""
+    server = start_server(max_message_mb=1, cache_mb=0)
+    rng = np.random.default_rng(11)
+    sequences = [rng.integers(0, 49152, size=500).tolist() for _ in range(60)]
+    scored = 60 * 499
+    request = pb.KLRequest(
+        batch=batch_message(sequences, [1] * 60), logprobs=to_tensor(rng.normal(-10, 1, size=scored).astype(np.float32))
+    )
+    assert request.ByteSize() < 1 << 20
+    forwarded = server.server.metrics.tokens_forwarded._value.get()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ReferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ComputeKL(request, timeout=120)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "response to 29940 scored tokens would take up to" in refused.value.details()
+    assert "send at most" in refused.value.details()
+    assert dict(refused.value.trailing_metadata() or ()).get("retry-after-ms") is None
+    assert server.server.metrics.tokens_forwarded._value.get() == forwarded  # no model time was spent
+    samples = scrape(server.metrics_url)
+    assert samples["klservice_requests_total", (("code", "RESOURCE_EXHAUSTED"), ("method", "ComputeKL"))] == 1
+
+    # The client splits the same batch by response size and gets every value.
+    logprobs = np.asarray(rng.normal(-10, 1, size=scored), dtype=np.float32)
+    with KLClient(server.target) as client:
+        out = client.compute_kl(sequences, 1, logprobs=logprobs, spec="grpo_k3_as_loss")
+    expected = kl.compute_kl(logprobs, out.ref_logprobs, out.scored_lengths, "grpo_k3_as_loss")
+    np.testing.assert_allclose(out.coef, expected.coef, rtol=1e-6)
+    assert samples.get(("klservice_requests_total", (("code", "OK"), ("method", "ComputeKL"))), 0) == 0
+    parts = scrape(server.metrics_url)["klservice_requests_total", (("code", "OK"), ("method", "ComputeKL"))]
+    assert parts >= 2
+
+
+# --- deadlines --------------------------------------------------------------------------------
+
+
+def test_work_whose_deadline_passes_in_the_queue_is_counted_and_leaves_the_queue_at_once(start_server, hf_backend):
+    gated = Gated(hf_backend)
+    server = start_server(backend=gated, cache_mb=0)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ReferenceServiceStub(channel)
+        holding = stub.Score.future(good_score(), timeout=120)  # occupies the worker behind the gate
+        assert wait_for(lambda: gated.calls == 1)
+        expiring = [stub.Score.future(pb.ScoreRequest(batch=batch_message([[9, 10, 11, i + 1]], [1])), timeout=0.5)
+                    for i in range(5)]
+        for call in expiring:
+            with pytest.raises(grpc.RpcError) as expired:
+                call.result()
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        scheduler = server.server.service.scheduler
+        # Gone from the queue while the forward still holds the worker (the gate is still closed).
+        assert wait_for(lambda: scheduler.queued_requests == 0)
+        samples = scrape(server.metrics_url)
+        assert samples["klservice_queue_depth", ()] == 0
+        assert wait_for(lambda: scrape(server.metrics_url).get(("klservice_dropped_total", (("reason", "deadline"),))) == 5)
+        assert gated.calls == 1
+        gated.gate.set()
+        assert holding.result().scored_lengths.shape == [1]
+    samples = scrape(server.metrics_url)
+    assert samples["klservice_requests_total", (("code", "DEADLINE_EXCEEDED"), ("method", "Score"))] == 5
+
+
+# --- values that would not be finite ---------------------------------------------------------
+
+
+class Extreme(ReferenceBackend):
+    """The real backend, but its log-probs are replaced by `value`."""
+
+    def __init__(self, backend, value):
+        self.backend, self.value = backend, value
+
+    def info(self):
+        return self.backend.info()
+
+    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
+        scored = self.backend.score(sequences, starts, temperature, prompt_groups)
+        return Scored([np.full_like(v, self.value) for v in scored.values], scored.tokens_saved)
+
+
+def test_non_finite_model_output_is_internal_and_never_cached(start_server, hf_backend):
+    server = start_server(backend=Extreme(hf_backend, np.nan))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ReferenceServiceStub(channel)
+        for _ in range(2):  # the second time too: the NaNs were not cached as an answer
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Score(good_score(), timeout=60)
+            assert failed.value.code() == grpc.StatusCode.INTERNAL
+            assert failed.value.details() == INTERNAL_MESSAGE
+
+
+def test_an_ok_compute_kl_never_carries_inf(start_server, hf_backend):
+    """A reference of -3e38 (finite) makes k2 = inf in float32: the server answers INTERNAL rather than OK with inf."""
+    server = start_server(backend=Extreme(hf_backend, -3e38))
+    with KLClient(server.target, max_retries=0) as client:
+        assert np.isfinite(client.score([[5, 6, 7, 8]], 2).ref_logprobs).all()
+        with pytest.raises(Exception) as failed:
+            client.compute_kl([[5, 6, 7, 8]], 2, logprobs=np.array([-1.0, -1.0], np.float32))
+        assert "internal error" in str(failed.value)
+        with pytest.raises(InvalidArgument, match="is not a log-prob"):
+            client.compute_kl([[5, 6, 7, 8]], 2, logprobs=[-1.0, 3e38])
