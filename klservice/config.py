@@ -18,7 +18,11 @@ from klservice.backends.base import DTYPES
 ENV_PREFIX = "KLSERVICE_"
 
 
-def _field(default: Any, help: str, **extra: Any) -> Any:
+def config_field(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field whose metadata holds its flag's `help` (and any `extra`, e.g. ``choices``).
+
+    Used by `ServerConfig` and by `klservice.bench.BenchConfig`.
+    """
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
@@ -26,39 +30,39 @@ def _field(default: Any, help: str, **extra: Any) -> Any:
 class ServerConfig:
     """Everything `klservice serve` can be told."""
 
-    model: str | None = _field(
+    model: str | None = config_field(
         None, "Local Hugging Face folder (or hub id already in the local HF cache). Default: the embedded SmolLM2-135M-Instruct."
     )
-    backend: str = _field(
+    backend: str = config_field(
         "hf",
         "Model backend: hf (transformers; applies temperature, shares GRPO prompts) or vllm (a vLLM engine; "
         "refuses temperature != 1, which vLLM's prompt log-probs ignore).",
         choices=("hf", "vllm"),
     )
-    host: str = _field("0.0.0.0", "Address to listen on (gRPC).")
-    port: int = _field(50051, "gRPC port (0 picks a free port and logs it).")
-    metrics_port: int = _field(9400, "Prometheus /metrics HTTP port (0 picks a free port, -1 disables).")
-    dtype: str = _field("float32", "Compute dtype of the model.", choices=DTYPES)
-    device: str = _field("auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
-    cache_dir: str | None = _field(
+    host: str = config_field("0.0.0.0", "Address to listen on (gRPC).")
+    port: int = config_field(50051, "gRPC port (0 picks a free port and logs it).")
+    metrics_port: int = config_field(9400, "Prometheus /metrics HTTP port (0 picks a free port, -1 disables).")
+    dtype: str = config_field("float32", "Compute dtype of the model.", choices=DTYPES)
+    device: str = config_field("auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    cache_dir: str | None = config_field(
         None, "Where the embedded model is converted to (default: $XDG_CACHE_HOME/klservice or ~/.cache/klservice)."
     )
-    max_length: int | None = _field(None, "Longest sequence accepted, in tokens (default: the model's context length).")
-    tensor_parallel_size: int = _field(1, "vllm backend: GPUs to split the model over (vLLM tensor parallelism).")
-    gpu_memory_utilization: float = _field(
+    max_length: int | None = config_field(None, "Longest sequence accepted, in tokens (default: the model's context length).")
+    tensor_parallel_size: int = config_field(1, "vllm backend: GPUs to split the model over (vLLM tensor parallelism).")
+    gpu_memory_utilization: float = config_field(
         0.9,
         "vllm backend: fraction of GPU memory vLLM may take for weights and KV cache (on CPU the KV cache is "
         "VLLM_CPU_KVCACHE_SPACE GiB instead, default 1).",
     )
-    max_request_tokens: int = _field(262_144, "Most tokens in one request; clients split larger batches.")
-    max_message_mb: int = _field(256, "Largest gRPC message accepted or sent, in MiB.")
-    max_batch_tokens: int = _field(16_384, "Token budget of one forward batch (padded tokens).")
-    max_wait_ms: float = _field(2.0, "How long the scheduler waits for more requests before starting a forward batch.")
-    max_queue: int = _field(1024, "Most requests waiting for the model; more are answered RESOURCE_EXHAUSTED.")
-    cache_mb: int = _field(512, "Reference-cache size in MiB (log-probs of recently scored sequences); 0 disables it.")
-    max_jobs: int = _field(64, "Distinct x-job-id values tracked in metric labels; later ones are labelled 'other'.")
-    grace_seconds: float = _field(10.0, "On SIGTERM/SIGINT: time given to in-flight requests before stopping.")
-    log_level: str = _field("INFO", "Logging level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    max_request_tokens: int = config_field(262_144, "Most tokens in one request; clients split larger batches.")
+    max_message_mb: int = config_field(256, "Largest gRPC message accepted or sent, in MiB.")
+    max_batch_tokens: int = config_field(16_384, "Token budget of one forward batch (padded tokens).")
+    max_wait_ms: float = config_field(2.0, "How long the scheduler waits for more requests before starting a forward batch.")
+    max_queue: int = config_field(1024, "Most requests waiting for the model; more are answered RESOURCE_EXHAUSTED.")
+    cache_mb: int = config_field(512, "Reference-cache size in MiB (log-probs of recently scored sequences); 0 disables it.")
+    max_jobs: int = config_field(64, "Distinct x-job-id values tracked in metric labels; later ones are labelled 'other'.")
+    grace_seconds: float = config_field(10.0, "On SIGTERM/SIGINT: time given to in-flight requests before stopping.")
+    log_level: str = config_field("INFO", "Logging level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     @property
     def max_message_bytes(self) -> int:
@@ -69,7 +73,7 @@ class ServerConfig:
         """Add one flag per field, defaults from the environment when set."""
         for field in dataclasses.fields(cls):
             env = ENV_PREFIX + field.name.upper()
-            kind = _scalar_type(field)
+            kind = scalar_type(field)
             default = os.environ.get(env, field.default)
             if default is not None and not isinstance(default, kind):
                 default = kind(default)
@@ -87,7 +91,8 @@ class ServerConfig:
         return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
 
-def _scalar_type(field: dataclasses.Field) -> type:
+def scalar_type(field: dataclasses.Field) -> type:
+    """The argparse ``type`` of a config field annotated ``int``, ``float`` or ``str`` (optionally ``| None``)."""
     text = str(field.type)
     for name, kind in (("int", int), ("float", float), ("str", str)):
         if text.startswith(name):

@@ -153,6 +153,29 @@ def test_bench_help_is_light_and_shows_the_config_defaults():
             assert f"(default: {field.default})" in actions[field.name].help, field.name
 
 
+def test_bench_flags_parse_to_the_config():
+    """The flags are generated from BenchConfig: given ones win over --quick's sizes, the rest keep the defaults."""
+    from klservice.bench import BenchConfig
+    from klservice.cli import build_parser
+
+    parser = build_parser()
+    assert BenchConfig.from_cli_args(parser.parse_args(["bench"])) == BenchConfig()
+    args = parser.parse_args(["bench", "--quick", "--repeats", "3", "--dtype", "bfloat16", "--threads", "2",
+                              "--ragged-prompt-fraction", "0.5", "--no-progress"])
+    expected = {**BenchConfig.QUICK, "quick": True, "repeats": 3, "dtype": "bfloat16", "threads": 2,
+                "ragged_prompt_fraction": 0.5, "progress": False}
+    assert BenchConfig.from_cli_args(args) == BenchConfig(**expected)
+
+
+def test_every_workload_has_a_module():
+    from klservice.bench import ALL_WORKLOADS, BenchConfig
+    from klservice.bench.run import WORKLOADS
+
+    assert tuple(WORKLOADS) == ALL_WORKLOADS
+    for module in WORKLOADS.values():
+        assert module.phase_count(BenchConfig()) >= 1 and callable(module.run)
+
+
 def test_flop_model_counts_a_shared_prompt_once():
     from klservice.bench import ModelShape, Workload, algorithm_flops, naive_flops, scheduler_calls
 
