@@ -107,7 +107,7 @@ def _import_vllm():
     return vllm
 
 
-def _platform_device_type() -> str:
+def platform_device_type() -> str:
     """"cpu" or "cuda" (or another vLLM platform name): vLLM picks its device from the installed build."""
     from vllm.platforms import current_platform
 
@@ -143,7 +143,7 @@ def engine_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` as this backend uses it; on CPU also sets vLLM's thread binding.
 
-    Shared with `klservice.bench_vllm` so the raw-vLLM baseline runs on the same engine settings.
+    Shared with `klservice.bench.raw_vllm` so the raw-vLLM baseline runs on the same engine settings.
     `prefix_caching`: vLLM's automatic prefix cache (the backend's prompt sharing needs it; plain
     prompt log-prob requests skip it, so the raw baseline leaves it off).
     """
@@ -153,7 +153,7 @@ def engine_kwargs(
         raise ValueError("tensor_parallel_size must be >= 1")
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError("gpu_memory_utilization must be in (0, 1]")
-    on_cpu = _platform_device_type() == "cpu"
+    on_cpu = platform_device_type() == "cpu"
     kwargs: dict[str, Any] = dict(
         dtype=dtype,
         max_model_len=max_length,
@@ -178,7 +178,7 @@ def engine_kwargs(
     return kwargs
 
 
-def _start_llm(llm_class, **kwargs):
+def start_llm(llm_class, **kwargs):
     """`llm_class(**kwargs)`, keeping vLLM's LD_PRELOAD (tcmalloc, libgomp: set for its own engine processes,
     which are running once this returns) out of the subprocesses this process starts later."""
     preload = os.environ.get("LD_PRELOAD")
@@ -237,7 +237,7 @@ class VLLMBackend(ReferenceBackend):
         from vllm import LLM
 
         folder = Path(folder)
-        platform = _platform_device_type()
+        platform = platform_device_type()
         _check_device(device, platform)
         kwargs = engine_kwargs(
             dtype=dtype,
@@ -254,7 +254,7 @@ class VLLMBackend(ReferenceBackend):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         # Not skip_tokenizer_init (requests are token ids, nothing is detokenized): vLLM's start-up then logs a
         # traceback from its chat-template warm-up.
-        self._llm = _start_llm(LLM, model=str(folder), **kwargs)
+        self._llm = start_llm(LLM, model=str(folder), **kwargs)
         self._closed = False
         self._share_prompts = share_prompts
         self._calls = itertools.count()  # numbers the score() calls: each gets its own prefix-cache salt

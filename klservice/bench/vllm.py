@@ -1,5 +1,5 @@
 """vllm: (b) on vLLM engines, where vLLM is installed: raw vLLM ``prompt_logprobs`` (a trainer
-scoring with vLLM alone: `klservice.bench_vllm.RawPromptLogprobs`, an engine in this process)
+scoring with vLLM alone: `klservice.bench.raw_vllm.RawPromptLogprobs`, an engine in this process)
 against the service on ``--backend vllm`` (a server of its own), rounds interleaved.
 
 Both engines are up at once (on a GPU each gets ``--vllm-gpu-memory-utilization`` of it);
@@ -37,7 +37,7 @@ def phase_count(config: BenchConfig) -> int:
 
 
 def run(ctx: "BenchContext") -> None:
-    from klservice.bench_vllm import RawPromptLogprobs
+    from klservice.bench.raw_vllm import RawPromptLogprobs
 
     config = ctx.config
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the raw engine runs below this process

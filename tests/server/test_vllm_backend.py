@@ -272,7 +272,7 @@ def test_raw_prompt_logprobs_throughput_helper(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from klservice.bench_vllm import raw_prompt_logprobs_throughput
+    from klservice.bench.raw_vllm import raw_prompt_logprobs_throughput
 
     rng = np.random.default_rng(3)
     sequences = [rng.integers(0, 49152, size=n).tolist() for n in (40, 64, 25)]

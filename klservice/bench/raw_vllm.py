@@ -16,7 +16,7 @@ vLLM starts its engine in child processes with *spawn*: call this under
 
 Example::
 
-    from klservice.bench_vllm import raw_prompt_logprobs_throughput
+    from klservice.bench.raw_vllm import raw_prompt_logprobs_throughput
     result = raw_prompt_logprobs_throughput("/models/SmolLM2", sequences, prompt_lengths=256)
     result["tokens_per_second"], result["scored_tokens_per_second"]
 """
@@ -59,7 +59,7 @@ class RawPromptLogprobs:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from klservice.backends.vllm import _platform_device_type, _start_llm, engine_kwargs
+        from klservice.backends.vllm import platform_device_type, start_llm, engine_kwargs
 
         kwargs = engine_kwargs(
             dtype=dtype,
@@ -68,13 +68,13 @@ class RawPromptLogprobs:
             gpu_memory_utilization=gpu_memory_utilization,
         )
         started = time.perf_counter()
-        self._llm = _start_llm(LLM, model=str(Path(model_dir)), **kwargs)
+        self._llm = start_llm(LLM, model=str(Path(model_dir)), **kwargs)
         self.startup_seconds = time.perf_counter() - started
         self._params = SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True
         )
         self._TokensPrompt = TokensPrompt
-        self.device = _platform_device_type()
+        self.device = platform_device_type()
         self.vllm_version = vllm.__version__
 
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[np.ndarray]:
