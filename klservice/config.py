@@ -61,7 +61,12 @@ class ServerConfig:
     max_queue: int = config_field(1024, "Most requests waiting for the model; more are answered RESOURCE_EXHAUSTED.")
     cache_mb: int = config_field(512, "Reference-cache size in MiB (log-probs of recently scored sequences); 0 disables it.")
     max_jobs: int = config_field(64, "Distinct x-job-id values tracked in metric labels; later ones are labelled 'other'.")
-    grace_seconds: float = config_field(10.0, "On SIGTERM/SIGINT: time given to in-flight requests before stopping.")
+    grace_seconds: float = config_field(
+        10.0,
+        "On SIGTERM/SIGINT: how long queued and running work may take to finish (health is NOT_SERVING and new "
+        "work refused meanwhile); what is left is then answered UNAVAILABLE and a running forward stops within "
+        "one step (hf: one decoder layer, ~2 s at 16k tokens on a 2-core CPU).",
+    )
     log_level: str = config_field("INFO", "Logging level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     @property

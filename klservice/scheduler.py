@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from klservice.backends.base import ReferenceBackend, group_by_prompt
+from klservice.backends.base import Interrupted, ReferenceBackend, group_by_prompt
 from klservice.errors import DeadlineExpired, NotReady, Overloaded
 from klservice.validation import Batch
 
@@ -153,6 +153,7 @@ class TokenBudgetScheduler:
         self._wakeup = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="klservice-forward")
         self._worker: asyncio.Task | None = None
+        self._running: list[_Item] = []  # the step in the worker thread
         self._closing = False
 
     # --- life cycle -------------------------------------------------------------------
@@ -160,15 +161,31 @@ class TokenBudgetScheduler:
     async def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="klservice-scheduler")
 
+    async def drain(self, timeout: float) -> bool:
+        """Wait until nothing is queued or running (True), or until `timeout` seconds have passed (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._waiting_requests or self._running:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
     async def stop(self) -> None:
-        """Stop taking work, fail what is still queued with UNAVAILABLE, release the worker thread."""
+        """Stop now: fail queued and running work with UNAVAILABLE, interrupt a running forward (the backend
+        stops it within one step: `ReferenceBackend.interrupt`), release the worker thread."""
         self._closing = True
+        running, self._running = self._running, []
+        if running:  # the backend is not used again after an interrupt (the server closes it next)
+            self._backend.interrupt()
         if self._worker is not None:
             self._worker.cancel()
             try:
                 await self._worker
             except asyncio.CancelledError:
                 pass
+        for item in running:
+            _fail(item.request, NotReady("server is shutting down"))
         for job in self._jobs.values():
             for item in job.items:
                 item.request.queued = 0
@@ -177,7 +194,7 @@ class TokenBudgetScheduler:
         self._rotation.clear()
         self._waiting_requests = self._waiting_tokens = 0
         self._publish_depth()
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)  # an interrupted forward returns within a step
 
     @property
     def queued_requests(self) -> int:
@@ -287,20 +304,32 @@ class TokenBudgetScheduler:
             by_temperature: dict[float, list[_Item]] = {}
             for item in chosen:
                 by_temperature.setdefault(item.request.temperature, []).append(item)
-            for temperature, items in by_temperature.items():
-                started = time.perf_counter()
-                try:
-                    values = await loop.run_in_executor(self._executor, self._forward, items, temperature)
-                except Exception as error:  # noqa: BLE001 - handed to every request in the step
-                    log.exception("forward failed")
-                    for item in items:
-                        _fail(item.request, error)
-                    continue
-                elapsed = time.perf_counter() - started
-                tokens = sum(item.cost for item in items)
-                rate = tokens / max(elapsed, 1e-6)
-                self._tokens_per_second = rate if self._tokens_per_second == 0 else 0.8 * self._tokens_per_second + 0.2 * rate
-                self._scatter(items, values)
+            self._running = chosen
+            try:
+                for temperature, items in by_temperature.items():
+                    await self._run_step(loop, items, temperature)
+            finally:
+                self._running = []
+
+    async def _run_step(self, loop, items: list[_Item], temperature: float) -> None:
+        """One forward step in the worker thread; its results (or its failure) go back to the requests."""
+        started = time.perf_counter()
+        try:
+            values = await loop.run_in_executor(self._executor, self._forward, items, temperature)
+        except Interrupted:
+            for item in items:
+                _fail(item.request, NotReady("server is shutting down"))
+            return
+        except Exception as error:  # noqa: BLE001 - handed to every request in the step
+            log.exception("forward failed")
+            for item in items:
+                _fail(item.request, error)
+            return
+        elapsed = time.perf_counter() - started
+        tokens = sum(item.cost for item in items)
+        rate = tokens / max(elapsed, 1e-6)
+        self._tokens_per_second = rate if self._tokens_per_second == 0 else 0.8 * self._tokens_per_second + 0.2 * rate
+        self._scatter(items, values)
 
     def _select(self) -> list[_Item]:
         """Deficit round-robin over jobs until the token budget is chosen."""

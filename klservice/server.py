@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +26,8 @@ from klservice_client.wire import pb
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReferenceService"].full_name
+FLUSH_SECONDS = 1.0
+"""On stop, how long answers already decided get to reach their callers before the port closes."""
 
 
 class Server:
@@ -108,15 +111,21 @@ class Server:
             await self._health.set(service, status)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new work, give in-flight requests `grace` seconds, release the model."""
+        """Drain, bounded: health NOT_SERVING at once (and until the port closes), new work refused UNAVAILABLE,
+        queued and running work given `grace` seconds, then answered UNAVAILABLE (a running forward stops
+        within one step), answers flushed for at most FLUSH_SECONDS, the model released."""
         grace = self.config.grace_seconds if grace is None else grace
         self.service.drain()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        started = time.perf_counter()
+        finished = await self.service.stop(grace)
+        if not finished:
+            log.warning("work still running after the %.1f s grace: answered UNAVAILABLE", grace)
         if self._grpc is not None:
-            await self._grpc.stop(grace)
-        await self.service.stop()
+            await self._grpc.stop(FLUSH_SECONDS)
+        log.info("stopped in %.1f s", time.perf_counter() - started)
         if self._backend is not None:
             self._backend.close()
         if self._metrics_http is not None:

@@ -132,11 +132,15 @@ class ReferenceService:
         self._draining = True
         self.metrics.ready.set(0)
 
-    async def stop(self) -> None:
-        """Drain, then stop the scheduler (queued work is answered as the scheduler decides)."""
+    async def stop(self, grace: float = 0.0) -> bool:
+        """Drain: refuse new work, give queued and running work up to `grace` seconds, then answer what is left
+        UNAVAILABLE (a running forward stops within one step). True if everything finished in time."""
         self.drain()
-        if self.scheduler is not None:
-            await self.scheduler.stop()
+        if self.scheduler is None:
+            return True
+        finished = await self.scheduler.drain(grace)
+        await self.scheduler.stop()
+        return finished
 
     def job(self, job_id: str | None, peer: str | None) -> Job:
         """The caller's job: its job id, else its connection for fairness and 'anonymous' in metrics."""

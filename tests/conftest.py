@@ -97,6 +97,7 @@ class RunningServer:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = Server(config, backend=backend)
+        self._stopped = False
         self.run(self.server.start())
 
     def run(self, coroutine, timeout: float = 300.0):
@@ -114,9 +115,15 @@ class RunningServer:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 
+    def stop(self, grace: float = 0.5) -> None:
+        """Stop the server (as SIGTERM does, with `grace`); `close` then only ends the loop."""
+        if not self._stopped:
+            self._stopped = True
+            self.run(self.server.stop(grace))
+
     def close(self) -> None:
         try:
-            self.run(self.server.stop(0.5))
+            self.stop()
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)

@@ -122,3 +122,83 @@ def test_docs_document_every_serve_flag():
     for field in dataclasses.fields(ServerConfig):
         flag = "--" + field.name.replace("_", "-")
         assert f"`{flag}`" in readme and f"`{ENV_PREFIX}{field.name.upper()}`" in readme, flag
+
+
+def test_sigterm_with_a_long_forward_running_exits_within_the_grace_and_one_layer(model_cache_dir, record_property):
+    """`klservice serve --grace-seconds 1` scoring one 8192-token sequence (tens of seconds on a CPU) gets
+    SIGTERM: health turns NOT_SERVING on an existing channel, the caller gets UNAVAILABLE, the process exits 0
+    after the grace plus what remains of one decoder layer (the time is recorded, not asserted)."""
+    import threading
+
+    from klservice_client import KLClient, ServiceUnavailable
+    from tests.server.test_metrics_and_health import scrape
+
+    env = dict(os.environ, KLSERVICE_CACHE_DIR=str(model_cache_dir), HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(
+        [KLSERVICE, "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--grace-seconds", "1",
+         "--cache-mb", "0"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True).start()
+    try:
+        assert wait_until(lambda: any("listening on" in line for line in lines), 120), "".join(lines)
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(gRPC\), metrics on :(\d+)", "".join(lines))
+        target, metrics_url = f"127.0.0.1:{match.group(1)}", f"http://127.0.0.1:{match.group(2)}/metrics"
+        outcome = {}
+
+        def long_score():
+            with KLClient(target, max_retries=0, timeout=300) as client:
+                client.wait_ready(timeout=120)
+                sequence = (np.arange(8192) * 7919 + 3) % 49152
+                try:
+                    outcome["value"] = client.score([sequence], 1)
+                except Exception as error:  # noqa: BLE001 - inspected below
+                    outcome["error"] = error
+
+        caller = threading.Thread(target=long_score)
+        caller.start()
+
+        def forward_running() -> bool:
+            samples = scrape(metrics_url)
+            batches = sum(v for (name, _), v in samples.items() if name == "klservice_batch_tokens_count")
+            finished = sum(v for (name, labels), v in samples.items()
+                           if name == "klservice_requests_total" and ("method", "Score") in labels)
+            return samples.get(("klservice_queue_depth", ()), 1) == 0 and batches == 0 and finished == 0 and (
+                samples.get(("klservice_ready", ()), 0) == 1)
+
+        assert wait_until(lambda: "value" not in outcome and forward_running(), 180)
+        time.sleep(0.5)  # well inside the forward
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            process.send_signal(signal.SIGTERM)
+            started = time.perf_counter()
+            statuses = []
+            while process.poll() is None:
+                try:
+                    statuses.append(health.Check(health_pb2.HealthCheckRequest(), timeout=1).status)
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+            seconds = time.perf_counter() - started
+        caller.join(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+    record_property("sigterm_exit_seconds", round(seconds, 2))
+    print(f"\nexited {seconds:.2f} s after SIGTERM (grace 1 s) with an 8192-token forward running")
+    assert process.returncode == 0, "".join(lines[-30:])
+    assert isinstance(outcome.get("error"), ServiceUnavailable), outcome
+    assert "answered UNAVAILABLE" in "".join(lines)
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
+    assert health_pb2.HealthCheckResponse.SERVING not in statuses
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False

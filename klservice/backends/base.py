@@ -16,7 +16,10 @@ import numpy as np
 
 from klservice_client.wire import ModelInfo
 
-__all__ = ["DTYPES", "ModelInfo", "ReferenceBackend", "Scored", "describe_model", "group_by_prompt", "split_shared"]
+__all__ = [
+    "DTYPES", "Interrupted", "ModelInfo", "ReferenceBackend", "Scored", "describe_model", "group_by_prompt",
+    "split_shared",
+]
 
 DTYPES = ("float32", "bfloat16", "float16")
 """Compute dtypes every backend accepts (the `--dtype` choices)."""
@@ -91,8 +94,21 @@ class ReferenceBackend(abc.ABC):
         The scheduler calls it before queueing a request, so a refusal costs no queue slot.
         """
 
+    def interrupt(self) -> None:
+        """Make a running `score()` give up soon by raising `Interrupted`, and every later one at once.
+
+        Called from another thread when the server stops with work still running, so that shutdown
+        takes at most one bounded step of a forward (for `hf`, one decoder layer); the backend is
+        closed next and not used again. A backend that cannot stop a forward part-way keeps this
+        no-op: its step is one whole `score()` call.
+        """
+
     def close(self) -> None:
         """Release the model's memory; the backend is unusable afterwards."""
+
+
+class Interrupted(Exception):
+    """`score()` stopped part-way because `ReferenceBackend.interrupt()` was called."""
 
 
 def first_int(*candidates: object) -> int | None:

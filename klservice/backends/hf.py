@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +43,8 @@ import torch
 
 from klservice.backends._files import model_revision
 from klservice.backends.base import (
-    DTYPES, ModelInfo, ReferenceBackend, Scored, describe_model, group_by_prompt, probe_tokens, split_shared,
+    DTYPES, Interrupted, ModelInfo, ReferenceBackend, Scored, describe_model, group_by_prompt, probe_tokens,
+    split_shared,
 )
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,8 @@ class HFBackend(ReferenceBackend):
         model.requires_grad_(False)
         self._model = model
         self._body = model.base_model
+        self._interrupted = threading.Event()
+        self._watch_layers(model)
         # transformers 5 renamed the KV cache argument and output from past_key_values to cache.
         parameters = inspect.signature(self._body.forward).parameters
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
@@ -205,12 +209,28 @@ class HFBackend(ReferenceBackend):
             results[i] = value
         return Scored(results, saved)
 
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
     def close(self) -> None:
+        self._interrupted.set()
         self._model = self._body = self._head_weight = self._head_bias = None
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
     # -- internals -------------------------------------------------------------------------
+
+    def _watch_layers(self, model) -> None:
+        """Check for `interrupt()` before every decoder layer (and every block of the head): a forward then stops
+        within one layer's time, whatever the batch. The layers are the body's longest ModuleList."""
+        lists = [m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+        layers = max(lists, key=len) if lists else [model.base_model]
+        for layer in layers:
+            layer.register_forward_pre_hook(lambda module, args: self._check_interrupted())
+
+    def _check_interrupted(self) -> None:
+        if self._interrupted.is_set():
+            raise Interrupted("the forward was interrupted: the server is stopping")
 
     def _score_batch(
         self, sequences: list[np.ndarray], starts: list[int], shared: list[list[int]], alone: list[int],
@@ -302,6 +322,7 @@ class HFBackend(ReferenceBackend):
         assert rows.shape[0] == targets.shape[0]
         out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
         for t0 in range(0, rows.shape[0], self._token_chunk):
+            self._check_interrupted()
             block, block_targets = rows[t0 : t0 + self._token_chunk], targets[t0 : t0 + self._token_chunk]
             target_logit = torch.zeros(block.shape[0], dtype=torch.float32, device=rows.device)
             partial_lse = []
