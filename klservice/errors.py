@@ -55,6 +55,11 @@ class DeadlineExpired(ServiceError):
     """The request's deadline passed before its work ran."""
 
 
+DEADLINE_SLACK_S = 0.1
+"""gRPC cancels a call at its deadline give or take its timer's slack: a call cancelled this close to its
+deadline is accounted as DEADLINE_EXCEEDED (and dropped for the deadline), not as CANCELLED."""
+
+
 _STATUS: dict[type[BaseException], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     KLInputError: grpc.StatusCode.INVALID_ARGUMENT,

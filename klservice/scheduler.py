@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from klservice.backends.base import Interrupted, ReferenceBackend, group_by_prompt
-from klservice.errors import DeadlineExpired, NotReady, Overloaded
+from klservice.errors import DEADLINE_SLACK_S, DeadlineExpired, NotReady, Overloaded
 from klservice.validation import Batch
 
 log = logging.getLogger(__name__)
@@ -265,8 +265,9 @@ class TokenBudgetScheduler:
             self._publish_depth()
         if self._metrics is None:
             return
-        if future.cancelled():
-            self._metrics.dropped.labels("deadline" if request.expired(time.monotonic()) else "cancelled").inc()
+        if future.cancelled():  # gRPC cancels a call at its deadline, give or take its timer's slack
+            expired = request.expired(time.monotonic() + DEADLINE_SLACK_S)
+            self._metrics.dropped.labels("deadline" if expired else "cancelled").inc()
         elif isinstance(future.exception(), DeadlineExpired):
             self._metrics.dropped.labels("deadline").inc()
 

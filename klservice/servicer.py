@@ -18,7 +18,7 @@ import grpc
 
 from google.protobuf.message import DecodeError
 
-from klservice.errors import InvalidInput, TooLarge, status_for
+from klservice.errors import DEADLINE_SLACK_S, InvalidInput, TooLarge, status_for
 from klservice.service import Job, KLComputation, ReferenceService, ScoreResult
 from klservice.validation import parse_kl_request, parse_score_request
 from klservice_client.wire import (
@@ -230,7 +230,7 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
             self._check_size(response)
             return response
         except asyncio.CancelledError:
-            expired = deadline is not None and time.monotonic() >= deadline
+            expired = deadline is not None and time.monotonic() + DEADLINE_SLACK_S >= deadline
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status in one place

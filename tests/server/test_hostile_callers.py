@@ -204,13 +204,14 @@ def test_work_whose_deadline_passes_in_the_queue_is_counted_and_leaves_the_queue
         stub = pb_grpc.ReferenceServiceStub(channel)
         holding = stub.Score.future(good_score(), timeout=120)  # occupies the worker behind the gate
         assert wait_for(lambda: gated.calls == 1)
-        expiring = [stub.Score.future(pb.ScoreRequest(batch=batch_message([[9, 10, 11, i + 1]], [1])), timeout=0.5)
+        expiring = [stub.Score.future(pb.ScoreRequest(batch=batch_message([[9, 10, 11, i + 1]], [1])), timeout=3.0)
                     for i in range(5)]
+        scheduler = server.server.service.scheduler
+        assert wait_for(lambda: scheduler.queued_requests == 5, timeout=2.5)  # all queued before they expire
         for call in expiring:
             with pytest.raises(grpc.RpcError) as expired:
                 call.result()
             assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        scheduler = server.server.service.scheduler
         # Gone from the queue while the forward still holds the worker (the gate is still closed).
         assert wait_for(lambda: scheduler.queued_requests == 0)
         samples = scrape(server.metrics_url)
