@@ -87,7 +87,12 @@ METRICS: tuple[MetricSpec, ...] = (
         "tokens_saved", Counter, "klservice_tokens_saved",
         "Prompt tokens not recomputed because sequences sharing a prompt shared its KV cache.",
     ),
-    MetricSpec("dropped", Counter, "klservice_dropped", "Requests dropped before their forward, by reason.", ("reason",)),
+    MetricSpec(
+        "dropped", Counter, "klservice_dropped",
+        "Requests dropped before their forward, by reason: queue_full (refused, RESOURCE_EXHAUSTED with a retry "
+        "hint), deadline (expired while queued), cancelled (the caller went away).",
+        ("reason",),
+    ),
     MetricSpec(
         "cache_lookups", Counter, "klservice_cache_lookups", "Reference-cache lookups per sequence, by result.", ("result",)
     ),

@@ -230,6 +230,8 @@ class TokenBudgetScheduler:
         if not items:
             return _concatenate(request.results)
         if self._waiting_requests >= self._max_queue:
+            if self._metrics is not None:
+                self._metrics.dropped.labels("queue_full").inc()
             retry_after = self._retry_after()
             raise Overloaded(
                 f"queue full ({self._waiting_requests} requests, {self._waiting_tokens} tokens waiting); "
