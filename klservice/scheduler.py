@@ -45,6 +45,9 @@ from klservice.validation import Batch
 
 log = logging.getLogger(__name__)
 
+STOP_WAIT_S = 30.0
+"""On stop, the longest wait for the worker thread's forward to return (hf: it stops within one layer)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class PlannedCall:
@@ -184,6 +187,8 @@ class TokenBudgetScheduler:
                 await self._worker
             except asyncio.CancelledError:
                 pass
+            except Exception:  # noqa: BLE001 - a dead worker must not stop the shutdown
+                log.exception("the scheduler's worker had failed")
         for item in running:
             _fail(item.request, NotReady("server is shutting down"))
         for job in self._jobs.values():
@@ -194,7 +199,10 @@ class TokenBudgetScheduler:
         self._rotation.clear()
         self._waiting_requests = self._waiting_tokens = 0
         self._publish_depth()
-        await asyncio.to_thread(self._executor.shutdown, wait=True)  # an interrupted forward returns within a step
+        try:  # an interrupted forward returns within a step; a backend that cannot be interrupted may take longer
+            await asyncio.wait_for(asyncio.to_thread(self._executor.shutdown, wait=True), STOP_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("the forward still running after %.0f s is abandoned", STOP_WAIT_S)
 
     @property
     def queued_requests(self) -> int:
@@ -254,6 +262,7 @@ class TokenBudgetScheduler:
     def _finished(self, request: _Request) -> None:
         """A request's future is done: take what it still has queued out of the queue and count why it ended early."""
         future = request.future
+        removed = request.queued > 0
         if request.queued:
             state = self._jobs.get(request.job)
             if state is not None:
@@ -267,7 +276,7 @@ class TokenBudgetScheduler:
             self._publish_depth()
         if self._metrics is None:
             return
-        if future.cancelled():  # gRPC cancels a call at its deadline, give or take its timer's slack
+        if future.cancelled() and removed:  # gRPC cancels a call at its deadline, give or take its timer's slack
             expired = request.expired(time.monotonic() + DEADLINE_SLACK_S)
             self._metrics.dropped.labels("deadline" if expired else "cancelled").inc()
         elif isinstance(future.exception(), DeadlineExpired):
@@ -311,6 +320,10 @@ class TokenBudgetScheduler:
             try:
                 for temperature, items in by_temperature.items():
                     await self._run_step(loop, items, temperature)
+            except Exception as error:  # noqa: BLE001 - a bug here must fail this step's requests, not the worker
+                log.exception("scheduler step failed")
+                for item in chosen:
+                    _fail(item.request, error)
             finally:
                 self._running = []
 
@@ -392,6 +405,8 @@ class TokenBudgetScheduler:
             batch = [sequences[i] for i in call.indices]
             started = time.perf_counter()
             scored = self._backend.score(batch, [starts[i] for i in call.indices], temperature, call.prompt_groups)
+            if len(scored.values) != len(batch):
+                raise RuntimeError(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
             if self._metrics is not None:
                 metrics = self._metrics
                 metrics.forward_seconds.observe(time.perf_counter() - started)

@@ -163,7 +163,7 @@ class ReferenceService:
         result = await asyncio.to_thread(
             kl.compute_kl, request.logprobs, ref, batch.scored_lengths, request.spec, request.old_logprobs
         )
-        _check_finite(result)
+        _check_finite(result, request, ref)
         self.metrics.tokens_scored.labels(job.label).inc(batch.num_scored)
         self.metrics.record_kl(job.label, request.spec_label, result.diagnostics)
         return KLComputation(
@@ -175,10 +175,20 @@ class ReferenceService:
         return self.require_ready()
 
 
-def _check_finite(result: kl.KLResult) -> None:
-    """Validated inputs keep every value finite (`klservice.validation`); if one is not, it is our failure."""
+def _check_finite(result: kl.KLResult, request: KLRequest, ref: np.ndarray) -> None:
+    """Refuse, naming the token, a result that is not finite: validated log-probs keep the k-values finite,
+    but an importance weight (up to e^80) times a large log-ratio can still overflow float32."""
     for name in ("k1", "k2", "k3", "coef", "coef_principled"):
         values = getattr(result, name)
-        if not np.isfinite(values).all():
-            index = int(np.argmax(~np.isfinite(values)))
-            raise RuntimeError(f"compute_kl produced a non-finite {name} at token {index} from validated inputs")
+        bad = ~np.isfinite(values)
+        if bad.any():
+            index = int(np.argmax(bad))
+            ends = np.cumsum(request.batch.scored_lengths)
+            sequence = int(np.searchsorted(ends, index, side="right"))
+            position = index - (int(ends[sequence - 1]) if sequence else 0)
+            old = "" if request.old_logprobs is None else f", behaviour {float(request.old_logprobs[index]):g}"
+            raise InvalidInput(
+                f"logprobs: {name} is not finite at sequence {sequence}, scored token {position} (policy "
+                f"{float(request.logprobs[index]):g}, reference {float(ref[index]):g}{old}): the values overflow "
+                f"{request.logprobs.dtype}; send float64 log-probs or check this token"
+            )

@@ -145,9 +145,13 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
                 raise InvalidInput(f"request_id: {request.request_id!r} was already used on this stream")
             seen.add(request.request_id)
             answer_id = request.request_id
-            response = await self._compute_kl(request, job, deadline)
-            self._check_size(response)
-            return pb.StreamKLResponse(request_id=answer_id, response=response)
+            answer = pb.StreamKLResponse(request_id=answer_id, response=await self._compute_kl(request, job, deadline))
+            self._check_size(answer)
+            return answer
+        except asyncio.CancelledError:  # the stream ended or was cancelled, or its deadline passed
+            expired = deadline is not None and time.monotonic() + DEADLINE_SLACK_S >= deadline
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
         except Exception as error:  # noqa: BLE001 - every failure becomes an error item
             code, message = self._status(error)
             item = pb.RequestError(code=code.value[0], message=message, retry_after_ms=_retry_after_ms(error) or 0)

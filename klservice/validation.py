@@ -9,11 +9,13 @@ dtype, presence when the spec needs them). Errors are `InvalidInput` / `OutOfRan
 `ModelNotFound` / `TooLarge` (and the KL library's `KLInputError` for a bad spec), which
 `klservice.errors` maps to status codes.
 
-The accepted ranges keep every value the service computes finite: temperature in
+The accepted ranges keep the values the service computes finite: temperature in
 [`MIN_TEMPERATURE`, `MAX_TEMPERATURE`] (logits / T neither overflows nor loses the
-distribution), log-probs in [`MIN_LOGPROB`, `MAX_LOGPROB`] (a log-prob is <= 0; the
-tolerance above 0 absorbs the rounding of a float32 or float16 log-softmax, and k2 = δ²/2
-of two log-probs in range is finite in float32).
+distribution; compared in float32, the wire's type), log-probs in [`MIN_LOGPROB`,
+`MAX_LOGPROB`] (a log-prob is <= 0; the tolerance above 0 absorbs the rounding of a float32
+or float16 log-softmax, and k2 = δ²/2 of two log-probs in range is finite in float32). An
+importance weight times a large log-ratio can still overflow float32; the service refuses
+that result naming the token (`klservice.service`) rather than answer inf.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 MIN_LOGPROB = -1e4
 MAX_LOGPROB = 0.01
+MAX_REQUEST_ID_LENGTH = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,7 @@ class KLRequest:
 
 def parse_score_request(message: pb.ScoreRequest, limits: Limits) -> ScoreRequest:
     """Check a Score request in one pass."""
+    check_request_id(message.request_id)
     check_model(message.model, limits.model_name)
     batch = parse_batch(message.batch, limits)
     check_response_size(batch, limits, kl=False)
@@ -102,6 +106,7 @@ def parse_score_request(message: pb.ScoreRequest, limits: Limits) -> ScoreReques
 
 def parse_kl_request(message: pb.KLRequest, limits: Limits) -> KLRequest:
     """Check a ComputeKL request in one pass."""
+    check_request_id(message.request_id)
     check_model(message.model, limits.model_name)
     batch = parse_batch(message.batch, limits)
     check_response_size(batch, limits, kl=True)
@@ -137,6 +142,11 @@ def _tensor(message, field: str, *, kinds: str, required: bool = True) -> np.nda
         raise InvalidInput(str(error)) from None
 
 
+def check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidInput(f"request_id: {len(request_id)} characters, at most {MAX_REQUEST_ID_LENGTH} are accepted")
+
+
 def check_model(requested: str, served: str) -> None:
     """Empty means the served model; any other name than the served one is NOT_FOUND."""
     if requested and requested != served:
@@ -146,7 +156,8 @@ def check_model(requested: str, served: str) -> None:
 def parse_temperature(value: float) -> float:
     if value == 0.0:
         return 1.0
-    if not math.isfinite(value) or not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+    low, high = float(np.float32(MIN_TEMPERATURE)), float(np.float32(MAX_TEMPERATURE))  # the wire's float32
+    if not math.isfinite(value) or not low <= value <= high:
         raise InvalidInput(
             f"temperature: must be a finite number > 0 within [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
             f"(0 means 1.0), got {value:g}"

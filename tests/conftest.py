@@ -38,6 +38,7 @@ VLLM_NOT_APPLICABLE = {
     "test_score_matches_plain_transformers[vllm-0.7]": "vllm refuses temperature != 1 (test_vllm_backend.py)",
     "test_temperature_changes_values[vllm]": "vllm refuses temperature != 1 (test_vllm_backend.py)",
     "test_model_info_describes_the_model[vllm]": "asserts backend == 'hf'; test_vllm_backend.py checks vllm's info",
+    "test_the_temperature_range_is_inclusive_at_both_ends[vllm]": "vllm refuses temperature != 1 (test_vllm_backend.py)",
 }
 """Tests of the shared server suites that only make sense on hf, by test id: skipped on vllm."""
 

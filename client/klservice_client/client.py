@@ -15,13 +15,15 @@ Example::
 
 Batches larger than the server's per-request limits are split into several requests and
 reassembled in order. Calls carry a deadline (``timeout``) and are retried with
-exponential backoff on UNAVAILABLE and RESOURCE_EXHAUSTED only. Failures raise
+exponential backoff on UNAVAILABLE, and on RESOURCE_EXHAUSTED when the server sends a
+retry hint (overload; without one it is a size limit: `TooLarge`). Failures raise
 subclasses of `klservice_client.errors.KLServiceError`. torch is imported only when an
 input is a torch tensor or ``as_torch=True`` is asked for.
 
 Both clients are thin shells over `_ClientCore`, which holds everything but the waiting
 (request building, retry decisions, readiness polling, the tokenizer check, StreamKL
-bookkeeping): `KLClient` blocks where `AsyncKLClient` awaits, and nothing else differs.
+bookkeeping): `KLClient` blocks where `AsyncKLClient` awaits (and runs the parts of a split
+batch concurrently).
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ class _Plan:
 
 class _StreamAssembly:
     """StreamKL bookkeeping: items become requests (split to fit the server's limits, ids "<item>.<part>"),
-    answers become one `KLStreamResult` per item once all its parts are in (or at its first failed part).
+    answers become one `KLStreamResult` per item once all its parts are in (or at its first failed part; the
+    answers to its other parts are then dropped as they come).
 
     Thread-safe: the blocking client feeds items from gRPC's request thread and reads answers in the caller's.
     """
@@ -101,25 +104,48 @@ class _StreamAssembly:
             requests = kl_requests(prepared, parts, item.model, item.temperature, item.spec, id_prefix=f"{number}.")
         except KLServiceError as error:
             return KLStreamResult(key=key, error=error)
+        except (ValueError, TypeError) as error:  # e.g. an unknown preset, token ids that are not numbers
+            return KLStreamResult(key=key, error=InvalidArgument(f"stream item {number}: {error}"))
         with self._lock:
             self._items[number] = _StreamItem(key, prepared, item.as_torch, len(requests))
         return requests
 
+    def feed(self, items, put, start: int = 0) -> Iterator[pb.KLRequest]:
+        """The requests of `items` (numbered from `start`) in order; an item's local failure, or the iterator's
+        own exception, goes to `put` (the caller's event queue) instead."""
+        try:
+            for number, item in enumerate(items, start):
+                prepared = self.requests(number, item)
+                if isinstance(prepared, KLStreamResult):
+                    put(prepared)
+                else:
+                    yield from prepared
+        except Exception as error:  # noqa: BLE001 - the caller's iterator failed: re-raised in the caller
+            put(_Raise(error))
+
     def answer(self, message: pb.StreamKLResponse) -> KLStreamResult | None:
         """The item result an answer completes, if any."""
+        failed = message.WhichOneof("result") == "error"
+        if failed and not message.request_id:  # a request the server could not identify: not one of ours
+            error = message.error
+            raise from_status(error.code, f"StreamKL item without an id: {error.message}", error.retry_after_ms)
         number, _, part = message.request_id.partition(".")
         with self._lock:
             entry = self._items.get(int(number)) if number.isdigit() and part.isdigit() else None
             if entry is None:
                 raise ServerError(f"StreamKL answered a request id this client did not send: {message.request_id!r}")
-            if message.WhichOneof("result") == "error":
+            entry.answers[int(part)] = None if failed else message.response
+            finished = len(entry.answers) == entry.parts
+            if finished:
                 del self._items[int(number)]
+            if entry.reported:
+                return None
+            if failed:
+                entry.reported = True
                 error = from_status(message.error.code, message.error.message, message.error.retry_after_ms)
                 return KLStreamResult(key=entry.key, error=error)
-            entry.answers[int(part)] = message.response
-            if len(entry.answers) < entry.parts:
+            if not finished:
                 return None
-            del self._items[int(number)]
         responses = [entry.answers[k] for k in range(entry.parts)]
         try:
             check_revisions(responses)
@@ -127,9 +153,12 @@ class _StreamAssembly:
         except KLServiceError as error:
             return KLStreamResult(key=entry.key, error=error)
 
-    def unanswered(self) -> int:
+    def check_all_answered(self) -> None:
+        """At the end of the stream: every item sent has had its answer."""
         with self._lock:
-            return len(self._items)
+            missing = len(self._items)
+        if missing:
+            raise ServerError(f"StreamKL ended with {missing} item(s) unanswered")
 
 
 @dataclasses.dataclass
@@ -138,7 +167,8 @@ class _StreamItem:
     prepared: Prepared
     as_torch: bool
     parts: int
-    answers: dict[int, pb.KLResponse] = dataclasses.field(default_factory=dict)
+    answers: dict[int, pb.KLResponse | None] = dataclasses.field(default_factory=dict)  # None: that part failed
+    reported: bool = False  # its result has been returned (it failed before all its parts were in)
 
 
 def _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs) -> Prepared:
@@ -274,7 +304,8 @@ class KLClient(_ClientCore):
             ``load_balancing="round_robin"`` to spread work over replicas).
         job_id: sent as ``x-job-id`` metadata: the server's fairness and metric label.
         timeout: deadline of each call in seconds.
-        max_retries: retries on UNAVAILABLE / RESOURCE_EXHAUSTED, with exponential backoff.
+        max_retries: retries on UNAVAILABLE and overload (RESOURCE_EXHAUSTED with a retry hint), with
+            exponential backoff.
     """
 
     _channel_api = grpc
@@ -362,19 +393,8 @@ class KLClient(_ClientCore):
         """
         assembly = self._stream_assembly(self.model_info())
         events: queue.Queue = queue.Queue()
-
-        def requests():
-            try:
-                for number, item in enumerate(items):
-                    prepared = assembly.requests(number, item)
-                    if isinstance(prepared, KLStreamResult):
-                        events.put(prepared)
-                    else:
-                        yield from prepared
-            except Exception as error:  # noqa: BLE001 - the caller's iterator failed: re-raised in its thread
-                events.put(_Raise(error))
-
-        call = self._stub.StreamKL(requests(), timeout=self._stream_timeout(timeout), metadata=self._options.metadata())
+        requests = assembly.feed(items, events.put)
+        call = self._stub.StreamKL(requests, timeout=self._stream_timeout(timeout), metadata=self._options.metadata())
 
         def read():
             try:
@@ -386,13 +406,11 @@ class KLClient(_ClientCore):
 
         threading.Thread(target=read, name="klservice-stream-kl", daemon=True).start()
         try:
-            while True:
-                event = events.get()
-                if event is _END:
-                    return
+            while (event := events.get()) is not _END:
                 result = _stream_event(assembly, event)
                 if result is not None:
                     yield result
+            assembly.check_all_answered()
         finally:
             call.cancel()
 
@@ -470,21 +488,18 @@ class AsyncKLClient(_ClientCore):
     async def stream_kl(
         self, items: Iterable[KLItem] | AsyncIterable[KLItem], *, timeout: float | None = None
     ) -> AsyncIterator[KLStreamResult]:
-        """`KLClient.stream_kl` for asyncio: `items` may be an iterable or an async iterable."""
+        """`KLClient.stream_kl` for asyncio. `items` may be an async iterable (for items that arrive over time)
+        or a plain iterable, which is read on the event loop and so must not block."""
         assembly = self._stream_assembly(await self.model_info())
         events: asyncio.Queue = asyncio.Queue()
 
-        async def requests():
+        async def requests():  # each item through the same feeder as the blocking client's
+            number = 0
             try:
-                number = 0
                 async for item in _aiter(items):
-                    prepared = assembly.requests(number, item)
+                    for request in assembly.feed([item], events.put_nowait, start=number):
+                        yield request
                     number += 1
-                    if isinstance(prepared, KLStreamResult):
-                        events.put_nowait(prepared)
-                    else:
-                        for request in prepared:
-                            yield request
             except Exception as error:  # noqa: BLE001 - the caller's iterator failed: re-raised to the caller
                 events.put_nowait(_Raise(error))
 
@@ -500,13 +515,11 @@ class AsyncKLClient(_ClientCore):
 
         reader = asyncio.ensure_future(read())
         try:
-            while True:
-                event = await events.get()
-                if event is _END:
-                    return
+            while (event := await events.get()) is not _END:
                 result = _stream_event(assembly, event)
                 if result is not None:
                     yield result
+            assembly.check_all_answered()
         finally:
             call.cancel()
             reader.cancel()

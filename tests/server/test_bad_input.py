@@ -116,6 +116,9 @@ BAD_REQUESTS = {
     "behaviour log-prob of +3e38": (
         "ComputeKL", kl_request(old_logprobs=to_tensor(np.array([-1, -1, -1, 3e38], np.float32))),
         grpc.StatusCode.INVALID_ARGUMENT, r"old_logprobs: value 3e\+38 at sequence 1, scored token 1 is not a log-prob"),
+    "request id too long": (
+        "Score", score_request(request_id="r" * 300),
+        grpc.StatusCode.INVALID_ARGUMENT, r"request_id: 300 characters, at most 256"),
     "policy log-prob count": (
         "ComputeKL", kl_request(logprobs=to_tensor(np.full(5, -1.0, np.float32))),
         grpc.StatusCode.INVALID_ARGUMENT, r"logprobs: has 5 values but the batch has 4 scored tokens"),
@@ -231,3 +234,10 @@ def test_a_value_error_inside_the_backend_is_internal_not_the_clients_fault(star
         assert "broadcast" not in failure.value.details()
         reply = stub.Score(pb.ScoreRequest(batch=batch()), timeout=60)  # the server keeps serving
         assert len(reply.ref_logprobs.data) == 4 * 4  # 4 scored tokens, float32
+
+
+def test_the_temperature_range_is_inclusive_at_both_ends(stub):
+    """0.01 and 100 travel as float32 (0.0099999998, 100.0): both are accepted."""
+    for temperature in (0.01, 100.0):
+        reply = stub.Score(score_request(temperature=temperature), timeout=30)
+        assert reply.scored_lengths.shape == [2]

@@ -253,12 +253,51 @@ def test_non_finite_model_output_is_internal_and_never_cached(start_server, hf_b
 
 
 def test_an_ok_compute_kl_never_carries_inf(start_server, hf_backend):
-    """A reference of -3e38 (finite) makes k2 = inf in float32: the server answers INTERNAL rather than OK with inf."""
+    """A reference of -3e38 (finite) makes k2 = inf in float32: refused naming the token, never OK with inf."""
     server = start_server(backend=Extreme(hf_backend, -3e38))
     with KLClient(server.target, max_retries=0) as client:
         assert np.isfinite(client.score([[5, 6, 7, 8]], 2).ref_logprobs).all()
-        with pytest.raises(Exception) as failed:
+        with pytest.raises(InvalidArgument, match=r"k2 is not finite at sequence 0, scored token 0 .*float64"):
             client.compute_kl([[5, 6, 7, 8]], 2, logprobs=np.array([-1.0, -1.0], np.float32))
-        assert "internal error" in str(failed.value)
         with pytest.raises(InvalidArgument, match="is not a log-prob"):
             client.compute_kl([[5, 6, 7, 8]], 2, logprobs=[-1.0, 3e38])
+
+
+def test_in_range_log_probs_whose_importance_weight_overflows_float32_are_refused_naming_the_token(tiny_server):
+    """Each log-prob is in range, but the sequence weight e^(sum log w) times delta overflows float32."""
+    spec = kl.KLSpec(estimator=kl.Estimator.K1, mode=kl.Mode.IN_REWARD, importance_sampling=kl.ImportanceSampling.SEQUENCE)
+    with KLClient(tiny_server.target, max_retries=0) as client:
+        with pytest.raises(InvalidArgument, match=r"coef is not finite at sequence 0, scored token 0 \(policy -10000"):
+            client.compute_kl(
+                [[5, 6, 7, 8, 9]], 1, logprobs=np.array([-1e4, 0, 0, 0], np.float32),
+                old_logprobs=np.array([0, -1e4, -1e4, -1e4], np.float32), spec=spec,
+            )
+        assert client.score([[5, 6, 7, 8]], 2).ref_logprobs.shape == (2,)
+
+
+class MissingOne(ReferenceBackend):
+    """The real backend, but its first call returns one value too few (a backend bug)."""
+
+    def __init__(self, backend):
+        self.backend, self.broken = backend, True
+
+    def info(self):
+        return self.backend.info()
+
+    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
+        scored = self.backend.score(sequences, starts, temperature, prompt_groups)
+        if self.broken:
+            self.broken = False
+            return Scored(scored.values[:-1], scored.tokens_saved)
+        return scored
+
+
+def test_a_backend_bug_fails_its_step_and_the_server_keeps_serving(start_server, hf_backend):
+    server = start_server(backend=MissingOne(hf_backend), cache_mb=0)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ReferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Score(good_score(), timeout=60)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert failed.value.details() == INTERNAL_MESSAGE
+        assert stub.Score(good_score(), timeout=60).scored_lengths.shape == [1]  # the worker is still alive

@@ -58,7 +58,11 @@ def test_stream_kl_answers_every_item_like_compute_kl(small_requests_server):
     assert any(sum(len(s) for s in item.sequences) > MAX_REQUEST_TOKENS for item in items)  # some are split
     bad = KLItem([[1, 2, 3]], [1], np.zeros(5, np.float32), key="bad")  # 5 log-probs for 2 scored tokens
     too_big = KLItem([[1, 2, 49152]], [1], [-1.0, -1.0], key="bad-token")  # token id out of the vocabulary
-    stream = items[:5] + [bad] + items[5:9] + [too_big] + items[9:]
+    # Two parts of 40 tokens each: the first is refused by the server (a token outside the vocabulary), the
+    # second is answered; the item fails once and the answer to its other part is dropped.
+    split_bad = KLItem([[49152] + [1] * 39, [2] * 40], [1, 1], np.full(78, -1.0, np.float32), key="split-bad")
+    unknown_preset = KLItem([[1, 2, 3]], [1], np.full(2, -1.0, np.float32), spec="kl_magic", key="unknown-preset")
+    stream = items[:5] + [bad, split_bad] + items[5:9] + [too_big, unknown_preset] + items[9:]
     with KLClient(small_requests_server.target) as client:
         results = list(client.stream_kl(stream))
         assert sorted(str(r.key) for r in results) == sorted(str(item.key) for item in stream)
@@ -69,6 +73,9 @@ def test_stream_kl_answers_every_item_like_compute_kl(small_requests_server):
         assert "49152" in str(by_key["bad-token"].error)  # found by the server; the stream went on
         with pytest.raises(InvalidArgument):
             by_key["bad"].result()
+        assert isinstance(by_key["split-bad"].error, InvalidArgument) and "49152" in str(by_key["split-bad"].error)
+        assert isinstance(by_key["unknown-preset"].error, InvalidArgument)
+        assert "kl_magic" in str(by_key["unknown-preset"].error)
         for item in items:
             assert by_key[item.key].error is None
             assert_same_as_compute_kl(client, item, by_key[item.key].result())
