@@ -58,6 +58,12 @@ class ServerConfig:
     max_message_mb: int = config_field(256, "Largest gRPC message accepted or sent, in MiB.")
     max_batch_tokens: int = config_field(16_384, "Token budget of one forward batch (padded tokens).")
     max_wait_ms: float = config_field(2.0, "How long the scheduler waits for more requests before starting a forward batch.")
+    call_padding: float = config_field(
+        0.25,
+        "Most padding one forward call may carry, as a share of its real tokens, before the scheduler splits it "
+        "(calls are not split below --max-batch-tokens / 8 real tokens). Raise it where small forwards are "
+        "launch-bound (small models on GPUs).",
+    )
     max_queue: int = config_field(1024, "Most requests waiting for the model; more are answered RESOURCE_EXHAUSTED.")
     cache_mb: int = config_field(512, "Reference-cache size in MiB (log-probs of recently scored sequences); 0 disables it.")
     max_jobs: int = config_field(64, "Distinct x-job-id values tracked in metric labels; later ones are labelled 'other'.")

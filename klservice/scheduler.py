@@ -40,11 +40,14 @@ from typing import Sequence
 import numpy as np
 
 from klservice.backends.base import Interrupted, ReferenceBackend, group_by_prompt
+from klservice.config import ServerConfig
 from klservice.errors import DEADLINE_SLACK_S, DeadlineExpired, NotReady, Overloaded
 from klservice.validation import Batch
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CALL_PADDING = ServerConfig.call_padding
+"""Most padding a backend call carries, as a share of its real tokens, before it is split (`plan_calls`)."""
 STOP_WAIT_S = 30.0
 """On stop, the longest wait for the worker thread's forward to return (hf: it stops within one layer)."""
 
@@ -57,23 +60,35 @@ class PlannedCall:
     prompt_groups: list[list[int]]
 
 
-def plan_calls(sequences: Sequence[np.ndarray], starts: Sequence[int], max_batch_tokens: int) -> list[PlannedCall]:
+def plan_calls(
+    sequences: Sequence[np.ndarray],
+    starts: Sequence[int],
+    max_batch_tokens: int,
+    max_padding: float = DEFAULT_CALL_PADDING,
+) -> list[PlannedCall]:
     """The backend calls for `sequences`, each with the prompt groups the backend may share.
 
     Sequences with identical prompts (`group_by_prompt`) form one unit, kept in one call;
     units are sorted by their longest sequence and packed greedily so that (sequences in
-    the call) × (longest in the call) <= max_batch_tokens. A unit that alone exceeds the
-    budget is split into budget-sized runs of its own.
+    the call) × (longest in the call) <= max_batch_tokens, and so that a call of at least
+    max_batch_tokens / 8 real tokens is closed rather than padded beyond `max_padding` × its
+    real tokens (mixed lengths would otherwise pad short sequences to the longest; the floor
+    keeps calls from getting small). A unit that alone exceeds the budget is split into
+    budget-sized runs of its own.
     """
     units = sorted(group_by_prompt(sequences, starts), key=lambda unit: max(len(sequences[i]) for i in unit))
+    min_call_tokens = max_batch_tokens // 8
     calls: list[list[list[int]]] = []  # per call, its units
     current: list[list[int]] = []
-    size = longest = 0
+    size = longest = real = 0
     for unit in units:
         unit_longest = max(len(sequences[i]) for i in unit)
-        if current and (size + len(unit)) * max(longest, unit_longest) > max_batch_tokens:
+        unit_real = sum(len(sequences[i]) for i in unit)
+        padded = (size + len(unit)) * max(longest, unit_longest)
+        too_padded = real >= min_call_tokens and padded > (1 + max_padding) * (real + unit_real)
+        if current and (padded > max_batch_tokens or too_padded):
             calls.append(current)
-            current, size, longest = [], 0, 0
+            current, size, longest, real = [], 0, 0, 0
         if len(unit) * unit_longest > max_batch_tokens:
             per_call = max(1, max_batch_tokens // unit_longest)
             unit = sorted(unit, key=lambda i: len(sequences[i]))
@@ -83,6 +98,7 @@ def plan_calls(sequences: Sequence[np.ndarray], starts: Sequence[int], max_batch
         current.append(unit)
         size += len(unit)
         longest = max(longest, unit_longest)
+        real += unit_real
     if current:
         calls.append(current)
     planned = []
@@ -139,10 +155,12 @@ class TokenBudgetScheduler:
         max_batch_tokens: int,
         max_queue: int,
         max_wait_s: float = 0.002,
+        call_padding: float = DEFAULT_CALL_PADDING,
         cache=None,
         metrics=None,
     ):
         self._backend = backend
+        self._call_padding = call_padding
         self._max_batch_tokens = max_batch_tokens
         self._max_queue = max_queue
         self._max_wait_s = max_wait_s
@@ -401,7 +419,7 @@ class TokenBudgetScheduler:
         sequences = [item.tokens for item in items]
         starts = [item.start for item in items]
         values: list[np.ndarray | None] = [None] * len(items)
-        for call in plan_calls(sequences, starts, self._max_batch_tokens):
+        for call in plan_calls(sequences, starts, self._max_batch_tokens, self._call_padding):
             batch = [sequences[i] for i in call.indices]
             started = time.perf_counter()
             scored = self._backend.score(batch, [starts[i] for i in call.indices], temperature, call.prompt_groups)

@@ -89,6 +89,7 @@ class ReferenceService:
             max_batch_tokens=config.max_batch_tokens,
             max_queue=config.max_queue,
             max_wait_s=config.max_wait_ms / 1000.0,
+            call_padding=config.call_padding,
             cache=cache,
             metrics=self.metrics,
         )

@@ -92,6 +92,25 @@ def test_plan_calls_respects_budget_and_keeps_prompt_groups_together():
     assert sorted(groups) == sorted([[3, 4, 5, 6]] + [[i] for i in (0, 1, 2, 7, 8, 9)])
 
 
+def test_plan_calls_splits_mixed_lengths_rather_than_pad_them():
+    """A step of mixed lengths (16-2048 tokens): short sequences are not padded to the longest one."""
+    rng = np.random.default_rng(3)
+    sequences = [rng.integers(0, 1000, size=int(n)) for n in rng.integers(16, 2048, size=14)]
+    starts = [1] * len(sequences)
+
+    def padded_share(calls):
+        padded = sum(len(c.indices) * max(len(sequences[i]) for i in c.indices) for c in calls)
+        return 1 - sum(len(s) for s in sequences) / padded
+
+    packed = plan_calls(sequences, starts, 16384)
+    unsplit = plan_calls(sequences, starts, 16384, max_padding=float("inf"))
+    for calls in (packed, unsplit):
+        assert sorted(i for c in calls for i in c.indices) == list(range(len(sequences)))
+        assert all(len(c.indices) * max(len(sequences[i]) for i in c.indices) <= 16384 for c in calls)
+    assert padded_share(packed) < 0.6 * padded_share(unsplit), (padded_share(packed), padded_share(unsplit))
+    assert all(sum(len(sequences[i]) for i in c.indices) >= 16384 // 8 for c in packed[:-1])  # no tiny calls
+
+
 def test_every_result_returns_to_its_request_in_order():
     backend = RecordingBackend()
     rng = np.random.default_rng(1)
