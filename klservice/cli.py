@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help, description=description)
         command.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default: {DEFAULT_TARGET})")
         command.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds (default: 60)")
+        command.add_argument(
+            "--token", default=None,
+            help="bearer token for a server with --auth-file (default: $KLSERVICE_TOKEN; prefer the variable: "
+            "a flag shows in the process list)",
+        )
         return command
 
     info = client_command("info", "show the model a running server serves", "Print GetModelInfo of a running server.")
@@ -101,8 +106,60 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="service name to check (default: '', the whole server)")
     health.set_defaults(run=_health)
 
+    _add_auth_command(commands)
     _add_bench_command(commands)
     return parser
+
+
+def _add_auth_command(commands) -> None:
+    """`klservice auth add-tenant | add-token`: write the --auth-file; print a new token once."""
+    auth = commands.add_parser(
+        "auth",
+        help="add tenants and tokens to an --auth-file",
+        description="Write the auth file of `klservice serve --auth-file`: tenants with a role, a weight and a "
+        "quota, and the sha256 hashes of their bearer tokens. A new token is printed once, on stdout, and only "
+        "its hash is stored; a running server picks the change up on SIGHUP.",
+    )
+    actions = auth.add_subparsers(title="actions", metavar="ACTION", required=True)
+    tenant = actions.add_parser("add-tenant", help="add a tenant with a new token", description="Add a tenant "
+                                "with one new token to FILE (created if missing) and print the token.")
+    tenant.add_argument("file", help="the auth file (TOML)")
+    tenant.add_argument("name", help="tenant name: 1-64 letters, digits, '_', '.' or '-'")
+    tenant.add_argument("--role", choices=("trainer", "admin"), default="trainer", help="default: trainer")
+    tenant.add_argument("--weight", type=float, default=1.0, help="share of the model under contention (default: 1)")
+    tenant.add_argument("--max-queued-tokens", type=int, default=0, help="most tokens queued at once (default: 0, no limit)")
+    tenant.set_defaults(run=_auth_add_tenant)
+    token = actions.add_parser("add-token", help="add a new token to a tenant", description="Add a new token to "
+                               "tenant NAME in FILE and print it (its other tokens stay valid).")
+    token.add_argument("file", help="the auth file (TOML)")
+    token.add_argument("name", help="an existing tenant")
+    token.set_defaults(run=_auth_add_token)
+
+
+def _auth_add_tenant(args: argparse.Namespace) -> int:
+    from klservice.auth import AuthFileError, add_tenant
+
+    try:
+        token = add_tenant(args.file, args.name, role=args.role, weight=args.weight, max_queued_tokens=args.max_queued_tokens)
+    except AuthFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(token)
+    print(f"tenant {args.name!r} added to {args.file}; the token above is shown only now", file=sys.stderr)
+    return 0
+
+
+def _auth_add_token(args: argparse.Namespace) -> int:
+    from klservice.auth import AuthFileError, add_token
+
+    try:
+        token = add_token(args.file, args.name)
+    except AuthFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(token)
+    print(f"new token for {args.name!r} added to {args.file}; it is shown only now", file=sys.stderr)
+    return 0
 
 
 def _add_bench_command(commands) -> None:
@@ -169,7 +226,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from klservice_client import KLClient
 
-    return KLClient(args.target, timeout=args.timeout, max_retries=2, job_id="klservice-cli")
+    return KLClient(args.target, timeout=args.timeout, max_retries=2, job_id="klservice-cli", token=args.token)
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -39,7 +39,17 @@ class ServerConfig:
         "refuses temperature != 1, which vLLM's prompt log-probs ignore).",
         choices=("hf", "vllm"),
     )
-    host: str = config_field("0.0.0.0", "Address to listen on (gRPC).")
+    host: str = config_field(
+        "0.0.0.0",
+        "Address to listen on (gRPC). Beyond loopback without --auth-file anyone who can reach the port is served; "
+        "the server warns at start.",
+    )
+    auth_file: str | None = config_field(
+        None,
+        "TOML file of tenants and the sha256 hashes of their bearer tokens (write it with `klservice auth`). With it, "
+        "every ReferenceService call needs `authorization: Bearer <token>` and x-job-id names a job within the "
+        "token's tenant; health and reflection stay open. Re-read on SIGHUP.",
+    )
     port: int = config_field(50051, "gRPC port (0 picks a free port and logs it).")
     metrics_port: int = config_field(9400, "Prometheus /metrics HTTP port (0 picks a free port, -1 disables).")
     dtype: str = config_field("float32", "Compute dtype of the model.", choices=DTYPES)

@@ -51,6 +51,14 @@ class NotReady(ServiceError):
     """The model is loading or the server is draining."""
 
 
+class Unauthenticated(ServiceError):
+    """Authentication is on and the call carries no valid bearer token."""
+
+
+class PermissionDenied(ServiceError):
+    """The caller's tenant may not do this (an operator RPC without the admin role)."""
+
+
 class DeadlineExpired(ServiceError):
     """The request's deadline passed before its work ran."""
 
@@ -70,6 +78,8 @@ _STATUS: dict[type[BaseException], grpc.StatusCode] = {
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 INTERNAL_MESSAGE = "internal error in the reference service (details are in the server log)"

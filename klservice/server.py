@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from klservice.auth import AuthFileError, load_auth_file
 from klservice.config import ServerConfig
 from klservice.metrics import Metrics
 from klservice.service import ReferenceService
@@ -26,6 +27,7 @@ from klservice_client.wire import pb
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReferenceService"].full_name
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 FLUSH_SECONDS = 1.0
 """On stop, how long answers already decided get to reach their callers before the port closes."""
 
@@ -48,12 +50,37 @@ class Server:
         self.metrics = Metrics(self.registry, max_jobs=config.max_jobs)
         self._backend = backend  # preloaded backend (tests, embedding); else loaded from config
         self.service = ReferenceService(config, self.metrics)
+        if config.auth_file:
+            self.service.auth = load_auth_file(config.auth_file)  # a bad file fails the start, before listening
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http = None
         self._loading: asyncio.Task | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+
+    def reload_auth(self) -> bool:
+        """Re-read --auth-file (SIGHUP). A file that does not load leaves the previous one in force."""
+        if not self.config.auth_file:
+            log.warning("SIGHUP: no --auth-file to reload")
+            return False
+        try:
+            table = load_auth_file(self.config.auth_file)
+        except AuthFileError as error:
+            log.error("auth file not reloaded, the previous one stays in force: %s", error)
+            return False
+        self.service.auth = table
+        log.info("auth file reloaded: %d tenant(s)", len(table.tenants))
+        return True
+
+    def _warn_if_exposed(self) -> None:
+        if self.config.auth_file or self.config.host in LOOPBACK_HOSTS:
+            return
+        log.warning(
+            "SERVING WITHOUT AUTHENTICATION on %s: anyone who can reach port %s can use this server and write "
+            "its per-job metrics. Pass --auth-file (see `klservice auth --help`) or --host 127.0.0.1.",
+            self.config.host, self.port,
+        )
 
     async def start(self) -> int:
         """Start listening (health NOT_SERVING) and begin loading the model. Returns the gRPC port."""
@@ -80,6 +107,7 @@ class Server:
             self._start_metrics_http()
         log.info("listening on %s:%d (gRPC)%s", self.config.host, self.port,
                  f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "")
+        self._warn_if_exposed()
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="klservice-load")
         return self.port
 
@@ -138,6 +166,7 @@ class Server:
         stopping = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_auth)
         await self.start()
         stop_wait = asyncio.ensure_future(stopping.wait())
         try:

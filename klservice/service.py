@@ -24,7 +24,8 @@ from klservice import __version__
 from klservice.backends.base import ModelInfo, ReferenceBackend
 from klservice.cache import ReferenceCache
 from klservice.config import ServerConfig
-from klservice.errors import InvalidInput, NotReady
+from klservice.auth import AuthTable, bearer_token
+from klservice.errors import InvalidInput, NotReady, Unauthenticated
 from klservice.metrics import Metrics
 from klservice.scheduler import TokenBudgetScheduler
 from klservice.validation import KLRequest, Limits, ScoreRequest
@@ -36,10 +37,12 @@ MAX_JOB_ID_LENGTH = 128
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """Who sent a request: `key` for fairness, `label` (bounded) for metrics."""
+    """Who sent a request: `key` for fairness, `label` (bounded) for metrics, and with authentication on the
+    `tenant` its token belongs to (`key` and `label` are then "tenant/job")."""
 
     key: str
     label: str
+    tenant: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,7 @@ class ReferenceService:
         self.scheduler: TokenBudgetScheduler | None = None
         self._served: ServedModel | None = None
         self._draining = False
+        self.auth: AuthTable | None = None  # None: no authentication (set by the server from --auth-file)
 
     async def start(self, backend: ReferenceBackend) -> ServedModel:
         """Put a loaded backend into service: reference cache, scheduler, limits, metrics."""
@@ -143,11 +147,26 @@ class ReferenceService:
         await self.scheduler.stop()
         return finished
 
-    def job(self, job_id: str | None, peer: str | None) -> Job:
-        """The caller's job: its job id, else its connection for fairness and 'anonymous' in metrics."""
+    def job(self, job_id: str | None, peer: str | None, authorization: str | None = None) -> Job:
+        """The caller's job. Without authentication: its job id, else its connection for fairness and
+        'anonymous' in metrics. With it: the bearer token's tenant, and the job id within it ("tenant/job",
+        "tenant/default" without one); a missing or unknown token is Unauthenticated."""
         if job_id is not None and len(job_id) > MAX_JOB_ID_LENGTH:
             raise InvalidInput(f"x-job-id: {len(job_id)} characters, at most {MAX_JOB_ID_LENGTH} are accepted")
-        return Job(key=job_id or f"peer:{peer}", label=self.metrics.jobs.label(job_id))
+        auth = self.auth
+        if auth is None:
+            return Job(key=job_id or f"peer:{peer}", label=self.metrics.jobs.label(job_id))
+        token = bearer_token(authorization)
+        if token is None:
+            raise Unauthenticated(
+                "authorization: missing; this server needs `authorization: Bearer <token>` metadata "
+                "(KLClient(token=...) or the KLSERVICE_TOKEN environment variable)"
+            )
+        tenant = auth.identify(token)
+        if tenant is None:
+            raise Unauthenticated("authorization: the bearer token is not one of this server's")
+        name = f"{tenant.name}/{job_id or 'default'}"
+        return Job(key=name, label=self.metrics.jobs.label(name), tenant=tenant.name)
 
     async def score(self, request: ScoreRequest, job: Job, deadline: float | None) -> ScoreResult:
         """Reference log-probs of every scored token (`deadline`: a time.monotonic() value, or None)."""

@@ -196,7 +196,7 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
 
     def _job(self, context) -> Job:
         metadata = dict(context.invocation_metadata() or ())
-        return self._service.job(metadata.get(JOB_METADATA_KEY), context.peer())
+        return self._service.job(metadata.get(JOB_METADATA_KEY), context.peer(), metadata.get("authorization"))
 
     @staticmethod
     def _deadline(context) -> float | None:

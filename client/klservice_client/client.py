@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import queue
 import threading
 import time
@@ -55,6 +56,8 @@ __all__ = ["AsyncKLClient", "KLClient", "KLItem", "KLOutput", "KLStreamResult", 
 
 #: While waiting for a server to become ready, these mean "not yet" rather than failure.
 NOT_READY_YET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+TOKEN_ENVIRONMENT_VARIABLE = "KLSERVICE_TOKEN"
+"""Where the clients read a bearer token from when none is passed."""
 READY_POLL_SECONDS = 0.2
 
 
@@ -189,9 +192,13 @@ class _Options:
     initial_backoff: float
     max_backoff: float
     max_message_bytes: int
+    token: str | None = dataclasses.field(default=None, repr=False)  # a credential: never in a repr or a log
 
     def metadata(self):
-        return ((JOB_METADATA_KEY, self.job_id),) if self.job_id else ()
+        metadata = [(JOB_METADATA_KEY, self.job_id)] if self.job_id else []
+        if self.token:
+            metadata.append(("authorization", f"Bearer {self.token}"))
+        return tuple(metadata)
 
 
 class _ClientCore:
@@ -214,8 +221,10 @@ class _ClientCore:
         max_message_bytes: int = 256 * 1024 * 1024,
         load_balancing: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ):
-        self._options = _Options(job_id, timeout, max_retries, initial_backoff, max_backoff, max_message_bytes)
+        token = token if token is not None else os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None
+        self._options = _Options(job_id, timeout, max_retries, initial_backoff, max_backoff, max_message_bytes, token)
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -302,7 +311,10 @@ class KLClient(_ClientCore):
     Args:
         target: ``host:port``, or any gRPC target (``dns:///klservice.ns.svc:50051`` with
             ``load_balancing="round_robin"`` to spread work over replicas).
-        job_id: sent as ``x-job-id`` metadata: the server's fairness and metric label.
+        job_id: sent as ``x-job-id`` metadata: the server's fairness and metric label (with authentication,
+            a job within the token's tenant).
+        token: bearer token for a server with ``--auth-file`` (default: the KLSERVICE_TOKEN environment
+            variable); sent as ``authorization: Bearer <token>``, never logged.
         timeout: deadline of each call in seconds.
         max_retries: retries on UNAVAILABLE and overload (RESOURCE_EXHAUSTED with a retry hint), with
             exponential backoff.
@@ -335,7 +347,10 @@ class KLClient(_ClientCore):
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return self._remember(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._ready_timeout(deadline)))
+                reply = self._stub.GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=self._ready_timeout(deadline), metadata=self._options.metadata()
+                )
+                return self._remember(reply)
             except grpc.RpcError as error:
                 self._not_ready_yet(error, deadline, timeout)
             time.sleep(READY_POLL_SECONDS)
@@ -445,7 +460,9 @@ class AsyncKLClient(_ClientCore):
         deadline = time.monotonic() + timeout
         while True:
             try:
-                reply = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._ready_timeout(deadline))
+                reply = await self._stub.GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=self._ready_timeout(deadline), metadata=self._options.metadata()
+                )
                 return self._remember(reply)
             except grpc.RpcError as error:
                 self._not_ready_yet(error, deadline, timeout)
