@@ -116,9 +116,10 @@ def _add_auth_command(commands) -> None:
     auth = commands.add_parser(
         "auth",
         help="add tenants and tokens to an --auth-file",
-        description="Write the auth file of `klservice serve --auth-file`: tenants with a role, a weight and a "
-        "quota, and the sha256 hashes of their bearer tokens. A new token is printed once, on stdout, and only "
-        "its hash is stored; a running server picks the change up on SIGHUP.",
+        description="Write the auth file of `klservice serve --auth-file`: tenants and the sha256 hashes of their "
+        "bearer tokens (with a role, a weight and a queue quota, which the server reads and checks but does not "
+        "apply yet). A new token is printed once, on stdout, and only its hash is stored; a running server picks "
+        "the change up on SIGHUP.",
     )
     actions = auth.add_subparsers(title="actions", metavar="ACTION", required=True)
     tenant = actions.add_parser("add-tenant", help="add a tenant with a new token", description="Add a tenant "
@@ -126,8 +127,8 @@ def _add_auth_command(commands) -> None:
     tenant.add_argument("file", help="the auth file (TOML)")
     tenant.add_argument("name", help="tenant name: 1-64 letters, digits, '_', '.' or '-'")
     tenant.add_argument("--role", choices=("trainer", "admin"), default="trainer", help="default: trainer")
-    tenant.add_argument("--weight", type=float, default=1.0, help="share of the model under contention (default: 1)")
-    tenant.add_argument("--max-queued-tokens", type=int, default=0, help="most tokens queued at once (default: 0, no limit)")
+    tenant.add_argument("--weight", type=float, default=1.0, help="share of the model under contention, read but not applied yet (default: 1)")
+    tenant.add_argument("--max-queued-tokens", type=int, default=0, help="most tokens queued at once, read but not applied yet (default: 0, no limit)")
     tenant.set_defaults(run=_auth_add_tenant)
     token = actions.add_parser("add-token", help="add a new token to a tenant", description="Add a new token to "
                                "tenant NAME in FILE and print it (its other tokens stay valid).")
