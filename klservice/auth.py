@@ -14,8 +14,9 @@ The file is TOML and holds only sha256 hashes of the tokens, never the tokens::
     max_queued_tokens = 0            # most tokens waiting for the model at once; 0: no limit
     tokens = ["sha256:9f86d081884c7d65..."]
 
-`role`, `weight` and `max_queued_tokens` are read and checked; the scheduler does not apply
-them yet (its fairness is per job, and no RPC needs the admin role so far).
+`weight` is applied: the scheduler divides the model's time between tenants by weight, and a
+tenant's jobs take turns within its share. `role` and `max_queued_tokens` are read and checked
+but not applied yet (no RPC needs the admin role so far; queues are bounded server-wide).
 
 `klservice auth add-tenant FILE NAME` and `klservice auth add-token FILE NAME` write it:
 they print a new random token once and store its hash. The server re-reads the file on

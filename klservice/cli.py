@@ -117,8 +117,8 @@ def _add_auth_command(commands) -> None:
         "auth",
         help="add tenants and tokens to an --auth-file",
         description="Write the auth file of `klservice serve --auth-file`: tenants and the sha256 hashes of their "
-        "bearer tokens (with a role, a weight and a queue quota, which the server reads and checks but does not "
-        "apply yet). A new token is printed once, on stdout, and only its hash is stored; a running server picks "
+        "bearer tokens, with a weight (the tenant's share of the model under contention) and a role and a queue "
+        "quota (read and checked, not applied yet). A new token is printed once, on stdout, and only its hash is stored; a running server picks "
         "the change up on SIGHUP.",
     )
     actions = auth.add_subparsers(title="actions", metavar="ACTION", required=True)
@@ -127,7 +127,7 @@ def _add_auth_command(commands) -> None:
     tenant.add_argument("file", help="the auth file (TOML)")
     tenant.add_argument("name", help="tenant name: 1-64 letters, digits, '_', '.' or '-'")
     tenant.add_argument("--role", choices=("trainer", "admin"), default="trainer", help="default: trainer")
-    tenant.add_argument("--weight", type=float, default=1.0, help="share of the model under contention, read but not applied yet (default: 1)")
+    tenant.add_argument("--weight", type=float, default=1.0, help="share of the model under contention (default: 1)")
     tenant.add_argument("--max-queued-tokens", type=int, default=0, help="most tokens queued at once, read but not applied yet (default: 0, no limit)")
     tenant.set_defaults(run=_auth_add_tenant)
     token = actions.add_parser("add-token", help="add a new token to a tenant", description="Add a new token to "

@@ -12,9 +12,11 @@ How:
   waiting is refused with `Overloaded`, carrying a retry hint from the measured drain
   rate.
 - One worker task forms steps. It waits up to ``max_wait_s`` for work to accumulate,
-  then picks sequences by deficit round-robin over jobs (each visit grants a job a
-  quantum of ``max_batch_tokens / active jobs`` tokens; the deficit carries over while
-  the job has backlog), until ``max_batch_tokens`` are chosen.
+  then picks sequences by deficit round-robin over *shares* (each visit grants a share a
+  quantum of ``max_batch_tokens × weight / total weight`` tokens; the deficit carries over
+  while the share has backlog), until ``max_batch_tokens`` are chosen. A share is a tenant
+  with authentication (weighted by its auth-file weight), else a job; within a share its
+  jobs take turns item by item, so spreading load over more job ids gains nothing.
 - Work whose caller has gone (cancelled, or its deadline passed) leaves the queue at once
   and is counted in ``klservice_dropped_total{reason="cancelled"|"deadline"}``; work found
   expired when a step is formed is answered DEADLINE_EXCEEDED unrun.
@@ -112,6 +114,7 @@ def plan_calls(
 @dataclasses.dataclass(eq=False)
 class _Request:
     job: str
+    share: str
     temperature: float
     deadline: float | None  # time.monotonic() value
     future: asyncio.Future
@@ -139,10 +142,32 @@ class _Item:
 
 
 @dataclasses.dataclass(eq=False)
-class _Job:
+class _Share:
+    """One party of the fair sharing (a tenant with authentication, else a job): its jobs' queues, served
+    round-robin item by item, and its deficit in the round-robin between shares."""
+
     name: str
-    items: collections.deque = dataclasses.field(default_factory=collections.deque)
+    weight: float = 1.0
+    jobs: dict[str, collections.deque] = dataclasses.field(default_factory=dict)  # in round-robin order
     deficit: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs)
+
+    def head(self) -> "_Item":
+        return self.jobs[next(iter(self.jobs))][0]
+
+    def pop(self) -> "_Item":
+        """The next item, from the job whose turn it is; that job goes to the back of the line."""
+        job = next(iter(self.jobs))
+        queue = self.jobs.pop(job)
+        item = queue.popleft()
+        if queue:
+            self.jobs[job] = queue
+        return item
+
+    def items(self):
+        return (item for queue in self.jobs.values() for item in queue)
 
 
 class TokenBudgetScheduler:
@@ -166,8 +191,8 @@ class TokenBudgetScheduler:
         self._max_wait_s = max_wait_s
         self._cache = cache
         self._metrics = metrics
-        self._jobs: dict[str, _Job] = {}
-        self._rotation: collections.deque[_Job] = collections.deque()
+        self._shares: dict[str, _Share] = {}  # exactly the shares in the rotation: those with work queued
+        self._rotation: collections.deque[_Share] = collections.deque()
         self._waiting_requests = 0
         self._waiting_tokens = 0
         self._tokens_per_second = 0.0  # smoothed drain rate, for retry hints
@@ -209,11 +234,11 @@ class TokenBudgetScheduler:
                 log.exception("the scheduler's worker had failed")
         for item in running:
             _fail(item.request, NotReady("server is shutting down"))
-        for job in self._jobs.values():
-            for item in job.items:
+        for share in self._shares.values():
+            for item in share.items():
                 item.request.queued = 0
                 _fail(item.request, NotReady("server is shutting down"))
-        self._jobs.clear()
+        self._shares.clear()
         self._rotation.clear()
         self._waiting_requests = self._waiting_tokens = 0
         self._publish_depth()
@@ -230,19 +255,29 @@ class TokenBudgetScheduler:
     @property
     def active_jobs(self) -> int:
         """Jobs with work queued: the only jobs the scheduler holds state for."""
-        return len(self._jobs)
+        return sum(len(share.jobs) for share in self._shares.values())
 
     # --- submitting -------------------------------------------------------------------
 
-    async def score(self, batch: Batch, temperature: float, job: str, deadline: float | None = None) -> np.ndarray:
+    async def score(
+        self,
+        batch: Batch,
+        temperature: float,
+        job: str,
+        deadline: float | None = None,
+        share: str | None = None,
+        weight: float = 1.0,
+    ) -> np.ndarray:
         """Reference log-probs of the batch's scored tokens (float32, flat, in order).
 
-        `deadline` is a time.monotonic() value after which the work is dropped unrun.
+        `deadline` is a time.monotonic() value after which the work is dropped unrun. `share` is the
+        party the model's time is divided between (the tenant; default: the job itself) and `weight`
+        its relative share; a share's jobs take turns, so splitting work over more job ids gains nothing.
         """
         if self._closing:
             raise NotReady("server is shutting down")
         self._backend.check_temperature(temperature)  # refuse what the backend cannot do before it takes a queue slot
-        request = _Request(job, temperature, deadline, asyncio.get_running_loop().create_future(), [], 0)
+        request = _Request(job, share or job, temperature, deadline, asyncio.get_running_loop().create_future(), [], 0)
         items = []
         for index, (tokens, start) in enumerate(zip(batch.sequences(), batch.prompt_lengths.tolist())):
             if start >= len(tokens):
@@ -265,11 +300,12 @@ class TokenBudgetScheduler:
                 retry_after=retry_after,
             )
         request.remaining = request.queued = len(items)
-        state = self._jobs.get(job)
-        if state is None:  # a job is in the table exactly while it is in the rotation
-            state = self._jobs[job] = _Job(job)
+        state = self._shares.get(request.share)
+        if state is None:  # a share is in the table exactly while it is in the rotation
+            state = self._shares[request.share] = _Share(request.share)
             self._rotation.append(state)
-        state.items.extend(items)
+        state.weight = weight
+        state.jobs.setdefault(job, collections.deque()).extend(items)
         self._waiting_requests += 1
         self._waiting_tokens += sum(item.cost for item in items)
         self._publish_depth()
@@ -282,12 +318,16 @@ class TokenBudgetScheduler:
         future = request.future
         removed = request.queued > 0
         if request.queued:
-            state = self._jobs.get(request.job)
-            if state is not None:
-                kept = [item for item in state.items if item.request is not request]
-                self._waiting_tokens -= sum(item.cost for item in state.items) - sum(item.cost for item in kept)
-                state.items = collections.deque(kept)
-                if not kept:
+            state = self._shares.get(request.share)
+            queue = state.jobs.get(request.job) if state is not None else None
+            if queue is not None:
+                kept = [item for item in queue if item.request is not request]
+                self._waiting_tokens -= sum(item.cost for item in queue) - sum(item.cost for item in kept)
+                if kept:
+                    state.jobs[request.job] = collections.deque(kept)
+                else:
+                    del state.jobs[request.job]
+                if not state:
                     self._forget(state)
             request.queued = 0
             self._waiting_requests -= 1
@@ -300,11 +340,11 @@ class TokenBudgetScheduler:
         elif isinstance(future.exception(), DeadlineExpired):
             self._metrics.dropped.labels("deadline").inc()
 
-    def _forget(self, job: _Job) -> None:
-        """Take a job whose queue is empty out of the rotation and the table (its deficit goes with it)."""
-        if job in self._rotation:
-            self._rotation.remove(job)
-        self._jobs.pop(job.name, None)
+    def _forget(self, share: _Share) -> None:
+        """Take a share with nothing queued out of the rotation and the table (its deficit goes with it)."""
+        if share in self._rotation:
+            self._rotation.remove(share)
+        self._shares.pop(share.name, None)
 
     def _retry_after(self) -> float:
         """Seconds until the backlog should have drained at the measured rate (0.05 .. 10 s)."""
@@ -326,7 +366,7 @@ class TokenBudgetScheduler:
             if self._waiting_tokens < self._max_batch_tokens and self._max_wait_s > 0:
                 await asyncio.sleep(self._max_wait_s)  # let concurrent requests join this step
             chosen = self._select()
-            if not any(job.items for job in self._rotation):
+            if not any(self._rotation):
                 self._wakeup.clear()
             chosen = self._drop_dead(chosen)
             if not chosen:
@@ -366,26 +406,26 @@ class TokenBudgetScheduler:
         self._scatter(items, values)
 
     def _select(self) -> list[_Item]:
-        """Deficit round-robin over jobs until the token budget is chosen."""
+        """Deficit round-robin over shares, weighted, until the token budget is chosen; within a share, its
+        jobs take turns item by item."""
         chosen: list[_Item] = []
         used = 0
-        active = sum(1 for job in self._rotation if job.items)
-        if active == 0:
+        total_weight = sum(share.weight for share in self._rotation if share)
+        if total_weight == 0:
             return chosen
-        quantum = max(1.0, self._max_batch_tokens / active)
         while self._rotation and used < self._max_batch_tokens:
             job = self._rotation[0]
-            if not job.items:
+            if not job:
                 self._forget(job)
                 continue
-            job.deficit += quantum
+            job.deficit += max(1.0, self._max_batch_tokens * job.weight / total_weight)
             full = False
-            while job.items and job.items[0].cost <= job.deficit:
-                item = job.items[0]
+            while job and job.head().cost <= job.deficit:
+                item = job.head()
                 if chosen and used + item.cost > self._max_batch_tokens:
                     full = True
                     break
-                job.items.popleft()
+                job.pop()
                 job.deficit -= item.cost
                 used += item.cost
                 chosen.append(item)
@@ -395,7 +435,7 @@ class TokenBudgetScheduler:
             if full:
                 break
             self._rotation.rotate(-1)
-            if not job.items:
+            if not job:
                 self._forget(job)
         self._waiting_tokens -= used
         self._publish_depth()

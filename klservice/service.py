@@ -43,6 +43,8 @@ class Job:
     key: str
     label: str
     tenant: str | None = None
+    weight: float = 1.0
+    """The tenant's share of the model under contention (1 without authentication)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,12 +168,12 @@ class ReferenceService:
         if tenant is None:
             raise Unauthenticated("authorization: the bearer token is not one of this server's")
         name = f"{tenant.name}/{job_id or 'default'}"
-        return Job(key=name, label=self.metrics.jobs.label(name), tenant=tenant.name)
+        return Job(key=name, label=self.metrics.jobs.label(name), tenant=tenant.name, weight=tenant.weight)
 
     async def score(self, request: ScoreRequest, job: Job, deadline: float | None) -> ScoreResult:
         """Reference log-probs of every scored token (`deadline`: a time.monotonic() value, or None)."""
         served = self.require_ready()
-        ref = await self.scheduler.score(request.batch, request.temperature, job.key, deadline)
+        ref = await self.scheduler.score(request.batch, request.temperature, job.key, deadline, job.tenant, job.weight)
         self.metrics.tokens_scored.labels(job.label).inc(request.batch.num_scored)
         return ScoreResult(ref_logprobs=ref, scored_lengths=request.batch.scored_lengths, model=served.info)
 
@@ -179,7 +181,7 @@ class ReferenceService:
         """Reference log-probs, k1/k2/k3, the spec's coefficient and diagnostics."""
         served = self.require_ready()
         batch = request.batch
-        ref = await self.scheduler.score(batch, request.temperature, job.key, deadline)
+        ref = await self.scheduler.score(batch, request.temperature, job.key, deadline, job.tenant, job.weight)
         result = await asyncio.to_thread(
             kl.compute_kl, request.logprobs, ref, batch.scored_lengths, request.spec, request.old_logprobs
         )

@@ -301,3 +301,31 @@ def test_cache_is_bounded_by_bytes_and_evicts_least_recently_used():
     values = cache.get(keys[3])
     with pytest.raises(ValueError):
         values[0] = 1.0  # cached arrays are read-only
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (3.0, 1.0)])
+def test_a_tenant_gains_nothing_by_spreading_its_load_over_more_job_ids(weights):
+    """Tenant A sends its backlog under 4 job ids, tenant B under 1; while both have work queued, each gets
+    its weight's share of the tokens (within 10 points), however many job ids it uses."""
+    backend = RecordingBackend(delay=0.002)
+    weight_a, weight_b = weights
+
+    async def main():
+        scheduler = await started(backend, max_batch_tokens=256, max_queue=1000, max_wait_s=0.0)
+        backend.gate.clear()  # let the whole backlog queue up before the first step
+        calls = []
+        for r in range(40):
+            sequence_a, sequence_b = [1] * 16, [2] * 16
+            calls.append(scheduler.score(make_batch([sequence_a], [1]), 1.0, f"a-{r % 4}", None, "team-a", weight_a))
+            calls.append(scheduler.score(make_batch([sequence_b], [1]), 1.0, "b-0", None, "team-b", weight_b))
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await asyncio.gather(*tasks)
+        await scheduler.stop()
+
+    run(main())
+    order = [int(np.frombuffer(seen, dtype=np.int64)[0]) for seen in backend.seen]
+    first = order[: len(order) // 2]  # both tenants still have work queued throughout the first half
+    share_a = first.count(1) / len(first)
+    assert abs(share_a - weight_a / (weight_a + weight_b)) <= 0.10, share_a
