@@ -118,8 +118,8 @@ def _add_auth_command(commands) -> None:
         help="add tenants and tokens to an --auth-file",
         description="Write the auth file of `klservice serve --auth-file`: tenants and the sha256 hashes of their "
         "bearer tokens, with a weight (the tenant's share of the model under contention) and a role and a queue "
-        "quota (read and checked, not applied yet). A new token is printed once, on stdout, and only its hash is stored; a running server picks "
-        "the change up on SIGHUP.",
+        "quota (read and checked, not applied yet). A new token is printed once, on stdout, and only its hash "
+        "is stored; a running server picks the change up on SIGHUP.",
     )
     actions = auth.add_subparsers(title="actions", metavar="ACTION", required=True)
     tenant = actions.add_parser("add-tenant", help="add a tenant with a new token", description="Add a tenant "

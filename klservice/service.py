@@ -28,7 +28,7 @@ from klservice.auth import AuthTable, bearer_token
 from klservice.errors import InvalidInput, NotReady, Unauthenticated
 from klservice.metrics import Metrics
 from klservice.scheduler import TokenBudgetScheduler
-from klservice.validation import KLRequest, Limits, ScoreRequest
+from klservice.validation import KLRequest, Limits, ScoreRequest, locate
 from klservice_client import kl
 
 MAX_JOB_ID_LENGTH = 128
@@ -205,9 +205,7 @@ def _check_finite(result: kl.KLResult, request: KLRequest, ref: np.ndarray) -> N
         bad = ~np.isfinite(values)
         if bad.any():
             index = int(np.argmax(bad))
-            ends = np.cumsum(request.batch.scored_lengths)
-            sequence = int(np.searchsorted(ends, index, side="right"))
-            position = index - (int(ends[sequence - 1]) if sequence else 0)
+            sequence, position = locate(request.batch.scored_lengths, index)
             old = "" if request.old_logprobs is None else f", behaviour {float(request.old_logprobs[index]):g}"
             raise InvalidInput(
                 f"logprobs: {name} is not finite at sequence {sequence}, scored token {position} (policy "

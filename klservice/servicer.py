@@ -149,8 +149,7 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
             self._check_size(answer)
             return answer
         except asyncio.CancelledError:  # the stream ended or was cancelled, or its deadline passed
-            expired = deadline is not None and time.monotonic() + DEADLINE_SLACK_S >= deadline
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = _cancelled_status(deadline)
             raise
         except Exception as error:  # noqa: BLE001 - every failure becomes an error item
             code, message = self._status(error)
@@ -234,8 +233,7 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
             self._check_size(response)
             return response
         except asyncio.CancelledError:
-            expired = deadline is not None and time.monotonic() + DEADLINE_SLACK_S >= deadline
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = _cancelled_status(deadline)
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status in one place
             code, message = self._status(error)
@@ -251,3 +249,9 @@ def _retry_after_ms(error: BaseException) -> int | None:
     """The retry hint of an overload refusal (`klservice.errors.Overloaded`), in milliseconds (at least 1)."""
     retry_after = getattr(error, "retry_after", None)
     return None if retry_after is None else max(1, int(retry_after * 1000))
+
+
+def _cancelled_status(deadline: float | None) -> grpc.StatusCode:
+    """What a cancelled call is recorded as: DEADLINE_EXCEEDED if its deadline had (all but) passed."""
+    expired = deadline is not None and time.monotonic() + DEADLINE_SLACK_S >= deadline
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED

@@ -216,7 +216,7 @@ def parse_batch(message: pb.SequenceBatch, limits: Limits, field: str = "batch")
     bad_tokens = (token_ids < 0) | (token_ids >= limits.vocab_size)
     if bad_tokens.any():
         index = int(np.argmax(bad_tokens))
-        sequence, position = _locate(lengths, index)
+        sequence, position = locate(lengths, index)
         raise InvalidInput(
             f"{field}.token_ids: token id {token_ids[index]} at sequence {sequence}, position {position} "
             f"is outside the vocabulary [0, {limits.vocab_size})"
@@ -237,12 +237,12 @@ def parse_logprobs(message, field: str, batch: Batch, *, required: bool) -> np.n
     bad = ~np.isfinite(values)
     if bad.any():
         index = int(np.argmax(bad))
-        sequence, position = _locate(batch.scored_lengths, index)
+        sequence, position = locate(batch.scored_lengths, index)
         raise InvalidInput(f"{field}: non-finite value {values[index]} at sequence {sequence}, scored token {position}")
     bad = (values < MIN_LOGPROB) | (values > MAX_LOGPROB)
     if bad.any():
         index = int(np.argmax(bad))
-        sequence, position = _locate(batch.scored_lengths, index)
+        sequence, position = locate(batch.scored_lengths, index)
         raise InvalidInput(
             f"{field}: value {values[index]:g} at sequence {sequence}, scored token {position} is not a log-prob: "
             f"expected a value in [{MIN_LOGPROB:g}, {MAX_LOGPROB:g}] (<= 0, with {MAX_LOGPROB:g} for rounding)"
@@ -250,7 +250,7 @@ def parse_logprobs(message, field: str, batch: Batch, *, required: bool) -> np.n
     return values
 
 
-def _locate(lengths: np.ndarray, flat_index: int) -> tuple[int, int]:
+def locate(lengths: np.ndarray, flat_index: int) -> tuple[int, int]:
     """(sequence, position within it) of a flat index."""
     ends = np.cumsum(lengths)
     sequence = int(np.searchsorted(ends, flat_index, side="right"))

@@ -9,7 +9,6 @@ serving everyone else.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import grpc
@@ -23,6 +22,7 @@ from klservice.scheduler import TokenBudgetScheduler
 from klservice.validation import Batch
 from klservice_client import InvalidArgument, KLClient, TooLarge, kl
 from klservice_client.wire import pb, pb_grpc, to_tensor
+from tests.server.test_client_behaviour import GatedBackend
 from tests.server.test_metrics_and_health import scrape
 
 
@@ -53,26 +53,6 @@ def hf_backend(tiny_model_dir):
     from klservice.backends import load_backend
 
     return load_backend(ServerConfig(model=str(tiny_model_dir), device="cpu"), progress=False)
-
-
-class Gated(ReferenceBackend):
-    """The real backend; forwards wait for the gate."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.gate = threading.Event()
-        self.calls = 0
-
-    def info(self):
-        return self.backend.info()
-
-    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
-        self.calls += 1
-        self.gate.wait(60)
-        return self.backend.score(sequences, starts, temperature, prompt_groups)
-
-    def close(self):
-        self.gate.set()
 
 
 # --- bounded state ----------------------------------------------------------------------
@@ -198,7 +178,7 @@ def test_a_response_too_large_is_refused_before_any_forward(start_server):
 
 
 def test_work_whose_deadline_passes_in_the_queue_is_counted_and_leaves_the_queue_at_once(start_server, hf_backend):
-    gated = Gated(hf_backend)
+    gated = GatedBackend(hf_backend)
     server = start_server(backend=gated, cache_mb=0)
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.ReferenceServiceStub(channel)
