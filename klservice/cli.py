@@ -52,15 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     def client_command(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=help, description=description)
-        command.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default: {DEFAULT_TARGET})")
-        command.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds (default: 60)")
-        command.add_argument(
-            "--token", default=None,
-            help="bearer token for a server with --auth-file (default: $KLSERVICE_TOKEN; prefer the variable: "
-            "a flag shows in the process list)",
-        )
-        return command
+        return _client_command(commands, name, help, description)
 
     info = client_command("info", "show the model a running server serves", "Print GetModelInfo of a running server.")
     info.set_defaults(run=_info)
@@ -104,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--timeout", type=float, default=5.0, help="deadline of the check in seconds (default: 5)")
     health.add_argument("--service", default="", help="service name to check (default: '', the whole server)")
+    _add_tls_args(health)
     health.set_defaults(run=_health)
 
     _add_auth_command(commands)
@@ -111,15 +104,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client_command(subparsers, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A command that calls a server: --target, --timeout, --token and the TLS options."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default: {DEFAULT_TARGET})")
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds (default: 60)")
+    parser.add_argument(
+        "--token", default=None,
+        help="bearer token for a server with --auth-file (default: $KLSERVICE_TOKEN; prefer the variable: "
+        "a flag shows in the process list)",
+    )
+    _add_tls_args(parser)
+    return parser
+
+
+def _add_tls_args(parser: argparse.ArgumentParser) -> None:
+    tls = parser.add_argument_group("TLS (a server with --tls-cert)")
+    tls.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CA roots")
+    tls.add_argument("--tls-ca", metavar="PEM", help="CA bundle the server's certificate must chain to (implies --tls)")
+    tls.add_argument("--tls-client-cert", metavar="PEM", help="client certificate, for a server with --tls-client-ca")
+    tls.add_argument("--tls-client-key", metavar="PEM", help="private key of --tls-client-cert")
+    tls.add_argument("--tls-server-name", metavar="NAME", help="name to check the server's certificate against "
+                     "when it differs from the target's host")
+
+
+def _tls_options(args: argparse.Namespace) -> dict:
+    """KLClient's TLS keyword arguments from the command line (ValueError naming the flag)."""
+    if bool(args.tls_client_cert) != bool(args.tls_client_key):
+        raise ValueError("--tls-client-cert and --tls-client-key go together")
+    if args.tls_server_name and not (args.tls or args.tls_ca or args.tls_client_cert):
+        raise ValueError("--tls-server-name needs TLS (--tls or --tls-ca)")
+    return {
+        "tls": args.tls,
+        "root_certificates": args.tls_ca,
+        "client_cert": (args.tls_client_cert, args.tls_client_key) if args.tls_client_cert else None,
+        "tls_server_name": args.tls_server_name,
+    }
+
+
 def _add_auth_command(commands) -> None:
-    """`klservice auth add-tenant | add-token`: write the --auth-file; print a new token once."""
+    """`klservice auth add-tenant | add-token | reload`: write the --auth-file (a new token is printed once);
+    make a running server re-read it."""
     auth = commands.add_parser(
         "auth",
-        help="add tenants and tokens to an --auth-file",
+        help="add tenants and tokens to an --auth-file; make a server reload it",
         description="Write the auth file of `klservice serve --auth-file`: tenants and the sha256 hashes of their "
-        "bearer tokens, with a weight (the tenant's share of the model under contention) and a role and a queue "
-        "quota (read and checked, not applied yet). A new token is printed once, on stdout, and only its hash "
-        "is stored; a running server picks the change up on SIGHUP.",
+        "bearer tokens, with a role (trainer, or admin for operator RPCs), a weight (the tenant's share of the "
+        "model under contention) and a quota (most tokens queued at once). A new token is printed once, on "
+        "stdout, and only its hash is stored; a running server picks the change up on SIGHUP or `klservice auth "
+        "reload` (an admin tenant's token).",
     )
     actions = auth.add_subparsers(title="actions", metavar="ACTION", required=True)
     tenant = actions.add_parser("add-tenant", help="add a tenant with a new token", description="Add a tenant "
@@ -128,13 +161,23 @@ def _add_auth_command(commands) -> None:
     tenant.add_argument("name", help="tenant name: 1-64 letters, digits, '_', '.' or '-'")
     tenant.add_argument("--role", choices=("trainer", "admin"), default="trainer", help="default: trainer")
     tenant.add_argument("--weight", type=float, default=1.0, help="share of the model under contention (default: 1)")
-    tenant.add_argument("--max-queued-tokens", type=int, default=0, help="most tokens queued at once, read but not applied yet (default: 0, no limit)")
+    tenant.add_argument(
+        "--max-queued-tokens", type=int, default=0,
+        help="most tokens the tenant may have waiting for the model; more are refused RESOURCE_EXHAUSTED for this "
+        "tenant only (default: 0, no limit)",
+    )
     tenant.set_defaults(run=_auth_add_tenant)
     token = actions.add_parser("add-token", help="add a new token to a tenant", description="Add a new token to "
                                "tenant NAME in FILE and print it (its other tokens stay valid).")
     token.add_argument("file", help="the auth file (TOML)")
     token.add_argument("name", help="an existing tenant")
     token.set_defaults(run=_auth_add_token)
+    reload = _client_command(
+        actions, "reload", "make a running server re-read its auth file (an admin tenant's token)",
+        "Call ReloadAuth on a running server: it re-reads its --auth-file, as on SIGHUP, and prints the tenants now "
+        "in force. Needs the token of a tenant with role admin.",
+    )
+    reload.set_defaults(run=_auth_reload)
 
 
 def _auth_add_tenant(args: argparse.Namespace) -> int:
@@ -160,6 +203,19 @@ def _auth_add_token(args: argparse.Namespace) -> int:
         return 1
     print(token)
     print(f"new token for {args.name!r} added to {args.file}; it is shown only now", file=sys.stderr)
+    return 0
+
+
+def _auth_reload(args: argparse.Namespace) -> int:
+    from klservice_client import KLServiceError
+
+    try:
+        with _client(args) as client:
+            tenants = client.reload_auth()
+    except KLServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"auth file reloaded: {len(tenants)} tenant(s): {', '.join(tenants)}")
     return 0
 
 
@@ -227,7 +283,13 @@ def _bench(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from klservice_client import KLClient
 
-    return KLClient(args.target, timeout=args.timeout, max_retries=2, job_id="klservice-cli", token=args.token)
+    try:
+        return KLClient(
+            args.target, timeout=args.timeout, max_retries=2, job_id="klservice-cli", token=args.token,
+            **_tls_options(args),
+        )
+    except ValueError as error:  # e.g. a --tls-ca that is not a PEM file
+        raise SystemExit(f"error: {error}") from None
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -255,7 +317,22 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    from klservice_client.credentials import channel_credentials
+
+    try:
+        options = _tls_options(args)
+        credentials = channel_credentials(
+            tls=options["tls"], root_certificates=options["root_certificates"], client_cert=options["client_cert"]
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    channel_options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    channel = (
+        grpc.insecure_channel(args.target) if credentials is None
+        else grpc.secure_channel(args.target, credentials, options=channel_options)
+    )
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

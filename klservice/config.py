@@ -41,17 +41,33 @@ class ServerConfig:
     )
     host: str = config_field(
         "0.0.0.0",
-        "Address to listen on (gRPC). Beyond loopback without --auth-file anyone who can reach the port is served; "
-        "the server warns at start.",
+        "Address to listen on (gRPC). Beyond loopback without --auth-file anyone who can reach the port is served, "
+        "and without --tls-cert tokens and data travel in clear; the server warns at start.",
     )
     auth_file: str | None = config_field(
         None,
         "TOML file of tenants and the sha256 hashes of their bearer tokens (write it with `klservice auth`). With it, "
-        "every ReferenceService call needs `authorization: Bearer <token>` and x-job-id names a job within the "
-        "token's tenant; health and reflection stay open. Re-read on SIGHUP.",
+        "every ReferenceService call needs `authorization: Bearer <token>` (or, with --tls-client-ca, a client "
+        "certificate whose common name is a tenant), x-job-id names a job within the tenant, tenants share the "
+        "model by weight and queue at most their max_queued_tokens, and operator RPCs (ReloadAuth) need the admin "
+        "role; health and reflection stay open. Re-read on SIGHUP and on ReloadAuth.",
+    )
+    tls_cert: str | None = config_field(
+        None, "PEM certificate (chain) of the gRPC port; with --tls-key the port speaks TLS only."
+    )
+    tls_key: str | None = config_field(None, "PEM private key of --tls-cert.")
+    tls_client_ca: str | None = config_field(
+        None,
+        "PEM CA bundle: require a client certificate signed by it (mutual TLS). With --auth-file, a call without a "
+        "token is the tenant named by its certificate's common name.",
     )
     port: int = config_field(50051, "gRPC port (0 picks a free port and logs it).")
     metrics_port: int = config_field(9400, "Prometheus /metrics HTTP port (0 picks a free port, -1 disables).")
+    metrics_host: str | None = config_field(
+        None,
+        "Address /metrics listens on (plain HTTP, no authentication). Default: 127.0.0.1 with --auth-file (tenant "
+        "names and their KL figures stay on the host), else --host.",
+    )
     dtype: str = config_field("float32", "Compute dtype of the model.", choices=DTYPES)
     device: str = config_field("auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     cache_dir: str | None = config_field(
@@ -76,7 +92,9 @@ class ServerConfig:
     )
     max_queue: int = config_field(1024, "Most requests waiting for the model; more are answered RESOURCE_EXHAUSTED.")
     cache_mb: int = config_field(512, "Reference-cache size in MiB (log-probs of recently scored sequences); 0 disables it.")
-    max_jobs: int = config_field(64, "Distinct x-job-id values tracked in metric labels; later ones are labelled 'other'.")
+    max_jobs: int = config_field(
+        64, "Distinct x-job-id values per tenant kept as trainer_job metric labels; a tenant's later ones are 'other'."
+    )
     grace_seconds: float = config_field(
         10.0,
         "On SIGTERM/SIGINT: how long queued and running work may take to finish (health is NOT_SERVING and new "
@@ -88,6 +106,20 @@ class ServerConfig:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
+
+    @property
+    def metrics_address(self) -> str:
+        """Where /metrics listens: --metrics-host, else 127.0.0.1 with --auth-file, else --host."""
+        if self.metrics_host:
+            return self.metrics_host
+        return "127.0.0.1" if self.auth_file else self.host
+
+    def check_tls(self) -> None:
+        """Raise ValueError naming the flag when the TLS flags do not go together."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both (or neither)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (client certificates are checked over TLS)")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:

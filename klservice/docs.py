@@ -68,10 +68,12 @@ def render_metrics() -> str:
         lines.append(f"| `{spec.exported_name}` | {kinds[spec.kind]} | {labels} | {_cell(spec.help)} |")
     lines += [
         "",
-        "Job labels come from the `x-job-id` request metadata and are bounded: the first `--max-jobs`",
-        "distinct ids keep their name, later ones are labelled `other`; requests without `x-job-id` are",
-        "`anonymous`. `klservice_model_info` carries the labels `name`, `revision`, `backend`, `dtype` and",
-        "`device` of the served model.",
+        "Per-job series carry `tenant` (the tenant of the caller's token with `--auth-file`; `anonymous`",
+        "without one) and `trainer_job` (its `x-job-id`; `default` without one). Each tenant keeps the",
+        "names of its first `--max-jobs` distinct job ids, its later ones are labelled `other`; calls that",
+        "fail authentication create no label. There is no `job` label: Prometheus sets it to the scrape job.",
+        "`klservice_model_info` carries the labels `name`, `revision`, `backend`, `dtype` and `device` of",
+        "the served model.",
     ]
     return "\n".join(lines) + "\n"
 

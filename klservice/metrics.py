@@ -1,8 +1,12 @@
 """Prometheus metrics of the service, all registered on a registry passed in (tests build a fresh one).
 
-Names are prefixed ``klservice_``. Job labels come from the ``x-job-id`` request metadata
-and are bounded by `JobLabels`: the first ``max_jobs`` distinct ids keep their name, later
-ones share the label ``other`` so a misbehaving client cannot blow up the series count.
+Names are prefixed ``klservice_``. Per-job metrics carry two labels (`JobLabels`): ``tenant``,
+the caller's tenant (from its bearer token with ``--auth-file``; ``anonymous`` without), and
+``trainer_job``, its ``x-job-id`` (``default`` without one). Neither is called ``job``: that
+label is Prometheus' own, the scrape job. Job labels are bounded per tenant: a tenant's first
+``max_jobs`` distinct ids keep their name, later ones share ``other``, so one tenant's ids
+never push another tenant's into ``other``, and a caller that is not authenticated creates
+no label at all.
 """
 
 from __future__ import annotations
@@ -18,27 +22,33 @@ TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
 class JobLabels:
-    """Maps raw job ids to a bounded set of label values (thread-safe)."""
+    """Maps (tenant, job id) to bounded (tenant, trainer_job) label values (thread-safe).
 
-    ANONYMOUS = "anonymous"
+    Tenants are bounded by the auth file (without one there is a single tenant, ``anonymous``);
+    each tenant keeps the names of its first `max_jobs` job ids.
+    """
+
+    NO_TENANT = "anonymous"
+    DEFAULT_JOB = "default"
     OTHER = "other"
+    MAX_LENGTH = 64
 
     def __init__(self, max_jobs: int):
         self._max_jobs = max_jobs
-        self._known: set[str] = set()
+        self._known: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
-    def label(self, job_id: str | None) -> str:
-        if not job_id:
-            return self.ANONYMOUS
-        job_id = job_id[:64]
+    def labels(self, tenant: str | None, job_id: str | None) -> tuple[str, str]:
+        tenant = tenant or self.NO_TENANT
+        job = (job_id or self.DEFAULT_JOB)[: self.MAX_LENGTH]
         with self._lock:
-            if job_id in self._known:
-                return job_id
-            if len(self._known) < self._max_jobs:
-                self._known.add(job_id)
-                return job_id
-        return self.OTHER
+            known = self._known.setdefault(tenant, set())
+            if job in known:
+                return tenant, job
+            if len(known) < self._max_jobs:
+                known.add(job)
+                return tenant, job
+        return tenant, self.OTHER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +77,12 @@ class MetricSpec:
         return self.kind(self.name, self.help, list(self.labels), registry=registry, **extra)
 
 
-_KL = ("job",)
+JOB_LABELS = ("tenant", "trainer_job")
+_KL = JOB_LABELS
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("requests", Counter, "klservice_requests", "Finished RPCs by method and status code.", ("method", "code")),
     MetricSpec("latency", Histogram, "klservice_request_seconds", "RPC latency by method.", ("method",), LATENCY_BUCKETS),
-    MetricSpec("tokens_scored", Counter, "klservice_tokens_scored", "Scored tokens returned, by job.", ("job",)),
+    MetricSpec("tokens_scored", Counter, "klservice_tokens_scored", "Scored tokens returned, by tenant and job.", JOB_LABELS),
     MetricSpec(
         "tokens_forwarded", Counter, "klservice_tokens_forwarded",
         "Tokens run through the model (prompts included, padding excluded).",
@@ -90,7 +101,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "dropped", Counter, "klservice_dropped",
         "Requests dropped before their forward, by reason: queue_full (refused, RESOURCE_EXHAUSTED with a retry "
-        "hint), deadline (expired while queued), cancelled (the caller went away).",
+        "hint), quota (refused with a retry hint: the tenant's max_queued_tokens reached), deadline (expired while queued), cancelled (the "
+        "caller went away).",
         ("reason",),
     ),
     MetricSpec(
@@ -112,7 +124,7 @@ METRICS: tuple[MetricSpec, ...] = (
         "kl_truncated", Gauge, "klservice_kl_is_truncated_fraction",
         "Fraction of importance weights truncated in the job's last ComputeKL batch.", _KL,
     ),
-    MetricSpec("kl_batches", Counter, "klservice_kl_batches", "ComputeKL batches by job and spec.", ("job", "spec")),
+    MetricSpec("kl_batches", Counter, "klservice_kl_batches", "ComputeKL batches by tenant, job and spec.", (*JOB_LABELS, "spec")),
 )
 
 
@@ -125,11 +137,12 @@ class Metrics:
         for spec in METRICS:
             setattr(self, spec.attribute, spec.create(registry))
 
-    def record_kl(self, job: str, spec: str, diagnostics) -> None:
-        """Export the diagnostics of one ComputeKL batch (klservice_client.kl.KLDiagnostics)."""
-        self.kl_k1.labels(job).set(diagnostics.k1_mean_per_token)
-        self.kl_k3.labels(job).set(diagnostics.k3_mean_per_token)
-        self.kl_bias.labels(job).set(diagnostics.coef_bias_abs_mean)
-        self.kl_weight.labels(job).set(diagnostics.is_weight_mean)
-        self.kl_truncated.labels(job).set(diagnostics.is_truncated_fraction)
-        self.kl_batches.labels(job, spec).inc()
+    def record_kl(self, labels: tuple[str, str], spec: str, diagnostics) -> None:
+        """Export the diagnostics of one ComputeKL batch (klservice_client.kl.KLDiagnostics) under a job's
+        (tenant, trainer_job) labels."""
+        self.kl_k1.labels(*labels).set(diagnostics.k1_mean_per_token)
+        self.kl_k3.labels(*labels).set(diagnostics.k3_mean_per_token)
+        self.kl_bias.labels(*labels).set(diagnostics.coef_bias_abs_mean)
+        self.kl_weight.labels(*labels).set(diagnostics.is_weight_mean)
+        self.kl_truncated.labels(*labels).set(diagnostics.is_truncated_fraction)
+        self.kl_batches.labels(*labels, spec).inc()

@@ -10,7 +10,8 @@ How:
 - `score()` splits a request into sequences. Sequences found in the reference cache are
   answered at once; the rest join their job's FIFO. More than ``max_queue`` requests
   waiting is refused with `Overloaded`, carrying a retry hint from the measured drain
-  rate.
+  rate; so is a request that would take its tenant past its quota of queued tokens
+  (``max_queued_tokens``; other tenants are served as before).
 - One worker task forms steps. It waits up to ``max_wait_s`` for work to accumulate,
   then picks sequences by deficit round-robin over *shares* (each visit grants a share a
   quantum of ``max_batch_tokens × weight / total weight`` tokens; the deficit carries over
@@ -43,7 +44,7 @@ import numpy as np
 
 from klservice.backends.base import Interrupted, ReferenceBackend, group_by_prompt
 from klservice.config import ServerConfig
-from klservice.errors import DEADLINE_SLACK_S, DeadlineExpired, NotReady, Overloaded
+from klservice.errors import DEADLINE_SLACK_S, DeadlineExpired, NotReady, Overloaded, TooLarge
 from klservice.validation import Batch
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class _Share:
     weight: float = 1.0
     jobs: dict[str, collections.deque] = dataclasses.field(default_factory=dict)  # in round-robin order
     deficit: float = 0.0
+    tokens: int = 0  # queued, for the share's quota
 
     def __bool__(self) -> bool:
         return bool(self.jobs)
@@ -164,6 +166,7 @@ class _Share:
         item = queue.popleft()
         if queue:
             self.jobs[job] = queue
+        self.tokens -= item.cost
         return item
 
     def items(self):
@@ -267,12 +270,16 @@ class TokenBudgetScheduler:
         deadline: float | None = None,
         share: str | None = None,
         weight: float = 1.0,
+        quota: int = 0,
     ) -> np.ndarray:
         """Reference log-probs of the batch's scored tokens (float32, flat, in order).
 
         `deadline` is a time.monotonic() value after which the work is dropped unrun. `share` is the
         party the model's time is divided between (the tenant; default: the job itself) and `weight`
         its relative share; a share's jobs take turns, so splitting work over more job ids gains nothing.
+        `quota` (0: none) is the most tokens the share may have queued: beyond it the request is refused
+        (`Overloaded` with a retry hint; `TooLarge` if the request alone exceeds it) and other shares are
+        not affected.
         """
         if self._closing:
             raise NotReady("server is shutting down")
@@ -299,6 +306,9 @@ class TokenBudgetScheduler:
                 f"retry in ~{retry_after * 1000:.0f} ms",
                 retry_after=retry_after,
             )
+        tokens = sum(item.cost for item in items)
+        if quota > 0:
+            self._check_quota(request.share, weight, tokens, quota)
         request.remaining = request.queued = len(items)
         state = self._shares.get(request.share)
         if state is None:  # a share is in the table exactly while it is in the rotation
@@ -306,12 +316,34 @@ class TokenBudgetScheduler:
             self._rotation.append(state)
         state.weight = weight
         state.jobs.setdefault(job, collections.deque()).extend(items)
+        state.tokens += tokens
         self._waiting_requests += 1
-        self._waiting_tokens += sum(item.cost for item in items)
+        self._waiting_tokens += tokens
         self._publish_depth()
         request.future.add_done_callback(lambda _: self._finished(request))
         self._wakeup.set()
         return await request.future
+
+    def _check_quota(self, share: str, weight: float, tokens: int, quota: int) -> None:
+        """Refuse a request that would take `share` past its quota of queued tokens. The retry hint is the time
+        the share's excess takes to drain at its weighted part of the measured rate."""
+        if tokens > quota:  # waiting cannot help: like a size refusal, not counted as dropped
+            raise TooLarge(
+                f"request: {tokens} tokens to queue, over the quota of tenant {share!r}: {quota} queued tokens "
+                "(max_queued_tokens in the auth file); split the batch"
+            )
+        state = self._shares.get(share)
+        queued = state.tokens if state is not None else 0
+        if queued + tokens > quota:
+            if self._metrics is not None:
+                self._metrics.dropped.labels("quota").inc()
+            others = sum(other.weight for other in self._shares.values() if other.name != share)
+            retry_after = self._retry_after(int((queued + tokens - quota) * (weight + others) / weight))
+            raise Overloaded(
+                f"tenant {share!r} has {queued} tokens queued and its quota is {quota} (max_queued_tokens in the auth "
+                f"file); retry in ~{retry_after * 1000:.0f} ms",
+                retry_after=retry_after,
+            )
 
     def _finished(self, request: _Request) -> None:
         """A request's future is done: take what it still has queued out of the queue and count why it ended early."""
@@ -322,7 +354,9 @@ class TokenBudgetScheduler:
             queue = state.jobs.get(request.job) if state is not None else None
             if queue is not None:
                 kept = [item for item in queue if item.request is not request]
-                self._waiting_tokens -= sum(item.cost for item in queue) - sum(item.cost for item in kept)
+                removed_tokens = sum(item.cost for item in queue) - sum(item.cost for item in kept)
+                self._waiting_tokens -= removed_tokens
+                state.tokens -= removed_tokens
                 if kept:
                     state.jobs[request.job] = collections.deque(kept)
                 else:
@@ -346,11 +380,13 @@ class TokenBudgetScheduler:
             self._rotation.remove(share)
         self._shares.pop(share.name, None)
 
-    def _retry_after(self) -> float:
-        """Seconds until the backlog should have drained at the measured rate (0.05 .. 10 s)."""
+    def _retry_after(self, tokens: int | None = None) -> float:
+        """Seconds until `tokens` (default: the whole backlog) should have drained at the measured rate
+        (0.05 .. 10 s)."""
         if self._tokens_per_second <= 0:
             return 0.5
-        return float(min(10.0, max(0.05, self._waiting_tokens / self._tokens_per_second)))
+        tokens = self._waiting_tokens if tokens is None else tokens
+        return float(min(10.0, max(0.05, tokens / self._tokens_per_second)))
 
     def _publish_depth(self) -> None:
         if self._metrics is not None:

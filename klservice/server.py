@@ -3,6 +3,8 @@
 Health (grpc.health.v1) reports NOT_SERVING while the model loads and again while the
 server drains on shutdown, so load balancers and `docker compose` health checks see the
 truth; server reflection is on, so grpcurl and similar tools work without the .proto.
+With --tls-cert/--tls-key the port speaks TLS only (--tls-client-ca: mutual TLS); health
+and reflection are served on the same port, so they need TLS then too, but never a token.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 
 import grpc
@@ -17,16 +20,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from klservice.auth import AuthFileError, load_auth_file
 from klservice.config import ServerConfig
+from klservice.errors import FailedPrecondition
 from klservice.metrics import Metrics
 from klservice.service import ReferenceService
-from klservice.servicer import ReferenceServicer, add_to_server
+from klservice.servicer import OperatorServicer, ReferenceServicer, add_to_server
 from klservice_client.wire import pb
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReferenceService"].full_name
+OPERATOR_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OperatorService"].full_name
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 FLUSH_SECONDS = 1.0
 """On stop, how long answers already decided get to reach their callers before the port closes."""
@@ -49,38 +53,48 @@ class Server:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, max_jobs=config.max_jobs)
         self._backend = backend  # preloaded backend (tests, embedding); else loaded from config
-        self.service = ReferenceService(config, self.metrics)
-        if config.auth_file:
-            self.service.auth = load_auth_file(config.auth_file)  # a bad file fails the start, before listening
+        config.check_tls()
+        self._credentials = _server_credentials(config)  # unreadable files fail the start, before listening
+        self.service = ReferenceService(config, self.metrics)  # so does a bad --auth-file
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http = None
         self._loading: asyncio.Task | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.metrics_host: str | None = None  # the address /metrics listens on, once started
 
     def reload_auth(self) -> bool:
         """Re-read --auth-file (SIGHUP). A file that does not load leaves the previous one in force."""
-        if not self.config.auth_file:
-            log.warning("SIGHUP: no --auth-file to reload")
-            return False
         try:
-            table = load_auth_file(self.config.auth_file)
-        except AuthFileError as error:
-            log.error("auth file not reloaded, the previous one stays in force: %s", error)
+            table = self.service.reload_auth()
+        except FailedPrecondition as error:
+            log.error("SIGHUP: %s", error)
             return False
-        self.service.auth = table
         log.info("auth file reloaded: %d tenant(s)", len(table.tenants))
         return True
 
     def _warn_if_exposed(self) -> None:
-        if self.config.auth_file or self.config.host in LOOPBACK_HOSTS:
-            return
-        log.warning(
-            "SERVING WITHOUT AUTHENTICATION on %s: anyone who can reach port %s can use this server and write "
-            "its per-job metrics. Pass --auth-file (see `klservice auth --help`) or --host 127.0.0.1.",
-            self.config.host, self.port,
-        )
+        """Say loudly what a caller beyond this host can do that the operator may not intend."""
+        config = self.config
+        if config.host not in LOOPBACK_HOSTS:
+            if not config.auth_file and not config.tls_client_ca:
+                log.warning(
+                    "SERVING WITHOUT AUTHENTICATION on %s: anyone who can reach port %s can use this server and "
+                    "write its per-job metrics under any job id. Pass --auth-file (see `klservice auth --help`) or "
+                    "--host 127.0.0.1.", config.host, self.port,
+                )
+            if not config.tls_cert:
+                log.warning(
+                    "NO TLS on %s:%s: %s and reference log-probs travel in clear. Pass --tls-cert and --tls-key.",
+                    config.host, self.port, "bearer tokens" if config.auth_file else "requests",
+                )
+        if self._metrics_http is not None and config.metrics_address not in LOOPBACK_HOSTS and config.auth_file:
+            log.warning(
+                "/metrics on %s:%s is plain HTTP without authentication: tenant names and their KL figures are "
+                "visible to anyone who can reach it (--metrics-host 127.0.0.1 keeps them on this host).",
+                config.metrics_address, self.metrics_port,
+            )
 
     async def start(self) -> int:
         """Start listening (health NOT_SERVING) and begin loading the model. Returns the gRPC port."""
@@ -92,21 +106,29 @@ class Server:
             ]
         )
         add_to_server(ReferenceServicer(self.service), self._grpc)
+        add_to_server(OperatorServicer(self.service), self._grpc, "OperatorService")
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, OPERATOR_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
             self._grpc,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self._grpc.add_insecure_port(address)
+        if self._credentials is None:
+            self.port = self._grpc.add_insecure_port(address)
+        else:
+            self.port = self._grpc.add_secure_port(address, self._credentials)
         if self.port == 0:
             raise OSError(f"could not bind gRPC to {address}")
         await self._grpc.start()
         if self.config.metrics_port >= 0:
             self._start_metrics_http()
-        log.info("listening on %s:%d (gRPC)%s", self.config.host, self.port,
-                 f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "")
+        transport = "gRPC" if self._credentials is None else "gRPC over TLS"
+        if self.config.tls_client_ca:
+            transport += ", client certificates required"
+        log.info("listening on %s:%d (%s)%s", self.config.host, self.port, transport,
+                 f", metrics on {self.config.metrics_address}:{self.metrics_port}/metrics" if self.metrics_port else "")
         self._warn_if_exposed()
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="klservice-load")
         return self.port
@@ -114,9 +136,9 @@ class Server:
     def _start_metrics_http(self) -> None:
         from prometheus_client import start_http_server
 
-        httpd, _thread = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.registry)
+        httpd, _thread = start_http_server(self.config.metrics_port, addr=self.config.metrics_address, registry=self.registry)
         self._metrics_http = httpd
-        self.metrics_port = httpd.server_port
+        self.metrics_host, self.metrics_port = httpd.server_address[:2]
 
     async def _load(self) -> None:
         backend = self._backend
@@ -178,3 +200,30 @@ class Server:
         finally:
             stop_wait.cancel()
             await self.stop()
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials of the gRPC port from --tls-cert/--tls-key (and --tls-client-ca: client certificates
+    required), or None for a plain port."""
+    if not config.tls_cert:
+        return None
+    pem = {}
+    for flag, path in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key), ("--tls-client-ca", config.tls_client_ca)):
+        if path:
+            try:
+                pem[flag] = open(path, "rb").read()
+            except OSError as error:
+                raise ValueError(f"{flag}: cannot read {path}: {error.strerror}") from None
+            if b"-----BEGIN" not in pem[flag]:
+                raise ValueError(f"{flag}: {path} is not a PEM file")
+    try:  # gRPC would only say "could not bind" for a key that does not fit the certificate
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.tls_cert, config.tls_key, password=lambda: b"")
+    except ssl.SSLError as error:
+        raise ValueError(
+            f"--tls-key: {config.tls_key} does not match --tls-cert {config.tls_cert}, or is encrypted (an unencrypted "
+            f"PEM key is needed): {error.reason or error}"
+        ) from None
+    client_ca = pem.get("--tls-client-ca")
+    return grpc.ssl_server_credentials(
+        [(pem["--tls-key"], pem["--tls-cert"])], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )

@@ -24,9 +24,9 @@ from klservice import __version__
 from klservice.backends.base import ModelInfo, ReferenceBackend
 from klservice.cache import ReferenceCache
 from klservice.config import ServerConfig
-from klservice.auth import AuthTable, bearer_token
-from klservice.errors import InvalidInput, NotReady, Unauthenticated
-from klservice.metrics import Metrics
+from klservice.auth import AuthFileError, AuthTable, Tenant, bearer_token, load_auth_file
+from klservice.errors import FailedPrecondition, InvalidInput, NotReady, PermissionDenied, Unauthenticated
+from klservice.metrics import JobLabels, Metrics
 from klservice.scheduler import TokenBudgetScheduler
 from klservice.validation import KLRequest, Limits, ScoreRequest, locate
 from klservice_client import kl
@@ -37,14 +37,16 @@ MAX_JOB_ID_LENGTH = 128
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """Who sent a request: `key` for fairness, `label` (bounded) for metrics, and with authentication on the
-    `tenant` its token belongs to (`key` and `label` are then "tenant/job")."""
+    """Who sent a request: `key` for fairness, `labels` (tenant, trainer_job; bounded) for metrics, and with
+    authentication the `tenant` its token belongs to, with that tenant's weight and quota."""
 
     key: str
-    label: str
+    labels: tuple[str, str]
     tenant: str | None = None
     weight: float = 1.0
     """The tenant's share of the model under contention (1 without authentication)."""
+    quota: int = 0
+    """Most tokens the tenant may have queued at once (0: no limit)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +83,8 @@ class ReferenceService:
         self.scheduler: TokenBudgetScheduler | None = None
         self._served: ServedModel | None = None
         self._draining = False
-        self.auth: AuthTable | None = None  # None: no authentication (set by the server from --auth-file)
+        self.auth: AuthTable | None = load_auth_file(config.auth_file) if config.auth_file else None
+        """The tenants of --auth-file (None: no authentication); a bad file fails here, before the server listens."""
 
     async def start(self, backend: ReferenceBackend) -> ServedModel:
         """Put a loaded backend into service: reference cache, scheduler, limits, metrics."""
@@ -149,47 +152,102 @@ class ReferenceService:
         await self.scheduler.stop()
         return finished
 
-    def job(self, job_id: str | None, peer: str | None, authorization: str | None = None) -> Job:
-        """The caller's job. Without authentication: its job id, else its connection for fairness and
-        'anonymous' in metrics. With it: the bearer token's tenant, and the job id within it ("tenant/job",
-        "tenant/default" without one); a missing or unknown token is Unauthenticated."""
+    def job(self, job_id: str | None, peer: str | None, authorization: str | None = None,
+            certificate_name: str | None = None) -> Job:
+        """The caller's job. Without authentication: its job id, else its connection for fairness, and tenant
+        'anonymous' in metrics. With it: the tenant of the bearer token (or, with mTLS, of the client
+        certificate's common name), and the job id within it ("tenant/job"); `authenticate` says what fails."""
         if job_id is not None and len(job_id) > MAX_JOB_ID_LENGTH:
             raise InvalidInput(f"x-job-id: {len(job_id)} characters, at most {MAX_JOB_ID_LENGTH} are accepted")
+        if self.auth is None:
+            return Job(key=job_id or f"peer:{peer}", labels=self.metrics.jobs.labels(None, job_id))
+        tenant = self.authenticate(authorization, certificate_name)
+        return Job(
+            key=f"{tenant.name}/{job_id or JobLabels.DEFAULT_JOB}",
+            labels=self.metrics.jobs.labels(tenant.name, job_id),
+            tenant=tenant.name,
+            weight=tenant.weight,
+            quota=tenant.max_queued_tokens,
+        )
+
+    def authenticate(self, authorization: str | None, certificate_name: str | None = None) -> Tenant:
+        """The caller's tenant: the one its bearer token belongs to; without a token, the one its verified client
+        certificate's common name names (mTLS). Unauthenticated if neither names a tenant of the auth file."""
         auth = self.auth
         if auth is None:
-            return Job(key=job_id or f"peer:{peer}", label=self.metrics.jobs.label(job_id))
+            raise Unauthenticated("this server has no --auth-file: there are no tenants to authenticate as")
         token = bearer_token(authorization)
-        if token is None:
-            raise Unauthenticated(
-                "authorization: missing; this server needs `authorization: Bearer <token>` metadata "
-                "(KLClient(token=...) or the KLSERVICE_TOKEN environment variable)"
+        if token is not None:
+            tenant = auth.identify(token)
+            if tenant is None:
+                raise Unauthenticated("authorization: the bearer token is not one of this server's")
+            return tenant
+        if authorization:
+            raise Unauthenticated("authorization: expected `Bearer <token>`")
+        if certificate_name is not None:
+            tenant = auth.tenants.get(certificate_name)
+            if tenant is None:
+                raise Unauthenticated(
+                    f"client certificate: its common name {certificate_name[:64]!r} is no tenant of this server, and "
+                    "the call carries no `authorization: Bearer <token>`"
+                )
+            return tenant
+        raise Unauthenticated(
+            "authorization: missing; this server needs `authorization: Bearer <token>` metadata "
+            "(KLClient(token=...) or the KLSERVICE_TOKEN environment variable)"
+        )
+
+    def operator(self, rpc: str, authorization: str | None, certificate_name: str | None = None) -> Tenant:
+        """The admin tenant calling an operator RPC; PermissionDenied for any other caller, and for every caller
+        of a server without --auth-file (nobody is an admin there)."""
+        if self.auth is None:
+            raise PermissionDenied(
+                f"{rpc}: operator RPCs need the admin role, and this server has no --auth-file (start it with one "
+                "that lists a tenant with role = \"admin\")"
             )
-        tenant = auth.identify(token)
-        if tenant is None:
-            raise Unauthenticated("authorization: the bearer token is not one of this server's")
-        name = f"{tenant.name}/{job_id or 'default'}"
-        return Job(key=name, label=self.metrics.jobs.label(name), tenant=tenant.name, weight=tenant.weight)
+        tenant = self.authenticate(authorization, certificate_name)
+        if not tenant.is_admin:
+            raise PermissionDenied(f"{rpc}: tenant {tenant.name!r} has the role {tenant.role!r}; this RPC needs 'admin'")
+        return tenant
+
+    def reload_auth(self) -> AuthTable:
+        """Re-read --auth-file and put it in force. FailedPrecondition (the previous file stays in force) if
+        there is none or it does not load."""
+        path = self.config.auth_file
+        if not path:
+            raise FailedPrecondition("no --auth-file to reload")
+        try:
+            table = load_auth_file(path)
+        except AuthFileError as error:
+            raise FailedPrecondition(f"auth file not reloaded, the previous one stays in force: {error}") from None
+        self.auth = table
+        return table
 
     async def score(self, request: ScoreRequest, job: Job, deadline: float | None) -> ScoreResult:
         """Reference log-probs of every scored token (`deadline`: a time.monotonic() value, or None)."""
         served = self.require_ready()
-        ref = await self.scheduler.score(request.batch, request.temperature, job.key, deadline, job.tenant, job.weight)
-        self.metrics.tokens_scored.labels(job.label).inc(request.batch.num_scored)
+        ref = await self._reference(request.batch, request.temperature, job, deadline)
+        self.metrics.tokens_scored.labels(*job.labels).inc(request.batch.num_scored)
         return ScoreResult(ref_logprobs=ref, scored_lengths=request.batch.scored_lengths, model=served.info)
 
     async def compute_kl(self, request: KLRequest, job: Job, deadline: float | None) -> KLComputation:
         """Reference log-probs, k1/k2/k3, the spec's coefficient and diagnostics."""
         served = self.require_ready()
         batch = request.batch
-        ref = await self.scheduler.score(batch, request.temperature, job.key, deadline, job.tenant, job.weight)
+        ref = await self._reference(batch, request.temperature, job, deadline)
         result = await asyncio.to_thread(
             kl.compute_kl, request.logprobs, ref, batch.scored_lengths, request.spec, request.old_logprobs
         )
         _check_finite(result, request, ref)
-        self.metrics.tokens_scored.labels(job.label).inc(batch.num_scored)
-        self.metrics.record_kl(job.label, request.spec_label, result.diagnostics)
+        self.metrics.tokens_scored.labels(*job.labels).inc(batch.num_scored)
+        self.metrics.record_kl(job.labels, request.spec_label, result.diagnostics)
         return KLComputation(
             ref_logprobs=ref, scored_lengths=batch.scored_lengths, kl=result, spec=request.spec, model=served.info
+        )
+
+    async def _reference(self, batch, temperature: float, job: Job, deadline: float | None) -> np.ndarray:
+        return await self.scheduler.score(
+            batch, temperature, job.key, deadline, share=job.tenant, weight=job.weight, quota=job.quota
         )
 
     def model_info(self) -> ServedModel:

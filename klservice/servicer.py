@@ -66,10 +66,10 @@ _HANDLER_KINDS = {
 }
 
 
-def add_to_server(servicer: "ReferenceServicer", server) -> None:
-    """Register every method of klservice.v1.ReferenceService (like the generated
-    ``add_ReferenceServiceServicer_to_server``, with `_tolerant_parser` as the request deserializer)."""
-    service = pb.DESCRIPTOR.services_by_name["ReferenceService"]
+def add_to_server(servicer, server, service_name: str = "ReferenceService") -> None:
+    """Register every method of the klservice.v1 service `service_name` (like the generated
+    ``add_<Service>Servicer_to_server``, with `_tolerant_parser` as the request deserializer)."""
+    service = pb.DESCRIPTOR.services_by_name[service_name]
     handlers = {
         method.name: _HANDLER_KINDS[method.client_streaming, method.server_streaming](
             getattr(servicer, method.name),
@@ -101,15 +101,18 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
         """Each request is handled as it arrives; answers are sent as they complete, tagged with request_id.
 
         A request that cannot be told apart from the others (undecodable, no request_id, or one
-        already used on this stream) is answered by an error item with an empty request_id.
+        already used on this stream) is answered by an error item with an empty request_id. The
+        caller is authenticated again whenever the auth file is reloaded, so a revoked token's
+        open stream gets UNAUTHENTICATED error items from then on.
         """
         try:
             job = self._job(context)
         except Exception as error:  # noqa: BLE001 - e.g. an x-job-id over the length limit
-            code, message = self._status(error)
+            code, message = _status(error)
             self._record("StreamKL", code, time.perf_counter())
             await context.abort(code, message)
         deadline = self._deadline(context)
+        auth_in_force = self._service.auth
         seen: set[str] = set()
         pending: set[asyncio.Task] = set()
         requests = aiter(request_iterator)
@@ -123,6 +126,12 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
                     if request is None:
                         reading = None
                     else:
+                        if self._service.auth is not auth_in_force:  # reloaded: the caller may have been revoked
+                            auth_in_force = self._service.auth
+                            try:
+                                job = self._job(context)
+                            except Exception as error:  # noqa: BLE001 - answered as this and later items' error
+                                job = error
                         pending.add(asyncio.ensure_future(self._stream_item(request, job, deadline, seen)))
                         reading = asyncio.ensure_future(anext(requests, None))
                 for task in done - {reading}:
@@ -133,8 +142,11 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
             for task in pending | ({reading} if reading is not None else set()):
                 task.cancel()
 
-    async def _stream_item(self, request: pb.KLRequest, job: Job, deadline, seen: set[str]) -> pb.StreamKLResponse:
-        """One StreamKL answer: the response, or an error item with its status (the stream goes on)."""
+    async def _stream_item(
+        self, request: pb.KLRequest, job: Job | Exception, deadline, seen: set[str]
+    ) -> pb.StreamKLResponse:
+        """One StreamKL answer: the response, or an error item with its status (the stream goes on). `job` is an
+        exception when the caller no longer authenticates."""
         started, code = time.perf_counter(), grpc.StatusCode.OK
         answer_id = ""  # until the request is known to be identifiable
         try:
@@ -145,6 +157,8 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
                 raise InvalidInput(f"request_id: {request.request_id!r} was already used on this stream")
             seen.add(request.request_id)
             answer_id = request.request_id
+            if isinstance(job, Exception):
+                raise job
             answer = pb.StreamKLResponse(request_id=answer_id, response=await self._compute_kl(request, job, deadline))
             self._check_size(answer)
             return answer
@@ -152,7 +166,7 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
             code = _cancelled_status(deadline)
             raise
         except Exception as error:  # noqa: BLE001 - every failure becomes an error item
-            code, message = self._status(error)
+            code, message = _status(error)
             item = pb.RequestError(code=code.value[0], message=message, retry_after_ms=_retry_after_ms(error) or 0)
             return pb.StreamKLResponse(request_id=answer_id, error=item)
         finally:
@@ -195,7 +209,10 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
 
     def _job(self, context) -> Job:
         metadata = dict(context.invocation_metadata() or ())
-        return self._service.job(metadata.get(JOB_METADATA_KEY), context.peer(), metadata.get("authorization"))
+        return self._service.job(
+            metadata.get(JOB_METADATA_KEY), context.peer(), metadata.get("authorization"),
+            _certificate_name(context, self._service.config),
+        )
 
     @staticmethod
     def _deadline(context) -> float | None:
@@ -203,17 +220,8 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    @staticmethod
-    def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
-        code, message = status_for(error)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("internal error", exc_info=error)
-        return code, message
-
     def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
-        metrics = self._service.metrics
-        metrics.requests.labels(method, code.name).inc()
-        metrics.latency.labels(method).observe(time.perf_counter() - started)
+        _record(self._service.metrics, method, code, started)
 
     def _check_size(self, response) -> None:
         """The backstop behind validation's up-front estimate: never hand gRPC a message it would refuse to send."""
@@ -236,13 +244,62 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
             code = _cancelled_status(deadline)
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status in one place
-            code, message = self._status(error)
+            code, message = _status(error)
             retry_after = _retry_after_ms(error)
             if retry_after is not None:
                 context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(retry_after)),))
         finally:
             self._record(method, code, started)
         await context.abort(code, message)
+
+
+class OperatorServicer(pb_grpc.OperatorServiceServicer):
+    """klservice.v1.OperatorService: operator RPCs, each for admin tenants only (`ReferenceService.operator`)."""
+
+    def __init__(self, service: ReferenceService):
+        self._service = service
+
+    async def ReloadAuth(self, request: pb.ReloadAuthRequest, context) -> pb.ReloadAuthResponse:
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            _decoded(request)
+            metadata = dict(context.invocation_metadata() or ())
+            tenant = self._service.operator(
+                "ReloadAuth", metadata.get("authorization"), _certificate_name(context, self._service.config)
+            )
+            table = await asyncio.to_thread(self._service.reload_auth)
+            log.info("auth file reloaded by tenant %r: %d tenant(s)", tenant.name, len(table.tenants))
+            return pb.ReloadAuthResponse(tenants=sorted(table.tenants))
+        except Exception as error:  # noqa: BLE001 - mapped to a status in one place
+            code, message = _status(error)
+        finally:
+            _record(self._service.metrics, "ReloadAuth", code, started)
+        await context.abort(code, message)
+
+
+def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """`status_for`, with the traceback of an internal failure in the server log."""
+    code, message = status_for(error)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("internal error", exc_info=error)
+    return code, message
+
+
+def _record(metrics, method: str, code: grpc.StatusCode, started: float) -> None:
+    metrics.requests.labels(method, code.name).inc()
+    metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+
+def _certificate_name(context, config) -> str | None:
+    """The common name of the caller's client certificate, on a port that requires client certificates signed by
+    --tls-client-ca (the handshake verified it); None on any other port."""
+    if not (config.tls_cert and config.tls_client_ca):
+        return None
+    auth_context = context.auth_context() or {}
+    names = auth_context.get("x509_common_name") or ()
+    for name in names:
+        return name.decode("utf-8", "replace")
+    return None
 
 
 def _retry_after_ms(error: BaseException) -> int | None:

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# System packages the test suite needs beyond Python: promtool (Debian's `prometheus`
-# package), used by tests/test_deploy.py to check docker/prometheus.yml and its rules.
-# Idempotent: does nothing when promtool is already on PATH.
+# System packages the test suite needs beyond Python:
+# - promtool and the Prometheus server (Debian's `prometheus` package), used by
+#   tests/test_deploy.py to check docker/prometheus.yml and its rules and to scrape a live
+#   server with them;
+# - node and npm, for the Node.js client of tests/server/test_tls.py.
+# Idempotent: installs only what is not already on PATH.
 set -euo pipefail
 
-if command -v promtool >/dev/null 2>&1; then
-    echo "ci-system-deps: promtool already installed ($(command -v promtool))"
+packages=()
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || packages+=(prometheus)
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
+if [ ${#packages[@]} -eq 0 ]; then
+    echo "ci-system-deps: promtool, prometheus, node and npm already installed"
     exit 0
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "ci-system-deps: promtool is missing and apt-get is not available; install Prometheus' promtool by hand" >&2
+    echo "ci-system-deps: missing ${packages[*]} and apt-get is not available; install them by hand" >&2
     exit 1
 fi
 
@@ -19,7 +25,7 @@ if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"
 fi
 
-# The package also carries the Prometheus server; where no init policy exists (plain
+# The prometheus package carries a service; where no init policy exists (plain
 # containers), forbid starting services for the install, so no daemon is left running.
 POLICY=/usr/sbin/policy-rc.d
 if [ ! -e "$POLICY" ]; then
@@ -30,7 +36,9 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-# --no-install-recommends: promtool only, not the web UI assets and exporters.
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-command -v promtool >/dev/null 2>&1 || { echo "ci-system-deps: promtool still not on PATH" >&2; exit 1; }
-echo "ci-system-deps: installed $(promtool --version 2>&1 | head -n 1)"
+# --no-install-recommends: the binaries, not Prometheus' web UI assets and exporters.
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+for tool in promtool prometheus node npm; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "ci-system-deps: $tool still not on PATH" >&2; exit 1; }
+done
+echo "ci-system-deps: installed ${packages[*]} ($(promtool --version 2>&1 | head -n 1); node $(node --version))"

@@ -143,7 +143,7 @@ def test_sigterm_with_a_long_forward_running_exits_within_the_grace_and_one_laye
     threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True).start()
     try:
         assert wait_until(lambda: any("listening on" in line for line in lines), 120), "".join(lines)
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(gRPC\), metrics on :(\d+)", "".join(lines))
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(gRPC\), metrics on \S*:(\d+)/metrics", "".join(lines))
         target, metrics_url = f"127.0.0.1:{match.group(1)}", f"http://127.0.0.1:{match.group(2)}/metrics"
         outcome = {}
 

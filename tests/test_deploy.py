@@ -23,6 +23,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import urllib.parse
 import urllib.request
 from concurrent import futures
 
@@ -38,6 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILES = {"cpu": ROOT / "docker" / "Dockerfile.cpu", "gpu": ROOT / "docker" / "Dockerfile.gpu"}
 PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus.yml"
+SECURE_COMPOSE = ROOT / "docker" / "compose.secure.yml"
 RULES = ROOT / "docker" / "klservice.rules.yml"
 README = ROOT / "README.md"
 CI_DEPS = ROOT / "scripts" / "ci-system-deps.sh"
@@ -157,10 +160,11 @@ def _assert_choices(config: ServerConfig, where: str) -> None:
         assert value in choices, f"{where}: {name}={value!r} not one of {choices}"
 
 
-def _promtool() -> str:
-    path = shutil.which("promtool")
+def _promtool(name: str = "promtool") -> str:
+    """The path of Debian's promtool (or, with `name`, the prometheus server of the same package)."""
+    path = shutil.which(name)
     if path is None:
-        reason = "promtool not installed (Debian package `prometheus`; run scripts/ci-system-deps.sh)"
+        reason = f"{name} not installed (Debian package `prometheus`; run scripts/ci-system-deps.sh)"
         if os.environ.get("CI"):
             pytest.fail(reason + " -- CI must install it")
         pytest.skip(reason)
@@ -264,6 +268,61 @@ def test_compose_healthcheck_is_the_klservice_health_command():
         seconds = {key: int(str(check[key]).rstrip("s")) for key in ("interval", "timeout", "start_period")}
         assert seconds["timeout"] < seconds["interval"] and check["retries"] >= 1
         assert seconds["start_period"] >= 60, "leave time for loading the model"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's merge tags (!override, !reset) read as plain values."""
+
+
+for _tag in ("!override", "!reset"):
+    _ComposeLoader.add_constructor(
+        _tag, lambda loader, node: loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)
+    )
+
+
+def test_the_secure_override_serves_tls_and_tokens_and_passes_its_health_check(start_server, tmp_path):
+    """docker/compose.secure.yml on files made as its comments say: the server it configures speaks TLS, wants a
+    token, keeps /metrics reachable for Prometheus but published on loopback, and its health check passes."""
+    from klservice_client import KLClient, Unauthenticated
+    from tests.server.test_auth import add_tenant
+    from tests.server.test_tls import Authority
+
+    secure = yaml.load(SECURE_COMPOSE.read_text(), _ComposeLoader)
+    base = _compose()["services"]
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    authority = Authority(secrets, "ca")
+    cert, key = authority.issue("klservice", server=True, names=("klservice", "localhost"))
+    cert.rename(secrets / "server.pem")
+    key.rename(secrets / "server.key")
+    token = add_tenant(secrets / "auth.toml", "team-a")
+    configs = []
+    for name in KLSERVICE_SERVICES:
+        service = secure["services"][name]
+        [mount] = [volume for volume in service["volumes"] if volume.startswith("./secrets:")]
+        inside = mount.split(":")[1]
+        env = {**{k: str(v) for k, v in base[name]["environment"].items()}, **service["environment"]}
+        env = {k: v.replace(inside, str(secrets)) for k, v in env.items()}
+        config = _config_from_env(env)
+        assert config.auth_file and config.tls_cert and config.tls_key
+        assert config.metrics_address == "0.0.0.0", "Prometheus scrapes from another container"
+        assert f"127.0.0.1:{DEFAULTS.metrics_port}:{DEFAULTS.metrics_port}" in service["ports"]
+        configs.append(config)
+        health = [part.replace(inside, str(secrets)) for part in service["healthcheck"]["test"][1:]]
+    assert secure["services"]["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    config = configs[0]
+    server = start_server(auth_file=config.auth_file, tls_cert=config.tls_cert, tls_key=config.tls_key)
+    result = subprocess.run([KLSERVICE, *health[1:], "--target", server.target], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "SERVING" in result.stdout, result.stdout + result.stderr
+    ca = secrets / "ca.pem"
+    with KLClient(server.target, token=token, root_certificates=ca, tls_server_name="klservice") as client:
+        assert client.score([[1, 2, 3]], 1).ref_logprobs.shape == (2,)
+    with KLClient(server.target, token="kls_nope", root_certificates=ca, tls_server_name="klservice",
+                  max_retries=0) as client:
+        with pytest.raises(Unauthenticated):
+            client.score([[1, 2, 3]], 1)
 
 
 def test_compose_mounts_exist():
@@ -392,7 +451,59 @@ def test_prometheus_scrapes_the_metrics_port():
     targets += [target for static in job.get("static_configs", []) for target in static["targets"]]
     assert targets == [f"{NETWORK_ALIAS}:{DEFAULTS.metrics_port}"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    assert job["honor_labels"] is True, "keep the metrics' own `job` label (the trainer's x-job-id)"
+    assert not job.get("honor_labels"), "a caller's labels must never overwrite the scrape's own `job` label"
+
+
+def test_a_real_prometheus_keeps_its_job_label_beside_tenant_and_trainer_job(start_server, tmp_path):
+    """The shipped scrape config (its target pointed at a live server) in a real Prometheus: the per-job series
+    carry job="klservice" (the scrape job, as `up` does) next to the caller's tenant and trainer_job; with
+    honor_labels a caller's label could overwrite `job`, and without it a metric label named `job` would be
+    renamed exported_job."""
+    from klservice_client import KLClient
+    from tests.server.test_auth import add_tenant
+
+    prometheus = _promtool("prometheus")
+    auth = tmp_path / "auth.toml"
+    token = add_tenant(auth, "team-a")
+    server = start_server(auth_file=str(auth))
+    with KLClient(server.target, token=token, job_id="grpo-run-7") as client:
+        reference = client.score([[1, 2, 3, 4, 5]], 1).ref_logprobs
+        client.compute_kl([[1, 2, 3, 4, 5]], 1, logprobs=reference - 0.5, spec="grpo_k3_as_loss")
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    job = config["scrape_configs"][0]
+    del job["dns_sd_configs"]
+    job.update(static_configs=[{"targets": [f"127.0.0.1:{server.server.metrics_port}"]}], scrape_interval="1s")
+    config["rule_files"] = [str(RULES)]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    process = subprocess.Popen(
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+    def query(expression: str) -> list[dict]:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+        try:
+            return json.loads(urllib.request.urlopen(url, timeout=5).read())["data"]["result"]
+        except OSError:
+            return []
+
+    try:
+        deadline = time.monotonic() + 60
+        while not query("klservice_kl_coef_bias_abs_mean") and time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.5)
+        [bias] = query("klservice_kl_coef_bias_abs_mean")
+        [up] = query("up")
+    finally:
+        process.terminate()
+        process.wait(30)
+    labels = bias["metric"]
+    assert labels["job"] == up["metric"]["job"] == "klservice"
+    assert (labels["tenant"], labels["trainer_job"]) == ("team-a", "grpo-run-7")
+    assert "exported_job" not in labels
+    assert float(bias["value"][1]) > 0 and up["value"][1] == "1"
 
 
 def _scrape_names(url: str) -> set[str]:
@@ -453,13 +564,14 @@ def test_promtool_alerts_fire_as_intended(tmp_path):
     def expect(alert: str, labels: dict, value: float) -> dict:
         rendered = {
             key: text.replace("{{ $labels.instance }}", labels.get("instance", ""))
-            .replace("{{ $labels.job }}", labels.get("job", ""))
+            .replace("{{ $labels.tenant }}", labels.get("tenant", ""))
+            .replace("{{ $labels.trainer_job }}", labels.get("trainer_job", ""))
             .replace("{{ $value }}", f"{value:g}")
             for key, text in annotations[alert].items()
         }
         return {"exp_labels": labels, "exp_annotations": rendered}
 
-    trainer = {"job": "grpo-run-7", "instance": "klservice-1:9400"}
+    trainer = {"job": "klservice", "instance": "klservice-1:9400", "tenant": "team-a", "trainer_job": "grpo-run-7"}
     unit_test = {
         "rule_files": [str(RULES)],
         "evaluation_interval": "1m",
@@ -471,7 +583,8 @@ def test_promtool_alerts_fire_as_intended(tmp_path):
                     series("klservice_ready", instance, "0x3 1x20"),
                     series("klservice_queue_depth", instance, "10 10 500x20"),
                     series("klservice_kl_coef_bias_abs_mean", trainer, "0.5x30"),
-                    series("klservice_kl_coef_bias_abs_mean", {**trainer, "job": "principled-run"}, "0x30"),
+                    series("klservice_kl_coef_bias_abs_mean", {**trainer, "trainer_job": "principled-run"}, "0x30"),
+                    series("klservice_dropped_total", {**instance, "reason": "quota"}, "0x5 0+10x30"),
                 ],
                 "alert_rule_test": [
                     {"eval_time": "1m", "alertname": "KLServiceDown", "exp_alerts": []},
@@ -483,6 +596,10 @@ def test_promtool_alerts_fire_as_intended(tmp_path):
                     {"eval_time": "6m", "alertname": "KLServiceQueueBacklog",
                      "exp_alerts": [expect("KLServiceQueueBacklog", {**instance, "severity": "warning"}, 500)]},
                     {"eval_time": "5m", "alertname": "KLServiceLargeKLBias", "exp_alerts": []},
+                    {"eval_time": "10m", "alertname": "KLServiceTenantOverQuota", "exp_alerts": []},
+                    {"eval_time": "25m", "alertname": "KLServiceTenantOverQuota",
+                     "exp_alerts": [expect("KLServiceTenantOverQuota", {"instance": instance["instance"],
+                                                                        "severity": "info"}, 0)]},
                     {"eval_time": "20m", "alertname": "KLServiceLargeKLBias",
                      "exp_alerts": [expect("KLServiceLargeKLBias", {**trainer, "severity": "info"}, 0.5)]},
                 ],

@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import queue
 import threading
 import time
@@ -46,6 +45,7 @@ from klservice_client import kl
 from klservice_client._requests import (
     Prepared, backoff, check_revisions, chunks, kl_output, kl_requests, prepare, score_output, score_requests,
 )
+from klservice_client.credentials import PEM, bearer_metadata, channel_credentials, resolve_token
 from klservice_client.errors import (
     InvalidArgument, KLServiceError, ServerError, TokenizerMismatch, from_rpc_error, from_status, is_overload,
 )
@@ -56,8 +56,6 @@ __all__ = ["AsyncKLClient", "KLClient", "KLItem", "KLOutput", "KLStreamResult", 
 
 #: While waiting for a server to become ready, these mean "not yet" rather than failure.
 NOT_READY_YET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-TOKEN_ENVIRONMENT_VARIABLE = "KLSERVICE_TOKEN"
-"""Where the clients read a bearer token from when none is passed."""
 READY_POLL_SECONDS = 0.2
 
 
@@ -195,10 +193,8 @@ class _Options:
     token: str | None = dataclasses.field(default=None, repr=False)  # a credential: never in a repr or a log
 
     def metadata(self):
-        metadata = [(JOB_METADATA_KEY, self.job_id)] if self.job_id else []
-        if self.token:
-            metadata.append(("authorization", f"Bearer {self.token}"))
-        return tuple(metadata)
+        job = ((JOB_METADATA_KEY, self.job_id),) if self.job_id else ()
+        return job + bearer_metadata(self.token)
 
 
 class _ClientCore:
@@ -222,15 +218,27 @@ class _ClientCore:
         load_balancing: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        tls: bool = False,
+        root_certificates: PEM | None = None,
+        client_cert: tuple[PEM, PEM] | None = None,
+        tls_server_name: str | None = None,
     ):
-        token = token if token is not None else os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None
+        token = resolve_token(token)
         self._options = _Options(job_id, timeout, max_retries, initial_backoff, max_backoff, max_message_bytes, token)
+        tls_credentials = channel_credentials(tls=tls, root_certificates=root_certificates, client_cert=client_cert)
+        if credentials is not None and tls_credentials is not None:
+            raise ValueError("pass either credentials= or tls=/root_certificates=/client_cert=, not both")
+        if tls_server_name and credentials is None and tls_credentials is None:
+            raise ValueError("tls_server_name: only means something over TLS (pass tls=True or root_certificates=)")
+        credentials = credentials if credentials is not None else tls_credentials
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         if load_balancing:
             options.append(("grpc.lb_policy_name", load_balancing))
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
         api = self._channel_api
         self._channel = (
             api.secure_channel(target, credentials, options=options)
@@ -238,6 +246,7 @@ class _ClientCore:
             else api.insecure_channel(target, options=options)
         )
         self._stub = pb_grpc.ReferenceServiceStub(self._channel)
+        self._operator = pb_grpc.OperatorServiceStub(self._channel)
         self._info: ModelInfo | None = None
 
     # --- decisions both clients share ---------------------------------------------------
@@ -315,6 +324,14 @@ class KLClient(_ClientCore):
             a job within the token's tenant).
         token: bearer token for a server with ``--auth-file`` (default: the KLSERVICE_TOKEN environment
             variable); sent as ``authorization: Bearer <token>``, never logged.
+        tls: connect over TLS, trusting the system's CA roots (a server with ``--tls-cert``).
+        root_certificates: the CA bundle (PEM bytes or a path) the server's certificate must chain to;
+            implies TLS.
+        client_cert: (certificate, private key), PEM bytes or paths, for a server with ``--tls-client-ca``
+            (mutual TLS); implies TLS.
+        tls_server_name: the name to check the server's certificate against, when it differs from the
+            target's host (e.g. connecting to an IP address).
+        credentials: ready-made ``grpc.ChannelCredentials`` instead of the three above.
         timeout: deadline of each call in seconds.
         max_retries: retries on UNAVAILABLE and overload (RESOURCE_EXHAUSTED with a retry hint), with
             exponential backoff.
@@ -331,8 +348,8 @@ class KLClient(_ClientCore):
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, rpc: str, request):
-        method = getattr(self._stub, rpc)
+    def _call(self, rpc: str, request, stub=None):
+        method = getattr(stub or self._stub, rpc)
         for attempt in itertools.count():
             try:
                 return method(request, timeout=self._options.timeout, metadata=self._options.metadata())
@@ -360,6 +377,10 @@ class KLClient(_ClientCore):
         if self._info is None or refresh:
             self._remember(self._call("GetModelInfo", pb.GetModelInfoRequest()))
         return self._info
+
+    def reload_auth(self) -> list[str]:
+        """Operator RPC (admin tenants only): make the server re-read its auth file; returns its tenants."""
+        return list(self._call("ReloadAuth", pb.ReloadAuthRequest(), self._operator).tenants)
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise TokenizerMismatch unless `tokenizer` has the server model's vocabulary and special tokens."""
@@ -444,8 +465,8 @@ class AsyncKLClient(_ClientCore):
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, rpc: str, request):
-        method = getattr(self._stub, rpc)
+    async def _call(self, rpc: str, request, stub=None):
+        method = getattr(stub or self._stub, rpc)
         for attempt in itertools.count():
             try:
                 return await method(request, timeout=self._options.timeout, metadata=self._options.metadata())
@@ -473,6 +494,10 @@ class AsyncKLClient(_ClientCore):
         if self._info is None or refresh:
             self._remember(await self._call("GetModelInfo", pb.GetModelInfoRequest()))
         return self._info
+
+    async def reload_auth(self) -> list[str]:
+        """Operator RPC (admin tenants only): make the server re-read its auth file; returns its tenants."""
+        return list((await self._call("ReloadAuth", pb.ReloadAuthRequest(), self._operator)).tenants)
 
     async def check_tokenizer(self, tokenizer) -> None:
         """Raise TokenizerMismatch unless `tokenizer` has the server model's vocabulary and special tokens."""

@@ -41,7 +41,7 @@ class ServiceProcess:
             self._log.flush()
             match = re.search(r"listening on \S*?:(\d+)", line)
             if match and self._port is None:
-                metrics = re.search(r"metrics on :(\d+)", line)
+                metrics = re.search(r"metrics on \S*:(\d+)/metrics", line)
                 self._metrics_port = int(metrics.group(1)) if metrics else None
                 self._port = int(match.group(1))
                 self._found.set()

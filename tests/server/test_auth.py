@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -106,12 +107,12 @@ def test_a_job_id_is_a_job_within_the_tenant_of_the_token(auth_server, auth_file
     with KLClient(auth_server.target, token=tokens["team-b"], job_id="team-a/run-7") as client:
         client.score([[1, 2, 3]], 1)  # naming another tenant in the job id stays within team-b
     samples = scrape(auth_server.metrics_url)
-    scored = {dict(labels)["job"]: value for (name, labels), value in samples.items()
+    scored = {(dict(labels)["tenant"], dict(labels)["trainer_job"]): value for (name, labels), value in samples.items()
               if name == "klservice_tokens_scored_total"}
-    assert scored["team-a/run-7"] == 3
-    assert scored["team-b/run-7"] == 5
-    assert scored["team-b/team-a/run-7"] == 2
-    assert "run-7" not in scored
+    assert scored["team-a", "run-7"] == 3
+    assert scored["team-b", "run-7"] == 5
+    assert scored["team-b", "team-a/run-7"] == 2
+    assert ("anonymous", "run-7") not in scored
 
 
 def test_tokens_are_never_logged(start_server, auth_file, caplog):
@@ -128,16 +129,40 @@ def test_tokens_are_never_logged(start_server, auth_file, caplog):
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert logged  # the server did log (loading, requests)
     assert tokens["team-a"] not in logged and tokens["team-a"][4:20] not in logged
+    exported = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert 'tenant="team-a"' in exported  # the tenant is there, its credential is not
+    for secret in (tokens["team-a"], tokens["team-a"][4:20], hash_token(tokens["team-a"])[7:]):
+        assert secret not in exported
 
 
 def test_without_auth_beyond_loopback_the_server_warns(start_server, caplog):
     with caplog.at_level(logging.WARNING, logger="klservice.server"):
         start_server(host="0.0.0.0")
-    assert any("SERVING WITHOUT AUTHENTICATION" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("SERVING WITHOUT AUTHENTICATION" in w for w in warnings)
+    assert any("NO TLS" in w and "travel in clear" in w for w in warnings)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="klservice.server"):
         start_server(host="127.0.0.1")
+    assert not any("WITHOUT AUTHENTICATION" in r.getMessage() or "NO TLS" in r.getMessage() for r in caplog.records)
+
+
+def test_with_auth_metrics_stay_on_loopback_unless_told_otherwise(start_server, auth_file, caplog):
+    """Tenant names and their KL figures are on /metrics: with --auth-file it listens on 127.0.0.1 by default, even
+    when gRPC listens on every interface; --metrics-host 0.0.0.0 is honoured, with a warning."""
+    path, _ = auth_file
+    with caplog.at_level(logging.WARNING, logger="klservice.server"):
+        server = start_server(host="0.0.0.0", auth_file=str(path))
+    assert server.server.metrics_host == "127.0.0.1"
+    assert not any("/metrics on" in r.getMessage() for r in caplog.records)
     assert not any("WITHOUT AUTHENTICATION" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="klservice.server"):
+        exposed = start_server(host="0.0.0.0", auth_file=str(path), metrics_host="0.0.0.0")
+    assert exposed.server.metrics_host == "0.0.0.0"
+    assert any("/metrics on 0.0.0.0" in r.getMessage() and "tenant names" in r.getMessage() for r in caplog.records)
+    unauthenticated = start_server(host="0.0.0.0")  # without auth /metrics follows --host, as before
+    assert unauthenticated.server.metrics_host == "0.0.0.0"
 
 
 def test_sighup_reloads_the_auth_file_without_a_restart(model_cache_dir, tmp_path):

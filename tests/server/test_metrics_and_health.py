@@ -13,6 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from klservice_client import KLClient
 
 
+def job_labels(job: str, tenant: str = "anonymous") -> tuple:
+    """The labels of a per-job series, as `scrape` keys them."""
+    return (("tenant", tenant), ("trainer_job", job))
+
+
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     samples = {}
@@ -35,13 +40,13 @@ def test_metrics_endpoint_reports_requests_tokens_and_kl(start_server):
     samples = scrape(server.metrics_url)
     assert samples["klservice_requests_total", (("code", "OK"), ("method", "ComputeKL"))] == 1
     assert samples["klservice_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Score"))] == 1
-    assert samples["klservice_tokens_scored_total", (("job", "job-a"),)] == 45
-    assert samples["klservice_tokens_scored_total", (("job", "job-b"),)] == 45
-    assert samples["klservice_kl_k3_mean", (("job", "job-a"),)] == pytest.approx(out.diagnostics.k3_mean_per_token)
-    assert samples["klservice_kl_coef_bias_abs_mean", (("job", "job-a"),)] == pytest.approx(
+    assert samples["klservice_tokens_scored_total", job_labels("job-a")] == 45
+    assert samples["klservice_tokens_scored_total", job_labels("job-b")] == 45
+    assert samples["klservice_kl_k3_mean", job_labels("job-a")] == pytest.approx(out.diagnostics.k3_mean_per_token)
+    assert samples["klservice_kl_coef_bias_abs_mean", job_labels("job-a")] == pytest.approx(
         out.diagnostics.coef_bias_abs_mean
     )
-    assert samples["klservice_kl_batches_total", (("job", "job-a"), ("spec", "grpo_k3_as_loss"))] == 1
+    assert samples["klservice_kl_batches_total", (("spec", "grpo_k3_as_loss"), *job_labels("job-a"))] == 1
     assert samples["klservice_request_seconds_count", (("method", "ComputeKL"),)] == 1
     assert samples["klservice_forward_seconds_count", ()] >= 1
     # job-b's Score repeats job-a's sequences: answered from the reference cache, not forwarded again.
@@ -59,8 +64,9 @@ def test_job_labels_are_bounded(start_server):
         with KLClient(server.target, job_id=job) as c:
             c.score([[1, 2, 3]], 1)
     samples = scrape(server.metrics_url)
-    jobs = {dict(labels)["job"] for name, labels in samples if name == "klservice_tokens_scored_total"}
+    jobs = {dict(labels)["trainer_job"] for name, labels in samples if name == "klservice_tokens_scored_total"}
     assert jobs == {"one", "two", "other"}
+    assert not any(dict(labels).get("job") for _, labels in samples), "`job` is the scrape job's label"
 
 
 def test_health_not_serving_while_loading_then_serving(start_server, tiny_model_dir):

@@ -329,3 +329,68 @@ def test_a_tenant_gains_nothing_by_spreading_its_load_over_more_job_ids(weights)
     first = order[: len(order) // 2]  # both tenants still have work queued throughout the first half
     share_a = first.count(1) / len(first)
     assert abs(share_a - weight_a / (weight_a + weight_b)) <= 0.10, share_a
+
+
+class SteppedBackend(RecordingBackend):
+    """Each backend call waits for one permit: the test lets steps through one at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.permits = threading.Semaphore(0)
+
+    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
+        assert self.permits.acquire(timeout=30)
+        return super().score(sequences, starts, temperature, prompt_groups)
+
+
+def test_a_tenants_quota_counts_only_what_it_has_queued():
+    """Quota 40 tokens for team-q: two 20-token requests fill it and a third is refused (Overloaded, with a retry
+    hint) while team-b is not limited; a cancelled request, and each request a step takes, give their tokens
+    back at once, so team-q is served again while the rest of its work still waits."""
+    backend = SteppedBackend()
+
+    async def main():
+        scheduler = await started(backend, max_batch_tokens=20, max_queue=100, max_wait_s=0.0)
+        quota = dict(share="team-q", quota=40)
+        score = lambda tokens, job, **share: asyncio.ensure_future(  # noqa: E731
+            scheduler.score(make_batch([tokens], [1]), 1.0, job, None, **share))
+        plug = score([3] * 20, "b", share="team-b")
+        await asyncio.sleep(0.01)
+        assert scheduler.queued_requests == 0  # the plug is in a step, waiting for its permit
+        first, second = score([1] * 20, "q-0", **quota), score([1] * 19 + [2], "q-1", **quota)
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as refused:
+            await scheduler.score(make_batch([[4] * 20], [1]), 1.0, "q-2", None, **quota)
+        assert refused.value.retry_after > 0
+        unlimited = score([5] * 60, "b", share="team-b")  # team-b has no quota
+        first.cancel()
+        await asyncio.sleep(0.01)
+        third = score([6] * 20, "q-2", **quota)  # the cancelled request's 20 tokens are free again
+        await asyncio.sleep(0.01)
+        assert scheduler.queued_requests == 3  # second, third, unlimited
+        with pytest.raises(Overloaded):  # ... and given back once only: the quota is full again
+            await scheduler.score(make_batch([[9, 9]], [1]), 1.0, "q-x", None, **quota)
+        backend.permits.release()  # the plug's step ends; the next step takes one 20-token item
+        await plug
+        await asyncio.sleep(0.01)
+        assert scheduler.queued_requests == 2  # the step took team-q's second request (deficit round-robin)
+        fourth = score([7] * 20, "q-3", **quota)  # team-q has 20 tokens queued now, not 40: accepted
+        await asyncio.sleep(0.01)
+        for _ in range(10):
+            backend.permits.release()
+        results = await asyncio.gather(second, third, unlimited, fourth)
+        # nothing is left counted, and nothing was given back twice: the quota holds exactly again
+        backend.permits = threading.Semaphore(0)  # no permits left over
+        plug = score([3] * 20, "b", share="team-b")
+        await asyncio.sleep(0.01)
+        full = score([8] * 40, "q-4", **quota)
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await scheduler.score(make_batch([[9, 9]], [1]), 1.0, "q-5", None, **quota)
+        for _ in range(10):
+            backend.permits.release()
+        await asyncio.gather(plug, full)
+        await scheduler.stop()
+        return [result.shape for result in results]
+
+    assert run(main()) == [(19,), (19,), (59,), (19,)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from klservice_client import TokenizerMismatch, kl
-from tests.server.test_metrics_and_health import scrape
+from tests.server.test_metrics_and_health import job_labels, scrape
 from tests.trl.trl_helpers import BETA, length_reward, perturb
 
 BATCH = 4
@@ -204,8 +204,8 @@ def test_coefficient_mode_logs_diagnostics_and_the_job_reaches_server_metrics(
     samples = scrape(trl_server.metrics_url)
     scored = int(mask.sum())
     # Score at generation time, ComputeKL at the loss: both under the run's name.
-    assert samples["klservice_tokens_scored_total", (("job", "grpo-pytest-run"),)] == 2 * scored
-    assert samples["klservice_kl_k3_mean", (("job", "grpo-pytest-run"),)] == pytest.approx(
+    assert samples["klservice_tokens_scored_total", job_labels("grpo-pytest-run")] == 2 * scored
+    assert samples["klservice_kl_k3_mean", job_labels("grpo-pytest-run")] == pytest.approx(
         expected.k3_mean_per_token, rel=1e-4
     )
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.server.test_metrics_and_health import scrape
+from tests.server.test_metrics_and_health import job_labels, scrape
 
 JOB = pathlib.Path(__file__).with_name("train_job.py")
 
@@ -53,4 +53,4 @@ def test_two_trainers_at_once_get_their_solo_reference_logprobs(start_server, ti
     samples = scrape(server.metrics_url)
     for job_id in jobs:
         tokens = sum(len(r["ref"]) for r in shared[job_id]) * 2  # solo + shared run, same job id
-        assert samples["klservice_tokens_scored_total", (("job", job_id),)] == tokens
+        assert samples["klservice_tokens_scored_total", job_labels(job_id)] == tokens

@@ -24,49 +24,55 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cklservice/v1/klservice.proto\x12\x0cklservice.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.klservice.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8d\x01\n\rSequenceBatch\x12\'\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12%\n\x07lengths\x18\x02 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12,\n\x0eprompt_lengths\x18\x03 \x01(\x0b\x32\x14.klservice.v1.Tensor\"*\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\"r\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.klservice.v1.SequenceBatch\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\"\xa4\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.klservice.v1.ModelRef\x12*\n\x0cref_logprobs\x18\x03 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12,\n\x0escored_lengths\x18\x04 \x01(\x0b\x32\x14.klservice.v1.Tensor\"\x9e\x02\n\x06KLSpec\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12*\n\testimator\x18\x02 \x01(\x0e\x32\x17.klservice.v1.Estimator\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.klservice.v1.KLMode\x12.\n\x0b\x61ggregation\x18\x04 \x01(\x0e\x32\x19.klservice.v1.Aggregation\x12=\n\x13importance_sampling\x18\x05 \x01(\x0e\x32 .klservice.v1.ImportanceSampling\x12\x17\n\ntruncation\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1d\n\x15\x64ifferentiable_weight\x18\x07 \x01(\x08\x42\r\n\x0b_truncation\"\xe7\x01\n\tKLRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.klservice.v1.SequenceBatch\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12&\n\x08logprobs\x18\x05 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12*\n\x0cold_logprobs\x18\x06 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12\"\n\x04spec\x18\x07 \x01(\x0b\x32\x14.klservice.v1.KLSpec\"\xfc\x02\n\rKLDiagnostics\x12\x15\n\rnum_sequences\x18\x01 \x01(\x03\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12\x19\n\x11k1_mean_per_token\x18\x03 \x01(\x01\x12\x19\n\x11k2_mean_per_token\x18\x04 \x01(\x01\x12\x19\n\x11k3_mean_per_token\x18\x05 \x01(\x01\x12\x1c\n\x14k1_mean_per_sequence\x18\x06 \x01(\x01\x12\x1c\n\x14k2_mean_per_sequence\x18\x07 \x01(\x01\x12\x1c\n\x14k3_mean_per_sequence\x18\x08 \x01(\x01\x12\x16\n\x0eis_weight_mean\x18\t \x01(\x01\x12\x15\n\ris_weight_max\x18\n \x01(\x01\x12\x1d\n\x15is_truncated_fraction\x18\x0b \x01(\x01\x12\x16\n\x0e\x63oef_bias_mean\x18\x0c \x01(\x01\x12\x1a\n\x12\x63oef_bias_abs_mean\x18\r \x01(\x01\x12\x13\n\x0bnum_clamped\x18\x0e \x01(\x03\"\x9a\x03\n\nKLResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.klservice.v1.ModelRef\x12*\n\x0cref_logprobs\x18\x03 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12 \n\x02k1\x18\x04 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12 \n\x02k2\x18\x05 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12 \n\x02k3\x18\x06 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12\"\n\x04\x63oef\x18\x07 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12-\n\x0f\x63oef_principled\x18\x08 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12,\n\x0escored_lengths\x18\t \x01(\x0b\x32\x14.klservice.v1.Tensor\x12\x30\n\x0b\x64iagnostics\x18\n \x01(\x0b\x32\x1b.klservice.v1.KLDiagnostics\x12\x0c\n\x04spec\x18\x0b \x01(\t\"E\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\x05\"\x8b\x01\n\x10StreamKLResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x18.klservice.v1.KLResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.klservice.v1.RequestErrorH\x00\x42\x08\n\x06result\"\x15\n\x13GetModelInfoRequest\"\xf5\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\x03\x12\x12\n\nmax_length\x18\x08 \x01(\x03\x12\x19\n\x0c\x62os_token_id\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0c\x65os_token_id\x18\n \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0cpad_token_id\x18\x0b \x01(\x03H\x02\x88\x01\x01\x12\x1a\n\x12max_request_tokens\x18\x0c \x01(\x03\x12\x19\n\x11max_message_bytes\x18\r \x01(\x03\x12\x16\n\x0eserver_version\x18\x0e \x01(\tB\x0f\n\r_bos_token_idB\x0f\n\r_eos_token_idB\x0f\n\r_pad_token_id*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x0f\n\x0b\x44TYPE_INT32\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04*\\\n\tEstimator\x12\x19\n\x15\x45STIMATOR_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45STIMATOR_K1\x10\x01\x12\x10\n\x0c\x45STIMATOR_K2\x10\x02\x12\x10\n\x0c\x45STIMATOR_K3\x10\x03*M\n\x06KLMode\x12\x17\n\x13KL_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11KL_MODE_IN_REWARD\x10\x01\x12\x13\n\x0fKL_MODE_AS_LOSS\x10\x02*y\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41GGREGATION_TOKEN\x10\x01\x12\x18\n\x14\x41GGREGATION_SEQUENCE\x10\x02\x12\x1c\n\x18\x41GGREGATION_REWARD_TO_GO\x10\x03*\x98\x01\n\x12ImportanceSampling\x12#\n\x1fIMPORTANCE_SAMPLING_UNSPECIFIED\x10\x00\x12\x1c\n\x18IMPORTANCE_SAMPLING_NONE\x10\x01\x12\x1d\n\x19IMPORTANCE_SAMPLING_TOKEN\x10\x02\x12 \n\x1cIMPORTANCE_SAMPLING_SEQUENCE\x10\x03\x32\xa9\x02\n\x10ReferenceService\x12@\n\x05Score\x12\x1a.klservice.v1.ScoreRequest\x1a\x1b.klservice.v1.ScoreResponse\x12>\n\tComputeKL\x12\x17.klservice.v1.KLRequest\x1a\x18.klservice.v1.KLResponse\x12G\n\x08StreamKL\x12\x17.klservice.v1.KLRequest\x1a\x1e.klservice.v1.StreamKLResponse(\x01\x30\x01\x12J\n\x0cGetModelInfo\x12!.klservice.v1.GetModelInfoRequest\x1a\x17.klservice.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cklservice/v1/klservice.proto\x12\x0cklservice.v1\"\x13\n\x11ReloadAuthRequest\"%\n\x12ReloadAuthResponse\x12\x0f\n\x07tenants\x18\x01 \x03(\t\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.klservice.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8d\x01\n\rSequenceBatch\x12\'\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12%\n\x07lengths\x18\x02 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12,\n\x0eprompt_lengths\x18\x03 \x01(\x0b\x32\x14.klservice.v1.Tensor\"*\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\"r\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.klservice.v1.SequenceBatch\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\"\xa4\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.klservice.v1.ModelRef\x12*\n\x0cref_logprobs\x18\x03 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12,\n\x0escored_lengths\x18\x04 \x01(\x0b\x32\x14.klservice.v1.Tensor\"\x9e\x02\n\x06KLSpec\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12*\n\testimator\x18\x02 \x01(\x0e\x32\x17.klservice.v1.Estimator\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.klservice.v1.KLMode\x12.\n\x0b\x61ggregation\x18\x04 \x01(\x0e\x32\x19.klservice.v1.Aggregation\x12=\n\x13importance_sampling\x18\x05 \x01(\x0e\x32 .klservice.v1.ImportanceSampling\x12\x17\n\ntruncation\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1d\n\x15\x64ifferentiable_weight\x18\x07 \x01(\x08\x42\r\n\x0b_truncation\"\xe7\x01\n\tKLRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.klservice.v1.SequenceBatch\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12&\n\x08logprobs\x18\x05 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12*\n\x0cold_logprobs\x18\x06 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12\"\n\x04spec\x18\x07 \x01(\x0b\x32\x14.klservice.v1.KLSpec\"\xfc\x02\n\rKLDiagnostics\x12\x15\n\rnum_sequences\x18\x01 \x01(\x03\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12\x19\n\x11k1_mean_per_token\x18\x03 \x01(\x01\x12\x19\n\x11k2_mean_per_token\x18\x04 \x01(\x01\x12\x19\n\x11k3_mean_per_token\x18\x05 \x01(\x01\x12\x1c\n\x14k1_mean_per_sequence\x18\x06 \x01(\x01\x12\x1c\n\x14k2_mean_per_sequence\x18\x07 \x01(\x01\x12\x1c\n\x14k3_mean_per_sequence\x18\x08 \x01(\x01\x12\x16\n\x0eis_weight_mean\x18\t \x01(\x01\x12\x15\n\ris_weight_max\x18\n \x01(\x01\x12\x1d\n\x15is_truncated_fraction\x18\x0b \x01(\x01\x12\x16\n\x0e\x63oef_bias_mean\x18\x0c \x01(\x01\x12\x1a\n\x12\x63oef_bias_abs_mean\x18\r \x01(\x01\x12\x13\n\x0bnum_clamped\x18\x0e \x01(\x03\"\x9a\x03\n\nKLResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.klservice.v1.ModelRef\x12*\n\x0cref_logprobs\x18\x03 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12 \n\x02k1\x18\x04 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12 \n\x02k2\x18\x05 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12 \n\x02k3\x18\x06 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12\"\n\x04\x63oef\x18\x07 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12-\n\x0f\x63oef_principled\x18\x08 \x01(\x0b\x32\x14.klservice.v1.Tensor\x12,\n\x0escored_lengths\x18\t \x01(\x0b\x32\x14.klservice.v1.Tensor\x12\x30\n\x0b\x64iagnostics\x18\n \x01(\x0b\x32\x1b.klservice.v1.KLDiagnostics\x12\x0c\n\x04spec\x18\x0b \x01(\t\"E\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\x05\"\x8b\x01\n\x10StreamKLResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x18.klservice.v1.KLResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.klservice.v1.RequestErrorH\x00\x42\x08\n\x06result\"\x15\n\x13GetModelInfoRequest\"\xf5\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\x03\x12\x12\n\nmax_length\x18\x08 \x01(\x03\x12\x19\n\x0c\x62os_token_id\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0c\x65os_token_id\x18\n \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0cpad_token_id\x18\x0b \x01(\x03H\x02\x88\x01\x01\x12\x1a\n\x12max_request_tokens\x18\x0c \x01(\x03\x12\x19\n\x11max_message_bytes\x18\r \x01(\x03\x12\x16\n\x0eserver_version\x18\x0e \x01(\tB\x0f\n\r_bos_token_idB\x0f\n\r_eos_token_idB\x0f\n\r_pad_token_id*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x0f\n\x0b\x44TYPE_INT32\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04*\\\n\tEstimator\x12\x19\n\x15\x45STIMATOR_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45STIMATOR_K1\x10\x01\x12\x10\n\x0c\x45STIMATOR_K2\x10\x02\x12\x10\n\x0c\x45STIMATOR_K3\x10\x03*M\n\x06KLMode\x12\x17\n\x13KL_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11KL_MODE_IN_REWARD\x10\x01\x12\x13\n\x0fKL_MODE_AS_LOSS\x10\x02*y\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41GGREGATION_TOKEN\x10\x01\x12\x18\n\x14\x41GGREGATION_SEQUENCE\x10\x02\x12\x1c\n\x18\x41GGREGATION_REWARD_TO_GO\x10\x03*\x98\x01\n\x12ImportanceSampling\x12#\n\x1fIMPORTANCE_SAMPLING_UNSPECIFIED\x10\x00\x12\x1c\n\x18IMPORTANCE_SAMPLING_NONE\x10\x01\x12\x1d\n\x19IMPORTANCE_SAMPLING_TOKEN\x10\x02\x12 \n\x1cIMPORTANCE_SAMPLING_SEQUENCE\x10\x03\x32\xa9\x02\n\x10ReferenceService\x12@\n\x05Score\x12\x1a.klservice.v1.ScoreRequest\x1a\x1b.klservice.v1.ScoreResponse\x12>\n\tComputeKL\x12\x17.klservice.v1.KLRequest\x1a\x18.klservice.v1.KLResponse\x12G\n\x08StreamKL\x12\x17.klservice.v1.KLRequest\x1a\x1e.klservice.v1.StreamKLResponse(\x01\x30\x01\x12J\n\x0cGetModelInfo\x12!.klservice.v1.GetModelInfoRequest\x1a\x17.klservice.v1.ModelInfo2b\n\x0fOperatorService\x12O\n\nReloadAuth\x12\x1f.klservice.v1.ReloadAuthRequest\x1a .klservice.v1.ReloadAuthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'klservice.v1.klservice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2523
-  _globals['_DTYPE']._serialized_end=2625
-  _globals['_ESTIMATOR']._serialized_start=2627
-  _globals['_ESTIMATOR']._serialized_end=2719
-  _globals['_KLMODE']._serialized_start=2721
-  _globals['_KLMODE']._serialized_end=2798
-  _globals['_AGGREGATION']._serialized_start=2800
-  _globals['_AGGREGATION']._serialized_end=2921
-  _globals['_IMPORTANCESAMPLING']._serialized_start=2924
-  _globals['_IMPORTANCESAMPLING']._serialized_end=3076
-  _globals['_TENSOR']._serialized_start=46
-  _globals['_TENSOR']._serialized_end=119
-  _globals['_SEQUENCEBATCH']._serialized_start=122
-  _globals['_SEQUENCEBATCH']._serialized_end=263
-  _globals['_MODELREF']._serialized_start=265
-  _globals['_MODELREF']._serialized_end=307
-  _globals['_SCOREREQUEST']._serialized_start=309
-  _globals['_SCOREREQUEST']._serialized_end=423
-  _globals['_SCORERESPONSE']._serialized_start=426
-  _globals['_SCORERESPONSE']._serialized_end=590
-  _globals['_KLSPEC']._serialized_start=593
-  _globals['_KLSPEC']._serialized_end=879
-  _globals['_KLREQUEST']._serialized_start=882
-  _globals['_KLREQUEST']._serialized_end=1113
-  _globals['_KLDIAGNOSTICS']._serialized_start=1116
-  _globals['_KLDIAGNOSTICS']._serialized_end=1496
-  _globals['_KLRESPONSE']._serialized_start=1499
-  _globals['_KLRESPONSE']._serialized_end=1909
-  _globals['_REQUESTERROR']._serialized_start=1911
-  _globals['_REQUESTERROR']._serialized_end=1980
-  _globals['_STREAMKLRESPONSE']._serialized_start=1983
-  _globals['_STREAMKLRESPONSE']._serialized_end=2122
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2124
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2145
-  _globals['_MODELINFO']._serialized_start=2148
-  _globals['_MODELINFO']._serialized_end=2521
-  _globals['_REFERENCESERVICE']._serialized_start=3079
-  _globals['_REFERENCESERVICE']._serialized_end=3376
+  _globals['_DTYPE']._serialized_start=2583
+  _globals['_DTYPE']._serialized_end=2685
+  _globals['_ESTIMATOR']._serialized_start=2687
+  _globals['_ESTIMATOR']._serialized_end=2779
+  _globals['_KLMODE']._serialized_start=2781
+  _globals['_KLMODE']._serialized_end=2858
+  _globals['_AGGREGATION']._serialized_start=2860
+  _globals['_AGGREGATION']._serialized_end=2981
+  _globals['_IMPORTANCESAMPLING']._serialized_start=2984
+  _globals['_IMPORTANCESAMPLING']._serialized_end=3136
+  _globals['_RELOADAUTHREQUEST']._serialized_start=46
+  _globals['_RELOADAUTHREQUEST']._serialized_end=65
+  _globals['_RELOADAUTHRESPONSE']._serialized_start=67
+  _globals['_RELOADAUTHRESPONSE']._serialized_end=104
+  _globals['_TENSOR']._serialized_start=106
+  _globals['_TENSOR']._serialized_end=179
+  _globals['_SEQUENCEBATCH']._serialized_start=182
+  _globals['_SEQUENCEBATCH']._serialized_end=323
+  _globals['_MODELREF']._serialized_start=325
+  _globals['_MODELREF']._serialized_end=367
+  _globals['_SCOREREQUEST']._serialized_start=369
+  _globals['_SCOREREQUEST']._serialized_end=483
+  _globals['_SCORERESPONSE']._serialized_start=486
+  _globals['_SCORERESPONSE']._serialized_end=650
+  _globals['_KLSPEC']._serialized_start=653
+  _globals['_KLSPEC']._serialized_end=939
+  _globals['_KLREQUEST']._serialized_start=942
+  _globals['_KLREQUEST']._serialized_end=1173
+  _globals['_KLDIAGNOSTICS']._serialized_start=1176
+  _globals['_KLDIAGNOSTICS']._serialized_end=1556
+  _globals['_KLRESPONSE']._serialized_start=1559
+  _globals['_KLRESPONSE']._serialized_end=1969
+  _globals['_REQUESTERROR']._serialized_start=1971
+  _globals['_REQUESTERROR']._serialized_end=2040
+  _globals['_STREAMKLRESPONSE']._serialized_start=2043
+  _globals['_STREAMKLRESPONSE']._serialized_end=2182
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2184
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2205
+  _globals['_MODELINFO']._serialized_start=2208
+  _globals['_MODELINFO']._serialized_end=2581
+  _globals['_REFERENCESERVICE']._serialized_start=3139
+  _globals['_REFERENCESERVICE']._serialized_end=3436
+  _globals['_OPERATORSERVICE']._serialized_start=3438
+  _globals['_OPERATORSERVICE']._serialized_end=3536
 # @@protoc_insertion_point(module_scope)

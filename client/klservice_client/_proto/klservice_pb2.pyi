@@ -62,6 +62,16 @@ IMPORTANCE_SAMPLING_NONE: ImportanceSampling
 IMPORTANCE_SAMPLING_TOKEN: ImportanceSampling
 IMPORTANCE_SAMPLING_SEQUENCE: ImportanceSampling
 
+class ReloadAuthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadAuthResponse(_message.Message):
+    __slots__ = ("tenants",)
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tenants: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
     DTYPE_FIELD_NUMBER: _ClassVar[int]

@@ -233,3 +233,86 @@ class ReferenceService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class OperatorServiceStub:
+    """What the operator of a server may do remotely. Every call needs a tenant with the admin
+    role: UNAUTHENTICATED without a valid credential, PERMISSION_DENIED for any other tenant
+    and for every caller of a server without an auth file.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReloadAuth = channel.unary_unary(
+                '/klservice.v1.OperatorService/ReloadAuth',
+                request_serializer=klservice_dot_v1_dot_klservice__pb2.ReloadAuthRequest.SerializeToString,
+                response_deserializer=klservice_dot_v1_dot_klservice__pb2.ReloadAuthResponse.FromString,
+                _registered_method=True)
+
+
+class OperatorServiceServicer:
+    """What the operator of a server may do remotely. Every call needs a tenant with the admin
+    role: UNAUTHENTICATED without a valid credential, PERMISSION_DENIED for any other tenant
+    and for every caller of a server without an auth file.
+    """
+
+    def ReloadAuth(self, request, context):
+        """Re-read the server's auth file and put it in force (the remote twin of SIGHUP). A file
+        that does not load is FAILED_PRECONDITION and the previous one stays in force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_OperatorServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReloadAuth': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadAuth,
+                    request_deserializer=klservice_dot_v1_dot_klservice__pb2.ReloadAuthRequest.FromString,
+                    response_serializer=klservice_dot_v1_dot_klservice__pb2.ReloadAuthResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'klservice.v1.OperatorService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('klservice.v1.OperatorService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class OperatorService:
+    """What the operator of a server may do remotely. Every call needs a tenant with the admin
+    role: UNAUTHENTICATED without a valid credential, PERMISSION_DENIED for any other tenant
+    and for every caller of a server without an auth file.
+    """
+
+    @staticmethod
+    def ReloadAuth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/klservice.v1.OperatorService/ReloadAuth',
+            klservice_dot_v1_dot_klservice__pb2.ReloadAuthRequest.SerializeToString,
+            klservice_dot_v1_dot_klservice__pb2.ReloadAuthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
