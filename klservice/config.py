@@ -19,7 +19,8 @@ ENV_PREFIX = "KLSERVICE_"
 
 
 def config_field(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field whose metadata holds its flag's `help` (and any `extra`, e.g. ``choices``).
+    """A dataclass field whose metadata holds its flag's `help` (and any `extra`, e.g. ``choices``, or ``shown``:
+    how a default of None is described).
 
     Used by `ServerConfig` and by `klservice.bench.BenchConfig`.
     """
@@ -31,7 +32,8 @@ class ServerConfig:
     """Everything `klservice serve` can be told."""
 
     model: str | None = config_field(
-        None, "Local Hugging Face folder (or hub id already in the local HF cache). Default: the embedded SmolLM2-135M-Instruct."
+        None, "Local Hugging Face folder (or hub id already in the local HF cache). Default: the embedded SmolLM2-135M-Instruct.",
+        shown="the embedded model",
     )
     backend: str = config_field(
         "hf",
@@ -67,13 +69,16 @@ class ServerConfig:
         None,
         "Address /metrics listens on (plain HTTP, no authentication). Default: 127.0.0.1 with --auth-file (tenant "
         "names and their KL figures stay on the host), else --host.",
+        shown="127.0.0.1 with --auth-file, else --host",
     )
     dtype: str = config_field("float32", "Compute dtype of the model.", choices=DTYPES)
     device: str = config_field("auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     cache_dir: str | None = config_field(
         None, "Where the embedded model is converted to (default: $XDG_CACHE_HOME/klservice or ~/.cache/klservice)."
     )
-    max_length: int | None = config_field(None, "Longest sequence accepted, in tokens (default: the model's context length).")
+    max_length: int | None = config_field(
+        None, "Longest sequence accepted, in tokens (default: the model's context length).", shown="the model's context"
+    )
     tensor_parallel_size: int = config_field(1, "vllm backend: GPUs to split the model over (vLLM tensor parallelism).")
     gpu_memory_utilization: float = config_field(
         0.9,
@@ -130,7 +135,7 @@ class ServerConfig:
             default = os.environ.get(env, field.default)
             if default is not None and not isinstance(default, kind):
                 default = kind(default)
-            shown = "the embedded model" if field.name == "model" and default is None else default
+            shown = field.metadata.get("shown", default) if default is None else default
             parser.add_argument(
                 "--" + field.name.replace("_", "-"),
                 type=kind,

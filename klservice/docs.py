@@ -39,7 +39,7 @@ def render_configuration() -> str:
         flag = "--" + field.name.replace("_", "-")
         default = field.default
         if default is None:
-            default = {"model": "embedded model", "max_length": "model's context"}.get(field.name, "—")
+            default = field.metadata.get("shown", "—")
         choices = field.metadata.get("choices")
         meaning = field.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
         lines.append(f"| `{flag}` | `{ENV_PREFIX}{field.name.upper()}` | {_cell(default)} | {_cell(meaning)} |")
