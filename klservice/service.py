@@ -250,9 +250,14 @@ class ReferenceService:
             batch, temperature, job.key, deadline, share=job.tenant, weight=job.weight, quota=job.quota
         )
 
-    def model_info(self) -> ServedModel:
-        """The served model (NotReady while loading or draining)."""
-        return self.require_ready()
+    def model_info(self, job: Job | None = None) -> ModelInfo:
+        """What GetModelInfo answers `job` (NotReady while loading or draining): the served model and its limits,
+        with `max_request_tokens` lowered to the job's tenant quota, so that clients split their batches into
+        requests the quota can take."""
+        info = self.require_ready().info
+        if job is not None and 0 < job.quota < info.max_request_tokens:
+            info = dataclasses.replace(info, max_request_tokens=job.quota)
+        return info
 
 
 def _check_finite(result: kl.KLResult, request: KLRequest, ref: np.ndarray) -> None:

@@ -203,7 +203,7 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
         )
 
     async def _model_info(self, request: pb.GetModelInfoRequest, job: Job, deadline: float | None) -> pb.ModelInfo:
-        return model_info_to_proto(self._service.model_info().info)
+        return model_info_to_proto(self._service.model_info(job))
 
     # --- plumbing -------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ def test_not_ready_before_start_and_after_drain(service, backend):
     with pytest.raises(NotReady, match="loading"):
         loop.run_until_complete(service.score(ScoreRequest(batch(), 1.0), job, None))
     served = loop.run_until_complete(service.start(backend))
-    assert service.ready and service.model_info() is served
+    assert service.ready and service.model_info() == served.info
     assert served.limits.model_name == backend.info().name
     service.drain()
     assert not service.ready

@@ -184,6 +184,25 @@ def test_a_tenant_over_its_quota_is_refused_and_the_others_are_not(start_server,
     assert samples["klservice_requests_total", (("code", "RESOURCE_EXHAUSTED"), ("method", "Score"))] == 2
 
 
+def test_a_client_splits_its_batches_to_fit_its_tenants_quota(start_server, tmp_path):
+    """GetModelInfo tells each tenant the most tokens one request may carry: its quota where that is lower, so a
+    batch larger than the quota goes through, split into requests the quota can take."""
+    path = tmp_path / "auth.toml"
+    quota_token = add_tenant(path, "team-q", "--max-queued-tokens", "40")
+    other_token = add_tenant(path, "team-b")
+    server = start_server(auth_file=str(path), cache_mb=0)
+    rng = np.random.default_rng(8)
+    sequences = [rng.integers(5, 49152, size=20).tolist() for _ in range(5)]
+    with KLClient(server.target, token=other_token) as unlimited:
+        assert unlimited.model_info().max_request_tokens == server.server.config.max_request_tokens
+        expected = unlimited.score(sequences, 4).ref_logprobs
+    with KLClient(server.target, token=quota_token) as limited:
+        assert limited.model_info().max_request_tokens == 40
+        np.testing.assert_array_equal(limited.score(sequences, 4).ref_logprobs, expected)
+    requests = server.server.metrics.requests.labels("Score", "OK")._value.get()
+    assert requests == 1 + 3  # team-b's one request; team-q's 100 tokens in requests of at most 40
+
+
 # --------------------------------------------------------------------------- the attacks
 
 
