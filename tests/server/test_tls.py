@@ -8,6 +8,7 @@ node and npm its test skips, and fails under CI=true.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import json
@@ -22,7 +23,7 @@ import pytest
 
 from klservice.config import ServerConfig
 from klservice.server import Server
-from klservice_client import KLClient, PermissionDenied, ServiceUnavailable, Unauthenticated
+from klservice_client import AsyncKLClient, KLClient, PermissionDenied, ServiceUnavailable, Unauthenticated
 from tests.server.test_auth import add_tenant
 from tests.server.test_metrics_and_health import scrape
 
@@ -145,6 +146,12 @@ def test_tls_round_trip_and_what_is_refused(tls_server, pki, monkeypatch):
         scored = client.score([SEQUENCE], 2).ref_logprobs
     with KLClient(tls_server.target, root_certificates=pki["ca"].read_bytes()) as client:  # PEM bytes work too
         assert np.array_equal(client.score([SEQUENCE], 2).ref_logprobs, scored)
+
+    async def through_the_async_client():
+        async with AsyncKLClient(tls_server.target, root_certificates=pki["ca"]) as client:
+            return (await client.score([SEQUENCE], 2)).ref_logprobs
+
+    assert np.array_equal(asyncio.run(through_the_async_client()), scored)
     assert scored.shape == (5,) and np.isfinite(scored).all()
     for refused in (
         KLClient(tls_server.target, max_retries=0, timeout=10),                                      # plain text
