@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from klservice.errors import DEADLINE_SLACK_S, InvalidInput, TooLarge, status_for
+from klservice.auth import Tenant
 from klservice.service import Job, KLComputation, ReferenceService, ScoreResult
 from klservice.validation import parse_kl_request, parse_score_request
 from klservice_client.wire import (
@@ -82,10 +83,58 @@ def add_to_server(servicer, server, service_name: str = "ReferenceService") -> N
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
+class _Servicer:
+    """What both servicers share: the unary call wrapper (deadline, status mapping, retry hint, size backstop,
+    request metrics). `_caller` says who calls: a Job for ReferenceService, an admin Tenant for OperatorService."""
+
     def __init__(self, service: ReferenceService):
         self._service = service
 
+    def _caller(self, context, method: str):
+        raise NotImplementedError
+
+    @staticmethod
+    def _deadline(context) -> float | None:
+        """The call's deadline as a time.monotonic() value (None without one)."""
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        metrics = self._service.metrics
+        metrics.requests.labels(method, code.name).inc()
+        metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+    def _check_size(self, response) -> None:
+        """The backstop behind validation's up-front estimate: never hand gRPC a message it would refuse to send."""
+        limit = self._service.config.max_message_bytes
+        size = response.ByteSize()
+        if size > limit:
+            raise TooLarge(
+                f"response: {size} bytes, over this server's message limit of {limit} bytes (--max-message-mb); "
+                "split the batch"
+            )
+
+    async def _unary(self, method: str, context, handler, request):
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        deadline = self._deadline(context)
+        try:
+            response = await handler(_decoded(request), self._caller(context, method), deadline)
+            self._check_size(response)
+            return response
+        except asyncio.CancelledError:
+            code = _cancelled_status(deadline)
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped to a status in one place
+            code, message = _status(error)
+            retry_after = _retry_after_ms(error)
+            if retry_after is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(retry_after)),))
+        finally:
+            self._record(method, code, started)
+        await context.abort(code, message)
+
+
+class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
     # --- RPCs -----------------------------------------------------------------------
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
@@ -209,72 +258,27 @@ class ReferenceServicer(pb_grpc.ReferenceServiceServicer):
 
     def _job(self, context) -> Job:
         metadata = dict(context.invocation_metadata() or ())
-        return self._service.job(
-            metadata.get(JOB_METADATA_KEY), context.peer(), metadata.get("authorization"),
-            _certificate_name(context, self._service.config),
-        )
+        credentials = _credentials(context, metadata, self._service.config)
+        return self._service.job(metadata.get(JOB_METADATA_KEY), context.peer(), *credentials)
 
-    @staticmethod
-    def _deadline(context) -> float | None:
-        """The call's deadline as a time.monotonic() value (None without one)."""
-        remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
-
-    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
-        _record(self._service.metrics, method, code, started)
-
-    def _check_size(self, response) -> None:
-        """The backstop behind validation's up-front estimate: never hand gRPC a message it would refuse to send."""
-        limit = self._service.config.max_message_bytes
-        size = response.ByteSize()
-        if size > limit:
-            raise TooLarge(
-                f"response: {size} bytes, over this server's message limit of {limit} bytes (--max-message-mb); "
-                "split the batch"
-            )
-
-    async def _unary(self, method: str, context, handler, request):
-        started, code = time.perf_counter(), grpc.StatusCode.OK
-        deadline = self._deadline(context)
-        try:
-            response = await handler(_decoded(request), self._job(context), deadline)
-            self._check_size(response)
-            return response
-        except asyncio.CancelledError:
-            code = _cancelled_status(deadline)
-            raise
-        except Exception as error:  # noqa: BLE001 - mapped to a status in one place
-            code, message = _status(error)
-            retry_after = _retry_after_ms(error)
-            if retry_after is not None:
-                context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(retry_after)),))
-        finally:
-            self._record(method, code, started)
-        await context.abort(code, message)
+    def _caller(self, context, method: str) -> Job:
+        return self._job(context)
 
 
-class OperatorServicer(pb_grpc.OperatorServiceServicer):
+class OperatorServicer(_Servicer, pb_grpc.OperatorServiceServicer):
     """klservice.v1.OperatorService: operator RPCs, each for admin tenants only (`ReferenceService.operator`)."""
 
-    def __init__(self, service: ReferenceService):
-        self._service = service
-
     async def ReloadAuth(self, request: pb.ReloadAuthRequest, context) -> pb.ReloadAuthResponse:
-        started, code = time.perf_counter(), grpc.StatusCode.OK
-        try:
-            _decoded(request)
-            metadata = dict(context.invocation_metadata() or ())
-            tenant = self._service.operator(
-                "ReloadAuth", metadata.get("authorization"), _certificate_name(context, self._service.config)
-            )
-            table = await asyncio.to_thread(self._service.reload_auth)
-            log.info("auth file reloaded by tenant %r: %d tenant(s)", tenant.name, len(table.tenants))
-            return pb.ReloadAuthResponse(tenants=sorted(table.tenants))
-        except Exception as error:  # noqa: BLE001 - mapped to a status in one place
-            code, message = _status(error)
-        finally:
-            _record(self._service.metrics, "ReloadAuth", code, started)
-        await context.abort(code, message)
+        return await self._unary("ReloadAuth", context, self._reload_auth, request)
+
+    def _caller(self, context, method: str) -> Tenant:
+        metadata = dict(context.invocation_metadata() or ())
+        return self._service.operator(method, *_credentials(context, metadata, self._service.config))
+
+    async def _reload_auth(self, request: pb.ReloadAuthRequest, tenant: Tenant, deadline) -> pb.ReloadAuthResponse:
+        table = await asyncio.to_thread(self._service.reload_auth)
+        log.info("auth file reloaded by tenant %r: %d tenant(s)", tenant.name, len(table.tenants))
+        return pb.ReloadAuthResponse(tenants=sorted(table.tenants))
 
 
 def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -285,9 +289,9 @@ def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return code, message
 
 
-def _record(metrics, method: str, code: grpc.StatusCode, started: float) -> None:
-    metrics.requests.labels(method, code.name).inc()
-    metrics.latency.labels(method).observe(time.perf_counter() - started)
+def _credentials(context, metadata: dict, config) -> tuple[str | None, str | None]:
+    """What the caller presents: its authorization metadata and its verified client certificate's common name."""
+    return metadata.get("authorization"), _certificate_name(context, config)
 
 
 def _certificate_name(context, config) -> str | None:
