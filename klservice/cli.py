@@ -132,8 +132,6 @@ def _tls_options(args: argparse.Namespace) -> dict:
     """KLClient's TLS keyword arguments from the command line (ValueError naming the flag)."""
     if bool(args.tls_client_cert) != bool(args.tls_client_key):
         raise ValueError("--tls-client-cert and --tls-client-key go together")
-    if args.tls_server_name and not (args.tls or args.tls_ca or args.tls_client_cert):
-        raise ValueError("--tls-server-name needs TLS (--tls or --tls-ca)")
     return {
         "tls": args.tls,
         "root_certificates": args.tls_ca,
@@ -181,28 +179,32 @@ def _add_auth_command(commands) -> None:
 
 
 def _auth_add_tenant(args: argparse.Namespace) -> int:
-    from klservice.auth import AuthFileError, add_tenant
+    from klservice.auth import add_tenant
 
-    try:
-        token = add_tenant(args.file, args.name, role=args.role, weight=args.weight, max_queued_tokens=args.max_queued_tokens)
-    except AuthFileError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(token)
-    print(f"tenant {args.name!r} added to {args.file}; the token above is shown only now", file=sys.stderr)
-    return 0
+    return _print_new_token(
+        lambda: add_tenant(args.file, args.name, role=args.role, weight=args.weight,
+                           max_queued_tokens=args.max_queued_tokens),
+        f"tenant {args.name!r} added to {args.file}",
+    )
 
 
 def _auth_add_token(args: argparse.Namespace) -> int:
-    from klservice.auth import AuthFileError, add_token
+    from klservice.auth import add_token
+
+    return _print_new_token(lambda: add_token(args.file, args.name), f"new token for {args.name!r} added to {args.file}")
+
+
+def _print_new_token(write, done: str) -> int:
+    """Run `write` (it returns the new token): the token on stdout, once; what was done on stderr."""
+    from klservice.auth import AuthFileError
 
     try:
-        token = add_token(args.file, args.name)
+        token = write()
     except AuthFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(token)
-    print(f"new token for {args.name!r} added to {args.file}; it is shown only now", file=sys.stderr)
+    print(f"{done}; the token above is shown only now", file=sys.stderr)
     return 0
 
 
@@ -317,21 +319,15 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from klservice_client.credentials import channel_credentials
+    from klservice_client.credentials import channel_credentials, open_channel
 
     try:
         options = _tls_options(args)
-        credentials = channel_credentials(
-            tls=options["tls"], root_certificates=options["root_certificates"], client_cert=options["client_cert"]
-        )
+        server_name = options.pop("tls_server_name")
+        channel = open_channel(args.target, channel_credentials(**options), tls_server_name=server_name)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    channel_options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
-    channel = (
-        grpc.insecure_channel(args.target) if credentials is None
-        else grpc.secure_channel(args.target, credentials, options=channel_options)
-    )
     with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(

@@ -45,7 +45,7 @@ from klservice_client import kl
 from klservice_client._requests import (
     Prepared, backoff, check_revisions, chunks, kl_output, kl_requests, prepare, score_output, score_requests,
 )
-from klservice_client.credentials import PEM, bearer_metadata, channel_credentials, resolve_token
+from klservice_client.credentials import PEM, bearer_metadata, channel_credentials, open_channel, resolve_token
 from klservice_client.errors import (
     InvalidArgument, KLServiceError, ServerError, TokenizerMismatch, from_rpc_error, from_status, is_overload,
 )
@@ -228,8 +228,6 @@ class _ClientCore:
         tls_credentials = channel_credentials(tls=tls, root_certificates=root_certificates, client_cert=client_cert)
         if credentials is not None and tls_credentials is not None:
             raise ValueError("pass either credentials= or tls=/root_certificates=/client_cert=, not both")
-        if tls_server_name and credentials is None and tls_credentials is None:
-            raise ValueError("tls_server_name: only means something over TLS (pass tls=True or root_certificates=)")
         credentials = credentials if credentials is not None else tls_credentials
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -237,13 +235,8 @@ class _ClientCore:
         ]
         if load_balancing:
             options.append(("grpc.lb_policy_name", load_balancing))
-        if tls_server_name:
-            options.append(("grpc.ssl_target_name_override", tls_server_name))
-        api = self._channel_api
-        self._channel = (
-            api.secure_channel(target, credentials, options=options)
-            if credentials is not None
-            else api.insecure_channel(target, options=options)
+        self._channel = open_channel(
+            target, credentials, tls_server_name=tls_server_name, options=options, api=self._channel_api
         )
         self._stub = pb_grpc.ReferenceServiceStub(self._channel)
         self._operator = pb_grpc.OperatorServiceStub(self._channel)

@@ -68,6 +68,21 @@ def channel_credentials(
     return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
 
 
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None, *, tls_server_name: str | None = None,
+                 options=(), api=grpc):
+    """A gRPC channel (`api`: grpc or grpc.aio) to `target`: over TLS with `credentials`, else plain text.
+    `tls_server_name` is the name the server's certificate is checked against, when not the target's host."""
+    options = list(options)
+    if tls_server_name:
+        if credentials is None:
+            raise ValueError("tls_server_name: only means something over TLS (KLClient: pass tls=True or "
+                             "root_certificates=; klservice: --tls or --tls-ca with --tls-server-name)")
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    if credentials is None:
+        return api.insecure_channel(target, options=options)
+    return api.secure_channel(target, credentials, options=options)
+
+
 def resolve_token(token: str | None) -> str | None:
     """The token to send: `token`, else $KLSERVICE_TOKEN, else None."""
     return token if token is not None else os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None

@@ -24,7 +24,7 @@ import pytest
 from klservice.config import ServerConfig
 from klservice.server import Server
 from klservice_client import AsyncKLClient, KLClient, PermissionDenied, ServiceUnavailable, Unauthenticated
-from tests.server.test_auth import add_tenant
+from tests.server.test_auth import auth_file  # noqa: F401 - a fixture
 from tests.server.test_metrics_and_health import scrape
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,11 +112,9 @@ def pki(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def auth(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tls-auth") / "auth.toml"
-    tokens = {name: add_tenant(path, name) for name in ("team-a", "team-b")}
-    tokens["ops"] = add_tenant(path, "ops", "--role", "admin")
-    return path, tokens
+def auth(auth_file):
+    """team-a, team-b and the admin ops, as in test_auth.py."""
+    return auth_file
 
 
 @pytest.fixture(scope="module")
