@@ -303,10 +303,12 @@ def test_cache_is_bounded_by_bytes_and_evicts_least_recently_used():
         values[0] = 1.0  # cached arrays are read-only
 
 
-@pytest.mark.parametrize("weights", [(1.0, 1.0), (3.0, 1.0)])
-def test_a_tenant_gains_nothing_by_spreading_its_load_over_more_job_ids(weights):
-    """Tenant A sends its backlog under 4 job ids, tenant B under 1; while both have work queued, each gets
-    its weight's share of the tokens (within 10 points), however many job ids it uses."""
+@pytest.mark.parametrize("job_ids", [1, 4])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (3.0, 1.0), (1.0, 3.0)])
+def test_a_tenant_gains_nothing_by_spreading_its_load_over_more_job_ids(weights, job_ids):
+    """Tenant A sends its backlog under `job_ids` job ids, tenant B under 1; while both have work queued, each
+    gets its weight's share of the tokens (within 10 points), however many job ids it uses. `pytest -s` prints
+    the shares."""
     backend = RecordingBackend(delay=0.002)
     weight_a, weight_b = weights
 
@@ -316,7 +318,7 @@ def test_a_tenant_gains_nothing_by_spreading_its_load_over_more_job_ids(weights)
         calls = []
         for r in range(40):
             sequence_a, sequence_b = [1] * 16, [2] * 16
-            calls.append(scheduler.score(make_batch([sequence_a], [1]), 1.0, f"a-{r % 4}", None, "team-a", weight_a))
+            calls.append(scheduler.score(make_batch([sequence_a], [1]), 1.0, f"a-{r % job_ids}", None, "team-a", weight_a))
             calls.append(scheduler.score(make_batch([sequence_b], [1]), 1.0, "b-0", None, "team-b", weight_b))
         tasks = [asyncio.ensure_future(c) for c in calls]
         await asyncio.sleep(0.05)
@@ -333,6 +335,8 @@ def test_a_tenant_gains_nothing_by_spreading_its_load_over_more_job_ids(weights)
         steps += len(lengths)
     first = order[:steps]
     share_a = first.count(1) / len(first)
+    print(f"weights {weight_a:g}:{weight_b:g}, team-a on {job_ids} job id(s): team-a's share {share_a:.3f} "
+          f"(configured {weight_a / (weight_a + weight_b):.3f})")
     assert abs(share_a - weight_a / (weight_a + weight_b)) <= 0.10, share_a
 
 
