@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     def client_command(name: str, help: str, description: str) -> argparse.ArgumentParser:
         return _client_command(commands, name, help, description)
 
-    info = client_command("info", "show the model a running server serves", "Print GetModelInfo of a running server.")
+    info = client_command(
+        "info", "show the models a running server serves",
+        "Print GetModelInfo of a running server's models (the default first), or of --model only.",
+    )
+    info.add_argument("--model", default=None, help="only this model (default: every served model)")
     info.set_defaults(run=_info)
 
     score = client_command(
@@ -100,15 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(run=_health)
 
     _add_auth_command(commands)
+    _add_admin_command(commands)
     _add_bench_command(commands)
     return parser
 
 
-def _client_command(subparsers, name: str, help: str, description: str) -> argparse.ArgumentParser:
+def _client_command(subparsers, name: str, help: str, description: str, timeout: float = 60.0) -> argparse.ArgumentParser:
     """A command that calls a server: --target, --timeout, --token and the TLS options."""
     parser = subparsers.add_parser(name, help=help, description=description)
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default: {DEFAULT_TARGET})")
-    parser.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds (default: 60)")
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"deadline per call in seconds (default: {timeout:g})")
     parser.add_argument(
         "--token", default=None,
         help="bearer token for a server with --auth-file (default: $KLSERVICE_TOKEN; prefer the variable: "
@@ -221,6 +226,84 @@ def _auth_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_admin_command(commands) -> None:
+    """`klservice admin load | unload | list`: the model lifecycle of a running server (admin role)."""
+    admin = commands.add_parser(
+        "admin",
+        help="load, swap and unload a running server's models (admin role)",
+        description="Operator RPCs on a running server. `load` reads a checkpoint folder on the server's file "
+        "system under a model name: a new name is added, an existing one moves to the new revision once it is "
+        "loaded and checked (requests admitted before finish on the old one; none fails). Needs the token of a "
+        "tenant with role admin ($KLSERVICE_TOKEN), or a server started with --allow-admin-from-loopback and no "
+        "--auth-file, called from its host.",
+    )
+    actions = admin.add_subparsers(title="actions", metavar="ACTION", required=True)
+    load = _client_command(
+        actions, "load", "load a checkpoint under a model name (a new name, or a swap)",
+        "Load the Hugging Face folder PATH (as the server sees it) under NAME and print the new revision. A "
+        "failed load leaves NAME serving what it served and says why.", timeout=600.0,
+    )
+    load.add_argument("name", help="the model name (1-64 letters, digits, '_', '.' or '-')")
+    load.add_argument("path", help="the checkpoint folder, on the server's file system")
+    load.add_argument("--mixup-alpha", type=float, default=None, metavar="ALPHA",
+                      help="serve (1 - ALPHA) * current + ALPHA * new weights (TR-DPO-style mixing; 1: a hard reset)")
+    load.add_argument("--force", action="store_true", help="load even if the tokenizer differs from NAME's current one")
+    load.add_argument("--backend", default="", help="hf or vllm (default: NAME's current backend, else the server's)")
+    load.add_argument("--dtype", default="", help="compute dtype (default: NAME's current one, else the server's)")
+    load.add_argument("--device", default="", help="device (default: NAME's current one, else the server's)")
+    load.add_argument("--max-length", type=int, default=0, help="longest sequence accepted (default: as the name's)")
+    load.set_defaults(run=_admin_load)
+    unload = _client_command(actions, "unload", "stop serving a model name",
+                             "Stop serving NAME (not the default model); its requests in flight finish first.")
+    unload.add_argument("name", help="the model name")
+    unload.set_defaults(run=_admin_unload)
+    listing = _client_command(actions, "list", "list the served models",
+                              "One line per served model: name, revision, generation, backend, dtype, device, path.")
+    listing.set_defaults(run=_admin_list)
+
+
+def _admin_load(args: argparse.Namespace) -> int:
+    return _print_models(args, lambda client: [client.load_model(
+        args.name, args.path, mixup_alpha=args.mixup_alpha, force=args.force, backend=args.backend,
+        dtype=args.dtype, device=args.device, max_length=args.max_length, timeout=args.timeout,
+    )])
+
+
+def _admin_unload(args: argparse.Namespace) -> int:
+    from klservice_client import KLServiceError
+
+    try:
+        with _client(args) as client:
+            left = client.unload_model(args.name)
+    except KLServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"unloaded {args.name!r}; serving {', '.join(repr(name) for name in left)}")
+    return 0
+
+
+def _admin_list(args: argparse.Namespace) -> int:
+    return _print_models(args, lambda client: client.list_models())
+
+
+def _print_models(args: argparse.Namespace, call) -> int:
+    """One line per model that `call(client)` returns; an error on stderr."""
+    from klservice_client import KLServiceError
+
+    try:
+        with _client(args) as client:
+            models = call(client)
+    except KLServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for info in models:
+        mixed = f"  mixup_alpha {info.mixup_alpha:g}" if info.mixup_alpha is not None else ""
+        default = "  (default)" if info.is_default else ""
+        print(f"{info.name}  revision {info.revision[:12]}  generation {info.generation}  {info.backend} "
+              f"{info.dtype} on {info.device}  {info.path}{mixed}{default}")
+    return 0
+
+
 def _add_bench_command(commands) -> None:
     """`klservice bench`: one flag per `BenchConfig` field (flags not given stay out of the namespace)."""
     from klservice.bench.config import BenchConfig
@@ -299,13 +382,16 @@ def _info(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         try:
-            info = client.model_info()
+            models = [client.model_info(model=args.model)] if args.model is not None else client.list_models()
         except KLServiceError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
-    width = max(len(name) for name in info.__dataclass_fields__)
-    for name in info.__dataclass_fields__:
-        print(f"{name:<{width}}  {getattr(info, name)}")
+    for number, info in enumerate(models):
+        if number:
+            print()
+        width = max(len(name) for name in info.__dataclass_fields__)
+        for name in info.__dataclass_fields__:
+            print(f"{name:<{width}}  {getattr(info, name)}")
     return 0
 
 

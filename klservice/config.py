@@ -11,11 +11,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+from pathlib import PurePath
 from typing import Any
 
 from klservice.backends.base import DTYPES
 
 ENV_PREFIX = "KLSERVICE_"
+EMBEDDED = "embedded"
+"""The PATH of `--model NAME=embedded`: the embedded SmolLM2-135M-Instruct (write ./embedded for a folder of that name)."""
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""What a model name given with --model NAME=PATH or LoadModel may look like (a bounded metric label value)."""
+MODEL_OPTIONS = ("backend", "dtype", "device", "max_length")
+"""Per-model options of --model NAME=PATH,OPTION=VALUE,...; each defaults to the server-wide flag."""
 
 
 def config_field(default: Any, help: str, **extra: Any) -> Any:
@@ -31,9 +39,14 @@ def config_field(default: Any, help: str, **extra: Any) -> Any:
 class ServerConfig:
     """Everything `klservice serve` can be told."""
 
-    model: str | None = config_field(
-        None, "Local Hugging Face folder (or hub id already in the local HF cache). Default: the embedded SmolLM2-135M-Instruct.",
-        shown="the embedded model",
+    model: str | tuple[str, ...] | None = config_field(
+        None,
+        "A model to serve: PATH (a local Hugging Face folder, or a hub id already in the local HF cache; served "
+        "under the folder's name) or NAME=PATH[,backend=B][,dtype=D][,device=X][,max_length=N] (PATH 'embedded': "
+        "the embedded model; the options default to the server-wide flags). Repeat the flag to serve several "
+        "models; the first is the default, which requests naming no model get. In the environment, separate "
+        "several with ';'. Default: the embedded SmolLM2-135M-Instruct.",
+        shown="the embedded model", repeatable=True,
     )
     backend: str = config_field(
         "hf",
@@ -96,7 +109,24 @@ class ServerConfig:
         "launch-bound (small models on GPUs).",
     )
     max_queue: int = config_field(1024, "Most requests waiting for the model; more are answered RESOURCE_EXHAUSTED.")
-    cache_mb: int = config_field(512, "Reference-cache size in MiB (log-probs of recently scored sequences); 0 disables it.")
+    cache_mb: int = config_field(
+        512, "Reference-cache size in MiB per model (log-probs of recently scored sequences); 0 disables it."
+    )
+    max_models: int = config_field(
+        8, "Most model names served at once (--model ones and those LoadModel adds); bounds the `model` metric label."
+    )
+    memory_budget_mb: int = config_field(
+        0,
+        "Memory the models of one device may take together, in MiB, checked when they load (weights at their "
+        "compute dtype, plus vLLM's --gpu-memory-utilization share of a GPU). 0: the device's free memory at start "
+        "(CUDA's free memory, or the host's available memory on CPU). A swap needs room for both revisions.",
+    )
+    allow_admin_from_loopback: bool = config_field(
+        False,
+        "Without --auth-file, let callers on 127.0.0.1/::1 use the operator RPCs (LoadModel, UnloadModel): anyone "
+        "with a shell on this host can then replace the served models. Ignored with --auth-file, where only the "
+        "admin role may. The server warns at start.",
+    )
     max_jobs: int = config_field(
         64, "Distinct x-job-id values per tenant kept as trainer_job metric labels; a tenant's later ones are 'other'."
     )
@@ -126,33 +156,127 @@ class ServerConfig:
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (client certificates are checked over TLS)")
 
+    def model_specs(self) -> list["ModelSpec"]:
+        """The models to serve, the default first (ValueError naming the flag for a malformed --model)."""
+        models = self.model
+        if models is None or models == ():
+            models = (None,)
+        elif isinstance(models, str):
+            models = (models,)
+        specs = [ModelSpec.parse(text, self) for text in models]
+        names = [spec.name for spec in specs]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"--model: the name {duplicates[0]!r} is given twice; write NAME=PATH to tell them apart")
+        if len(specs) > self.max_models:
+            raise ValueError(f"--model: {len(specs)} models, over --max-models {self.max_models}")
+        return specs
+
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         """Add one flag per field, defaults from the environment when set."""
         for field in dataclasses.fields(cls):
             env = ENV_PREFIX + field.name.upper()
+            flag = "--" + field.name.replace("_", "-")
+            if field.metadata.get("repeatable"):
+                value = os.environ.get(env)
+                default = tuple(part.strip() for part in value.split(";") if part.strip()) if value else field.default
+                parser.add_argument(
+                    flag, action="append", default=None, metavar=field.name.upper(),
+                    help=f"{field.metadata['help']} [env {env}; default: {field.metadata['shown']}]",
+                )
+                parser.set_defaults(**{f"_{field.name}_default": default})
+                continue
             kind = scalar_type(field)
             default = os.environ.get(env, field.default)
-            if default is not None and not isinstance(default, kind):
+            if kind is bool and isinstance(default, str):
+                default = default.strip().lower() in ("1", "true", "yes", "on")
+            elif default is not None and not isinstance(default, kind):
                 default = kind(default)
             shown = field.metadata.get("shown", default) if default is None else default
+            extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
             parser.add_argument(
-                "--" + field.name.replace("_", "-"),
-                type=kind,
+                flag,
                 default=default,
                 choices=field.metadata.get("choices"),
                 help=f"{field.metadata['help']} [env {env}; default: {shown}]",
+                **extra,
             )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerConfig":
-        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+        values = {}
+        for field in dataclasses.fields(cls):
+            value = getattr(args, field.name)
+            if field.metadata.get("repeatable"):
+                value = tuple(value) if value else getattr(args, f"_{field.name}_default", field.default)
+            values[field.name] = value
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve: its name, where its weights are, and how to load them."""
+
+    name: str
+    path: str | None
+    """A local Hugging Face folder or a cached hub id; None: the embedded model."""
+    backend: str
+    dtype: str
+    device: str
+    max_length: int | None
+
+    @classmethod
+    def parse(cls, text: str | None, config: "ServerConfig") -> "ModelSpec":
+        """`--model` text: PATH or NAME=PATH[,OPTION=VALUE...] (None: the embedded model under its own name)."""
+        from klservice.default_model import DEFAULT_MODEL_NAME
+
+        defaults = {"backend": config.backend, "dtype": config.dtype, "device": config.device,
+                    "max_length": config.max_length}
+        if text is None:
+            return cls(name=f"{DEFAULT_MODEL_NAME} (embedded)", path=None, **defaults)
+        head, *options = text.split(",") if "=" in text.split(",")[0] else [text]
+        name, _, path = head.partition("=") if "=" in head else ("", "", head)
+        for option in options:
+            key, _, value = option.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in MODEL_OPTIONS or not value:
+                raise ValueError(
+                    f"--model {text!r}: {option!r} is not OPTION=VALUE with OPTION one of {', '.join(MODEL_OPTIONS)}"
+                )
+            defaults[key] = value
+        if not path:
+            raise ValueError(f"--model {text!r}: no PATH (write NAME=PATH, or NAME=embedded for the embedded model)")
+        return cls.of(name or None, None if path == EMBEDDED else path, **defaults)
+
+    @classmethod
+    def of(cls, name: str | None, path: str | None, *, backend: str, dtype: str, device: str,
+           max_length: int | str | None) -> "ModelSpec":
+        """A checked spec (ValueError naming what is wrong); `name` None: named after the folder."""
+        from klservice.backends import KNOWN_BACKENDS
+        from klservice.default_model import DEFAULT_MODEL_NAME
+
+        if name is None:
+            name = f"{DEFAULT_MODEL_NAME} (embedded)" if path is None else PurePath(path.rstrip("/")).name or path
+        elif not MODEL_NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"model name {name[:80]!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        if backend not in KNOWN_BACKENDS:
+            raise ValueError(f"model {name!r}: backend {backend!r} is not one of {', '.join(KNOWN_BACKENDS)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"model {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        try:
+            max_length = None if max_length in (None, "", 0) else int(max_length)
+        except ValueError:
+            raise ValueError(f"model {name!r}: max_length {max_length!r} is not a whole number") from None
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"model {name!r}: max_length {max_length} must be at least 2")
+        return cls(name=name, path=path, backend=backend, dtype=dtype, device=device, max_length=max_length)
 
 
 def scalar_type(field: dataclasses.Field) -> type:
     """The argparse ``type`` of a config field annotated ``int``, ``float`` or ``str`` (optionally ``| None``)."""
     text = str(field.type)
-    for name, kind in (("int", int), ("float", float), ("str", str)):
+    for name, kind in (("int", int), ("float", float), ("str", str), ("bool", bool)):
         if text.startswith(name):
             return kind
     raise TypeError(f"unsupported config field type {field.type!r}")

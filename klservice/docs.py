@@ -72,8 +72,10 @@ def render_metrics() -> str:
         "without one) and `trainer_job` (its `x-job-id`; `default` without one). Each tenant keeps the",
         "names of its first `--max-jobs` distinct job ids, its later ones are labelled `other`; calls that",
         "fail authentication create no label. There is no `job` label: Prometheus sets it to the scrape job.",
-        "`klservice_model_info` carries the labels `name`, `revision`, `backend`, `dtype` and `device` of",
-        "the served model.",
+        "Per-model series carry `model`, the model's name (`--model NAME=PATH`, or a name LoadModel added;",
+        "at most `--max-models` at a time). `klservice_model_info` has one series per served model, with the",
+        "labels `revision` (the revision serving it now), `generation` (loads under the name so far),",
+        "`backend`, `dtype` and `device`; an unloaded model's gauges and info go.",
     ]
     return "\n".join(lines) + "\n"
 

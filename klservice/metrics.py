@@ -1,6 +1,7 @@
 """Prometheus metrics of the service, all registered on a registry passed in (tests build a fresh one).
 
-Names are prefixed ``klservice_``. Per-job metrics carry two labels (`JobLabels`): ``tenant``,
+Names are prefixed ``klservice_``. Per-model metrics carry ``model``, the served model's name
+(bounded by ``--max-models``; `ModelMetrics` applies it for one model). Per-job metrics carry two labels (`JobLabels`): ``tenant``,
 the caller's tenant (from its bearer token with ``--auth-file``; ``anonymous`` without), and
 ``trainer_job``, its ``x-job-id`` (``default`` without one). Neither is called ``job``: that
 label is Prometheus' own, the scrape job. Job labels are bounded per tenant: a tenant's first
@@ -78,39 +79,55 @@ class MetricSpec:
 
 
 JOB_LABELS = ("tenant", "trainer_job")
-_KL = JOB_LABELS
+M = ("model",)
+"""The served model's name: the first label of every per-model metric (bounded by --max-models)."""
+_KL = (*M, *JOB_LABELS)
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("requests", Counter, "klservice_requests", "Finished RPCs by method and status code.", ("method", "code")),
     MetricSpec("latency", Histogram, "klservice_request_seconds", "RPC latency by method.", ("method",), LATENCY_BUCKETS),
-    MetricSpec("tokens_scored", Counter, "klservice_tokens_scored", "Scored tokens returned, by tenant and job.", JOB_LABELS),
+    MetricSpec(
+        "tokens_scored", Counter, "klservice_tokens_scored", "Scored tokens returned, by model, tenant and job.",
+        (*M, *JOB_LABELS),
+    ),
     MetricSpec(
         "tokens_forwarded", Counter, "klservice_tokens_forwarded",
-        "Tokens run through the model (prompts included, padding excluded).",
+        "Tokens run through the model (prompts included, padding excluded).", M,
     ),
-    MetricSpec("batch_sequences", Histogram, "klservice_batch_sequences", "Sequences per forward batch.", (), SIZE_BUCKETS),
-    MetricSpec("batch_tokens", Histogram, "klservice_batch_tokens", "Padded tokens per forward batch.", (), TOKEN_BUCKETS),
+    MetricSpec("batch_sequences", Histogram, "klservice_batch_sequences", "Sequences per forward batch.", M, SIZE_BUCKETS),
+    MetricSpec("batch_tokens", Histogram, "klservice_batch_tokens", "Padded tokens per forward batch.", M, TOKEN_BUCKETS),
     MetricSpec(
-        "forward_seconds", Histogram, "klservice_forward_seconds", "Time of one backend forward batch.", (), LATENCY_BUCKETS
+        "forward_seconds", Histogram, "klservice_forward_seconds", "Time of one backend forward batch.", M, LATENCY_BUCKETS
     ),
-    MetricSpec("queue_depth", Gauge, "klservice_queue_depth", "Requests waiting for the model."),
-    MetricSpec("queue_tokens", Gauge, "klservice_queue_tokens", "Tokens waiting for the model."),
+    MetricSpec("queue_depth", Gauge, "klservice_queue_depth", "Requests waiting for the model.", M),
+    MetricSpec("queue_tokens", Gauge, "klservice_queue_tokens", "Tokens waiting for the model.", M),
     MetricSpec(
         "tokens_saved", Counter, "klservice_tokens_saved",
-        "Prompt tokens not recomputed because sequences sharing a prompt shared its KV cache.",
+        "Prompt tokens not recomputed because sequences sharing a prompt shared its KV cache.", M,
     ),
     MetricSpec(
         "dropped", Counter, "klservice_dropped",
         "Requests dropped before their forward, by reason: queue_full (refused, RESOURCE_EXHAUSTED with a retry "
         "hint), quota (refused with a retry hint: the tenant's max_queued_tokens reached), deadline (expired while queued), cancelled (the "
         "caller went away).",
-        ("reason",),
+        (*M, "reason"),
     ),
     MetricSpec(
-        "cache_lookups", Counter, "klservice_cache_lookups", "Reference-cache lookups per sequence, by result.", ("result",)
+        "cache_lookups", Counter, "klservice_cache_lookups", "Reference-cache lookups per sequence, by result.",
+        (*M, "result"),
     ),
-    MetricSpec("cache_bytes", Gauge, "klservice_cache_bytes", "Bytes of reference log-probs held in the cache."),
-    MetricSpec("model_info", Info, "klservice_model", "The served model."),
-    MetricSpec("ready", Gauge, "klservice_ready", "1 once the model is loaded and serving."),
+    MetricSpec("cache_bytes", Gauge, "klservice_cache_bytes", "Bytes of reference log-probs held in the cache.", M),
+    MetricSpec(
+        "model_info", Info, "klservice_model",
+        "Each served model: the revision now serving it, its generation (loads under this name), backend, dtype, device.",
+        M,
+    ),
+    MetricSpec(
+        "model_loads", Counter, "klservice_model_loads",
+        "LoadModel calls by model and result: ok (the name moved to the new revision) or failed (it kept serving "
+        "what it served).",
+        (*M, "result"),
+    ),
+    MetricSpec("ready", Gauge, "klservice_ready", "1 once the models are loaded and serving."),
     MetricSpec("kl_k1", Gauge, "klservice_kl_k1_mean", "Mean k1 per token of the job's last ComputeKL batch.", _KL),
     MetricSpec("kl_k3", Gauge, "klservice_kl_k3_mean", "Mean k3 per token of the job's last ComputeKL batch.", _KL),
     MetricSpec(
@@ -124,8 +141,31 @@ METRICS: tuple[MetricSpec, ...] = (
         "kl_truncated", Gauge, "klservice_kl_is_truncated_fraction",
         "Fraction of importance weights truncated in the job's last ComputeKL batch.", _KL,
     ),
-    MetricSpec("kl_batches", Counter, "klservice_kl_batches", "ComputeKL batches by tenant, job and spec.", (*JOB_LABELS, "spec")),
+    MetricSpec("kl_batches", Counter, "klservice_kl_batches", "ComputeKL batches by model, tenant, job and spec.", (*_KL, "spec")),
 )
+
+
+class _Partial:
+    """A metric with its first label values given: ``labels(*rest)`` supplies the rest."""
+
+    def __init__(self, metric, *values: str):
+        self._metric, self._values = metric, values
+
+    def labels(self, *rest: str):
+        return self._metric.labels(*self._values, *rest)
+
+
+class ModelMetrics:
+    """The per-model metrics of one model name, with the `model` label applied: what its scheduler and reference
+    cache record into. A metric labelled by model alone is its child (``queue_depth.set(3)``); one with more
+    labels takes the rest (``dropped.labels("queue_full").inc()``)."""
+
+    def __init__(self, metrics: "Metrics", model: str):
+        self.model = model
+        for spec in METRICS:
+            if spec.labels[:1] == M and spec.kind is not Info:
+                metric = getattr(metrics, spec.attribute)
+                setattr(self, spec.attribute, metric.labels(model) if len(spec.labels) == 1 else _Partial(metric, model))
 
 
 class Metrics:
@@ -137,9 +177,23 @@ class Metrics:
         for spec in METRICS:
             setattr(self, spec.attribute, spec.create(registry))
 
-    def record_kl(self, labels: tuple[str, str], spec: str, diagnostics) -> None:
-        """Export the diagnostics of one ComputeKL batch (klservice_client.kl.KLDiagnostics) under a job's
-        (tenant, trainer_job) labels."""
+    def for_model(self, model: str) -> ModelMetrics:
+        """The per-model metrics of `model` (see `ModelMetrics`)."""
+        return ModelMetrics(self, model)
+
+    def forget_model(self, model: str) -> None:
+        """Remove the gauges and the info of a model no longer served (its counters keep their totals)."""
+        for spec in METRICS:
+            if spec.labels == M and spec.kind in (Gauge, Info):
+                try:
+                    getattr(self, spec.attribute).remove(model)
+                except KeyError:
+                    pass
+
+    def record_kl(self, model: str, labels: tuple[str, str], spec: str, diagnostics) -> None:
+        """Export the diagnostics of one ComputeKL batch (klservice_client.kl.KLDiagnostics) under a model's and
+        a job's (tenant, trainer_job) labels."""
+        labels = (model, *labels)
         self.kl_k1.labels(*labels).set(diagnostics.k1_mean_per_token)
         self.kl_k3.labels(*labels).set(diagnostics.k3_mean_per_token)
         self.kl_bias.labels(*labels).set(diagnostics.coef_bias_abs_mean)

@@ -37,7 +37,7 @@ FLUSH_SECONDS = 1.0
 
 
 class Server:
-    """One klservice server: gRPC + health + reflection + metrics around one backend.
+    """One klservice server: gRPC + health + reflection + metrics around its models (`klservice.models`).
 
     Usage (inside a running event loop)::
 
@@ -89,6 +89,12 @@ class Server:
                     "NO TLS on %s:%s: %s and reference log-probs travel in clear. Pass --tls-cert and --tls-key.",
                     config.host, self.port, "bearer tokens" if config.auth_file else "requests",
                 )
+        if config.allow_admin_from_loopback and not config.auth_file:
+            log.warning(
+                "OPERATOR RPCs OPEN ON LOOPBACK (--allow-admin-from-loopback): any process on this host can load, "
+                "replace and unload the served models. Use --auth-file with an admin tenant instead where others "
+                "share the host."
+            )
         if self._metrics_http is not None and config.metrics_address not in LOOPBACK_HOSTS and config.auth_file:
             log.warning(
                 "/metrics on %s:%s is plain HTTP without authentication: tenant names and their KL figures are "
@@ -141,16 +147,12 @@ class Server:
         self.metrics_host, self.metrics_port = httpd.server_address[:2]
 
     async def _load(self) -> None:
-        backend = self._backend
-        if backend is None:
-            from klservice.backends import load_backend
-
-            backend = await asyncio.to_thread(load_backend, self.config, progress=True)
-            self._backend = backend
-        served = await self.service.start(backend)
-        info = served.info
+        await self.service.start(self._backend)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s (revision %s, %s, %s on %s)", info.name, info.revision[:12], info.backend, info.dtype, info.device)
+        for served in self.service.models.list():
+            info = served.info
+            log.info("serving %r%s (revision %s, %s, %s on %s)", info.name, " (default)" if info.is_default else "",
+                     info.revision[:12], info.backend, info.dtype, info.device)
 
     async def wait_ready(self) -> None:
         """Wait until the model is loaded; re-raises a loading failure."""
@@ -176,7 +178,7 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(FLUSH_SECONDS)
         log.info("stopped in %.1f s", time.perf_counter() - started)
-        if self._backend is not None:
+        if self._backend is not None:  # handed in: closed with the models if it was served; closing again is a no-op
             self._backend.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -1,16 +1,17 @@
-"""The reference service without gRPC: readiness, draining, scoring, KL, the served model.
+"""The reference service without gRPC: readiness, draining, scoring, KL, the served models.
 
 `ReferenceService` is what the gRPC servicer calls and what a program embedding klservice (or
 a test) can call directly: validated requests in (`klservice.validation.ScoreRequest`,
 `KLRequest`), numpy results out, domain exceptions (`klservice.errors`) for everything that
-goes wrong. It owns the scheduler, the reference cache and the per-job metrics; it never
-imports grpc. Example::
+goes wrong. It owns the models (`klservice.models.ModelRegistry`: per model a backend, a
+scheduler and a reference cache), authentication and the per-job metrics; it never imports
+grpc. Example::
 
     service = ReferenceService(config, metrics)
-    await service.start(backend)                      # cache + scheduler on a loaded backend
-    served = service.require_ready()                  # NotReady while loading or draining
-    request = parse_score_request(message, served.limits)
-    result = await service.score(request, service.job("grpo-run-7", peer=None), deadline=None)
+    await service.start()                             # every --model loaded (or start(backend))
+    with service.lease("") as served:                 # the default model's serving revision
+        request = parse_score_request(message, served.limits)
+        result = await service.score(request, service.job("grpo-run-7", peer=None), None, served)
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import dataclasses
 
 import numpy as np
 
-from klservice import __version__
 from klservice.backends.base import ModelInfo, ReferenceBackend
-from klservice.cache import ReferenceCache
 from klservice.config import ServerConfig
 from klservice.auth import AuthFileError, AuthTable, Tenant, bearer_token, load_auth_file
 from klservice.errors import FailedPrecondition, InvalidInput, NotReady, PermissionDenied, Unauthenticated
 from klservice.metrics import JobLabels, Metrics
+from klservice.models import LoadRequest, ModelRegistry, ServedModel
 from klservice.scheduler import TokenBudgetScheduler
-from klservice.validation import KLRequest, Limits, ScoreRequest, locate
+from klservice.validation import KLRequest, ScoreRequest, locate
 from klservice_client import kl
 
 MAX_JOB_ID_LENGTH = 128
@@ -50,15 +50,6 @@ class Job:
 
 
 @dataclasses.dataclass(frozen=True)
-class ServedModel:
-    """The loaded model and what requests to it may contain."""
-
-    info: ModelInfo
-    """The backend's info with the serving limits filled in: what GetModelInfo answers."""
-    limits: Limits
-
-
-@dataclasses.dataclass(frozen=True)
 class ScoreResult:
     ref_logprobs: np.ndarray
     scored_lengths: np.ndarray
@@ -75,67 +66,45 @@ class KLComputation:
 
 
 class ReferenceService:
-    """One served reference model: loading → serving → draining (see the module docstring)."""
+    """The served models: loading → serving → draining (see the module docstring)."""
 
     def __init__(self, config: ServerConfig, metrics: Metrics):
         self.config = config
         self.metrics = metrics
-        self.scheduler: TokenBudgetScheduler | None = None
-        self._served: ServedModel | None = None
+        self.models = ModelRegistry(config, metrics)
         self._draining = False
         self.auth: AuthTable | None = load_auth_file(config.auth_file) if config.auth_file else None
         """The tenants of --auth-file (None: no authentication); a bad file fails here, before the server listens."""
 
-    async def start(self, backend: ReferenceBackend) -> ServedModel:
-        """Put a loaded backend into service: reference cache, scheduler, limits, metrics."""
-        info = await asyncio.to_thread(backend.info)
-        config = self.config
-        cache = None
-        if config.cache_mb > 0:
-            cache = ReferenceCache(config.cache_mb * 1024 * 1024, info.revision, metrics=self.metrics)
-        scheduler = TokenBudgetScheduler(
-            backend,
-            max_batch_tokens=config.max_batch_tokens,
-            max_queue=config.max_queue,
-            max_wait_s=config.max_wait_ms / 1000.0,
-            call_padding=config.call_padding,
-            cache=cache,
-            metrics=self.metrics,
-        )
-        await scheduler.start()
-        limits = Limits(
-            model_name=info.name,
-            vocab_size=info.vocab_size,
-            max_length=info.max_length,
-            max_request_tokens=config.max_request_tokens,
-            max_message_bytes=config.max_message_bytes,
-        )
-        self.scheduler = scheduler
-        served_info = dataclasses.replace(
-            info,
-            max_length=limits.max_length,
-            max_request_tokens=limits.max_request_tokens,
-            max_message_bytes=config.max_message_bytes,
-            server_version=__version__,
-        )
-        self._served = ServedModel(info=served_info, limits=limits)
-        self.metrics.model_info.info(
-            {"name": info.name, "revision": info.revision, "backend": info.backend, "dtype": info.dtype, "device": info.device}
-        )
+    async def start(self, backend: ReferenceBackend | None = None) -> ServedModel:
+        """Load every --model (the default one may be handed in loaded, as `backend`) and put them into service;
+        returns the default model's serving revision."""
+        await self.models.start(backend)
         self.metrics.ready.set(1)
-        return self._served
+        return self.models.get()
 
     @property
     def ready(self) -> bool:
-        return self._served is not None and not self._draining
+        return self.models.ready and not self._draining
 
-    def require_ready(self) -> ServedModel:
-        """The served model, or NotReady while it loads or once the service drains."""
+    @property
+    def scheduler(self) -> TokenBudgetScheduler:
+        """The default model's scheduler."""
+        return self.models.get().scheduler
+
+    def require_ready(self) -> ModelRegistry:
+        """The models, or NotReady while they load or once the service drains."""
         if self._draining:
             raise NotReady("server is draining; retry on another replica or later")
-        if self._served is None:
-            raise NotReady("model is still loading; retry shortly")
-        return self._served
+        if not self.models.ready:
+            raise NotReady("models are still loading; retry shortly")
+        return self.models
+
+    def lease(self, model: str = ""):
+        """Context manager: the serving revision of `model` (empty: the default), held while a request uses it, so
+        that a swap meanwhile leaves it to finish there. NotReady while loading or draining; ModelNotFound for a
+        name not served."""
+        return self.require_ready().lease(model)
 
     def drain(self) -> None:
         """Refuse new work from now on (work already queued still runs)."""
@@ -144,13 +113,22 @@ class ReferenceService:
 
     async def stop(self, grace: float = 0.0) -> bool:
         """Drain: refuse new work, give queued and running work up to `grace` seconds, then answer what is left
-        UNAVAILABLE (a running forward stops within one step). True if everything finished in time."""
+        UNAVAILABLE (a running forward stops within one step) and release the models. True if everything
+        finished in time."""
         self.drain()
-        if self.scheduler is None:
-            return True
-        finished = await self.scheduler.drain(grace)
-        await self.scheduler.stop()
-        return finished
+        return await self.models.stop(grace)
+
+    async def load_model(self, request: LoadRequest) -> ServedModel:
+        """Operator: load a checkpoint under a name (`ModelRegistry.load`). The load runs to its end even if the
+        caller goes away meanwhile (a half-done load would hold memory nobody releases)."""
+        self.require_ready()
+        task = asyncio.ensure_future(self.models.load(request))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning if abandoned
+        return await asyncio.shield(task)
+
+    async def unload_model(self, name: str) -> list[str]:
+        """Operator: stop serving a model name (`ModelRegistry.unload`)."""
+        return await self.require_ready().unload(name)
 
     def job(self, job_id: str | None, peer: str | None, authorization: str | None = None,
             certificate_name: str | None = None) -> Job:
@@ -197,13 +175,19 @@ class ReferenceService:
             "(KLClient(token=...) or the KLSERVICE_TOKEN environment variable)"
         )
 
-    def operator(self, rpc: str, authorization: str | None, certificate_name: str | None = None) -> Tenant:
+    def operator(self, rpc: str, authorization: str | None, certificate_name: str | None = None,
+                 peer: str | None = None) -> Tenant:
         """The admin tenant calling an operator RPC; PermissionDenied for any other caller, and for every caller
-        of a server without --auth-file (nobody is an admin there)."""
+        of a server without --auth-file (nobody is an admin there), except, with --allow-admin-from-loopback,
+        callers on this host's loopback (a stand-in tenant "loopback" with the admin role)."""
         if self.auth is None:
+            if self.config.allow_admin_from_loopback and _on_loopback(peer):
+                return LOOPBACK_ADMIN
+            loopback = (" or, from this host, --allow-admin-from-loopback" if not self.config.allow_admin_from_loopback
+                        else "; --allow-admin-from-loopback admits only callers on 127.0.0.1 or ::1")
             raise PermissionDenied(
                 f"{rpc}: operator RPCs need the admin role, and this server has no --auth-file (start it with one "
-                "that lists a tenant with role = \"admin\")"
+                f"that lists a tenant with role = \"admin\"{loopback})"
             )
         tenant = self.authenticate(authorization, certificate_name)
         if not tenant.is_admin:
@@ -223,41 +207,77 @@ class ReferenceService:
         self.auth = table
         return table
 
-    async def score(self, request: ScoreRequest, job: Job, deadline: float | None) -> ScoreResult:
-        """Reference log-probs of every scored token (`deadline`: a time.monotonic() value, or None)."""
-        served = self.require_ready()
-        ref = await self._reference(request.batch, request.temperature, job, deadline)
-        self.metrics.tokens_scored.labels(*job.labels).inc(request.batch.num_scored)
+    async def score(
+        self, request: ScoreRequest, job: Job, deadline: float | None, served: ServedModel | None = None
+    ) -> ScoreResult:
+        """Reference log-probs of every scored token by the `served` revision (held by the caller's `lease`;
+        default: the default model's, leased for the call; `deadline`: a time.monotonic() value, or None)."""
+        if served is None:
+            with self.lease() as served:
+                return await self.score(request, job, deadline, served)
+        self.require_ready()
+        ref = await self._reference(served, request.batch, request.temperature, job, deadline)
+        self.metrics.tokens_scored.labels(served.name, *job.labels).inc(request.batch.num_scored)
         return ScoreResult(ref_logprobs=ref, scored_lengths=request.batch.scored_lengths, model=served.info)
 
-    async def compute_kl(self, request: KLRequest, job: Job, deadline: float | None) -> KLComputation:
-        """Reference log-probs, k1/k2/k3, the spec's coefficient and diagnostics."""
-        served = self.require_ready()
+    async def compute_kl(
+        self, request: KLRequest, job: Job, deadline: float | None, served: ServedModel | None = None
+    ) -> KLComputation:
+        """Reference log-probs by the `served` revision (as in `score`), k1/k2/k3, the spec's coefficient and
+        diagnostics."""
+        if served is None:
+            with self.lease() as served:
+                return await self.compute_kl(request, job, deadline, served)
+        self.require_ready()
         batch = request.batch
-        ref = await self._reference(batch, request.temperature, job, deadline)
+        ref = await self._reference(served, batch, request.temperature, job, deadline)
         result = await asyncio.to_thread(
             kl.compute_kl, request.logprobs, ref, batch.scored_lengths, request.spec, request.old_logprobs
         )
         _check_finite(result, request, ref)
-        self.metrics.tokens_scored.labels(*job.labels).inc(batch.num_scored)
-        self.metrics.record_kl(job.labels, request.spec_label, result.diagnostics)
+        self.metrics.tokens_scored.labels(served.name, *job.labels).inc(batch.num_scored)
+        self.metrics.record_kl(served.name, job.labels, request.spec_label, result.diagnostics)
         return KLComputation(
             ref_logprobs=ref, scored_lengths=batch.scored_lengths, kl=result, spec=request.spec, model=served.info
         )
 
-    async def _reference(self, batch, temperature: float, job: Job, deadline: float | None) -> np.ndarray:
-        return await self.scheduler.score(
+    async def _reference(self, served: ServedModel, batch, temperature: float, job: Job, deadline: float | None) -> np.ndarray:
+        return await served.scheduler.score(
             batch, temperature, job.key, deadline, share=job.tenant, weight=job.weight, quota=job.quota
         )
 
-    def model_info(self, job: Job | None = None) -> ModelInfo:
-        """What GetModelInfo answers `job` (NotReady while loading or draining): the served model and its limits,
-        with `max_request_tokens` lowered to the job's tenant quota, so that clients split their batches into
-        requests the quota can take."""
-        info = self.require_ready().info
+    def model_info(self, job: Job | None = None, model: str = "") -> ModelInfo:
+        """What GetModelInfo answers `job` about `model` (empty: the default; NotReady while loading or draining):
+        the serving revision and its limits, with `max_request_tokens` lowered to the job's tenant quota, so that
+        clients split their batches into requests the quota can take."""
+        return self._for_job(self.require_ready().get(model).info, job)
+
+    def list_models(self, job: Job | None = None) -> list[ModelInfo]:
+        """What ListModels answers: every serving revision, the default first (limits as in `model_info`)."""
+        return [self._for_job(served.info, job) for served in self.require_ready().list()]
+
+    @staticmethod
+    def _for_job(info: ModelInfo, job: Job | None) -> ModelInfo:
         if job is not None and 0 < job.quota < info.max_request_tokens:
             info = dataclasses.replace(info, max_request_tokens=job.quota)
         return info
+
+
+LOOPBACK_ADMIN = Tenant(name="loopback", token_hashes=(), role="admin")
+"""Who calls an operator RPC from loopback on a server started with --allow-admin-from-loopback."""
+
+
+def _on_loopback(peer: str | None) -> bool:
+    """Whether a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000") is on this host's loopback."""
+    if not peer:
+        return False
+    kind, _, address = peer.partition(":")
+    if kind == "ipv4":
+        return address.rsplit(":", 1)[0].startswith("127.")
+    if kind == "ipv6":
+        host = address.rsplit(":", 1)[0].strip("[]")
+        return host in ("::1", "::ffff:127.0.0.1")
+    return kind == "unix"
 
 
 def _check_finite(result: kl.KLResult, request: KLRequest, ref: np.ndarray) -> None:

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from klservice.errors import DEADLINE_SLACK_S, InvalidInput, TooLarge, status_for
 from klservice.auth import Tenant
+from klservice.models import LoadRequest
 from klservice.service import Job, KLComputation, ReferenceService, ScoreResult
 from klservice.validation import parse_kl_request, parse_score_request
 from klservice_client.wire import (
@@ -146,6 +147,9 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         return await self._unary("GetModelInfo", context, self._model_info, request)
 
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        return await self._unary("ListModels", context, self._list_models, request)
+
     async def StreamKL(self, request_iterator, context) -> AsyncIterator[pb.StreamKLResponse]:
         """Each request is handled as it arrives; answers are sent as they complete, tagged with request_id.
 
@@ -224,22 +228,24 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
     # --- handlers: protobuf <-> domain ----------------------------------------------
 
     async def _score(self, request: pb.ScoreRequest, job: Job, deadline: float | None) -> pb.ScoreResponse:
-        parsed = parse_score_request(request, self._service.require_ready().limits)
-        result: ScoreResult = await self._service.score(parsed, job, deadline)
+        with self._service.lease(request.model) as served:  # the revision admitted now answers, swap or not
+            parsed = parse_score_request(request, served.limits)
+            result: ScoreResult = await self._service.score(parsed, job, deadline, served)
         return pb.ScoreResponse(
             request_id=request.request_id,
-            model=pb.ModelRef(name=result.model.name, revision=result.model.revision),
+            model=_model_ref(result.model),
             ref_logprobs=to_tensor(result.ref_logprobs),
             scored_lengths=to_tensor(result.scored_lengths),
         )
 
     async def _compute_kl(self, request: pb.KLRequest, job: Job, deadline: float | None) -> pb.KLResponse:
-        parsed = parse_kl_request(request, self._service.require_ready().limits)
-        result: KLComputation = await self._service.compute_kl(parsed, job, deadline)
+        with self._service.lease(request.model) as served:
+            parsed = parse_kl_request(request, served.limits)
+            result: KLComputation = await self._service.compute_kl(parsed, job, deadline, served)
         values = result.kl
         return pb.KLResponse(
             request_id=request.request_id,
-            model=pb.ModelRef(name=result.model.name, revision=result.model.revision),
+            model=_model_ref(result.model),
             ref_logprobs=to_tensor(result.ref_logprobs),
             k1=to_tensor(values.k1),
             k2=to_tensor(values.k2),
@@ -252,7 +258,10 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
         )
 
     async def _model_info(self, request: pb.GetModelInfoRequest, job: Job, deadline: float | None) -> pb.ModelInfo:
-        return model_info_to_proto(self._service.model_info(job))
+        return model_info_to_proto(self._service.model_info(job, request.model))
+
+    async def _list_models(self, request: pb.ListModelsRequest, job: Job, deadline: float | None) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info_to_proto(info) for info in self._service.list_models(job)])
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -271,14 +280,38 @@ class OperatorServicer(_Servicer, pb_grpc.OperatorServiceServicer):
     async def ReloadAuth(self, request: pb.ReloadAuthRequest, context) -> pb.ReloadAuthResponse:
         return await self._unary("ReloadAuth", context, self._reload_auth, request)
 
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.ModelInfo:
+        return await self._unary("LoadModel", context, self._load_model, request)
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
+        return await self._unary("UnloadModel", context, self._unload_model, request)
+
     def _caller(self, context, method: str) -> Tenant:
         metadata = dict(context.invocation_metadata() or ())
-        return self._service.operator(method, *_credentials(context, metadata, self._service.config))
+        return self._service.operator(method, *_credentials(context, metadata, self._service.config), context.peer())
+
+    async def _load_model(self, request: pb.LoadModelRequest, tenant: Tenant, deadline) -> pb.ModelInfo:
+        log.info("LoadModel %r from %s by tenant %r%s", request.name, request.path, tenant.name,
+                 f" (mixup_alpha {request.mixup_alpha:g})" if request.HasField("mixup_alpha") else "")
+        served = await self._service.load_model(LoadRequest(
+            name=request.name, path=request.path, backend=request.backend, dtype=request.dtype, device=request.device,
+            max_length=request.max_length, force=request.force,
+            mixup_alpha=request.mixup_alpha if request.HasField("mixup_alpha") else None,
+        ))
+        return model_info_to_proto(served.info)
+
+    async def _unload_model(self, request: pb.UnloadModelRequest, tenant: Tenant, deadline) -> pb.UnloadModelResponse:
+        log.info("UnloadModel %r by tenant %r", request.name, tenant.name)
+        return pb.UnloadModelResponse(models=await self._service.unload_model(request.name))
 
     async def _reload_auth(self, request: pb.ReloadAuthRequest, tenant: Tenant, deadline) -> pb.ReloadAuthResponse:
         table = await asyncio.to_thread(self._service.reload_auth)
         log.info("auth file reloaded by tenant %r: %d tenant(s)", tenant.name, len(table.tenants))
         return pb.ReloadAuthResponse(tenants=sorted(table.tenants))
+
+
+def _model_ref(info) -> pb.ModelRef:
+    return pb.ModelRef(name=info.name, revision=info.revision, generation=info.generation or 0)
 
 
 def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -1,12 +1,13 @@
 """Request validation: protobuf messages in, checked domain requests out, or an error naming field and sequence.
 
 One pass per request (`parse_score_request`, `parse_kl_request`) checks everything a client
-can get wrong, each check in one place, before any model time is spent: the model name,
+can get wrong, each check in one place, before any model time is spent (the model name was
+resolved to one loaded revision before, `klservice.models`): the revision it expects,
 tensor dtypes and shapes, lengths, prompt lengths, token ids against the vocabulary,
 sequence lengths against the context, the per-request token limit, the size of the
 response, temperature, the KL spec, and the policy and behaviour log-probs (count, range,
 dtype, presence when the spec needs them). Errors are `InvalidInput` / `OutOfRange` /
-`ModelNotFound` / `TooLarge` (and the KL library's `KLInputError` for a bad spec), which
+`FailedPrecondition` (another revision expected) / `TooLarge` (and the KL library's `KLInputError` for a bad spec), which
 `klservice.errors` maps to status codes.
 
 The accepted ranges keep the values the service computes finite: temperature in
@@ -25,8 +26,9 @@ import math
 
 import numpy as np
 
-from klservice.errors import InvalidInput, ModelNotFound, OutOfRange, TooLarge
+from klservice.errors import FailedPrecondition, InvalidInput, OutOfRange, TooLarge
 from klservice_client import kl
+from klservice_client.errors import REVISION_MISMATCH_PREFIX
 from klservice_client.wire import TensorError, from_tensor, pb, response_bytes, spec_from_proto
 
 MIN_TEMPERATURE = 0.01
@@ -63,13 +65,15 @@ class Batch:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What the served model and the server configuration accept."""
+    """What one loaded revision of a model and the server configuration accept."""
 
     model_name: str
     vocab_size: int
     max_length: int
     max_request_tokens: int
     max_message_bytes: int = 256 * 1024 * 1024
+    revision: str = ""
+    generation: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +102,7 @@ class KLRequest:
 def parse_score_request(message: pb.ScoreRequest, limits: Limits) -> ScoreRequest:
     """Check a Score request in one pass."""
     check_request_id(message.request_id)
-    check_model(message.model, limits.model_name)
+    check_revision(message.revision, limits)
     batch = parse_batch(message.batch, limits)
     check_response_size(batch, limits, kl=False)
     return ScoreRequest(batch=batch, temperature=parse_temperature(message.temperature), request_id=message.request_id)
@@ -107,7 +111,7 @@ def parse_score_request(message: pb.ScoreRequest, limits: Limits) -> ScoreReques
 def parse_kl_request(message: pb.KLRequest, limits: Limits) -> KLRequest:
     """Check a ComputeKL request in one pass."""
     check_request_id(message.request_id)
-    check_model(message.model, limits.model_name)
+    check_revision(message.revision, limits)
     batch = parse_batch(message.batch, limits)
     check_response_size(batch, limits, kl=True)
     temperature = parse_temperature(message.temperature)
@@ -147,10 +151,19 @@ def check_request_id(request_id: str) -> None:
         raise InvalidInput(f"request_id: {len(request_id)} characters, at most {MAX_REQUEST_ID_LENGTH} are accepted")
 
 
-def check_model(requested: str, served: str) -> None:
-    """Empty means the served model; any other name than the served one is NOT_FOUND."""
-    if requested and requested != served:
-        raise ModelNotFound(f"model: {requested!r} is not served here; this server serves {served!r}")
+def check_revision(expected: str, limits: Limits) -> None:
+    """Empty: any revision. Otherwise the revision the caller pinned (the full hash, or a prefix of at least 12
+    hex digits) must be the one serving the model: FailedPrecondition naming both otherwise."""
+    if not expected:
+        return
+    if len(expected) > 64 or len(expected) < 12:
+        raise InvalidInput(f"revision: {len(expected)} characters; expected 12 to 64 hex digits of a revision")
+    if not limits.revision.startswith(expected):
+        raise FailedPrecondition(
+            f"{REVISION_MISMATCH_PREFIX}the request expects revision {expected[:12]} but model {limits.model_name!r} "
+            f"is at revision {limits.revision[:12]} (generation {limits.generation}); send it again pinned to the "
+            "new revision, or unpinned"
+        )
 
 
 def parse_temperature(value: float) -> float:

@@ -113,6 +113,20 @@ class RunningServer:
         return f"127.0.0.1:{self.server.port}"
 
     @property
+    def model(self) -> str:
+        """The name of the server's default model."""
+        return self.server.service.models.default_name
+
+    @property
+    def model_metrics(self):
+        """The default model's per-model metrics (`klservice.metrics.ModelMetrics`)."""
+        return self.server.metrics.for_model(self.model)
+
+    def labels(self, **labels: str) -> tuple:
+        """`labels` plus the default model's `model` label, sorted as `scrape` keys a series."""
+        return tuple(sorted({"model": self.model, **labels}.items()))
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 

@@ -164,8 +164,8 @@ def test_sigterm_with_a_long_forward_running_exits_within_the_grace_and_one_laye
             batches = sum(v for (name, _), v in samples.items() if name == "klservice_batch_tokens_count")
             finished = sum(v for (name, labels), v in samples.items()
                            if name == "klservice_requests_total" and ("method", "Score") in labels)
-            return samples.get(("klservice_queue_depth", ()), 1) == 0 and batches == 0 and finished == 0 and (
-                samples.get(("klservice_ready", ()), 0) == 1)
+            depths = [v for (name, _), v in samples.items() if name == "klservice_queue_depth"]
+            return depths == [0] and batches == 0 and finished == 0 and samples.get(("klservice_ready", ()), 0) == 1
 
         assert wait_until(lambda: "value" not in outcome and forward_running(), 180)
         time.sleep(0.5)  # well inside the forward

@@ -139,15 +139,16 @@ def _token_slice(prepared: Prepared, part: slice) -> slice:
     return slice(int(offsets[part.start]), int(offsets[part.stop]))
 
 
-def score_requests(prepared, parts, model, temperature) -> list[pb.ScoreRequest]:
+def score_requests(prepared, parts, model, temperature, revision: str = "") -> list[pb.ScoreRequest]:
     return [
-        pb.ScoreRequest(request_id=f"part-{i}", model=model, batch=_batch_message(prepared, part), temperature=temperature)
+        pb.ScoreRequest(request_id=f"part-{i}", model=model, batch=_batch_message(prepared, part), temperature=temperature,
+                        revision=revision)
         for i, part in enumerate(parts)
     ]
 
 
-def kl_requests(prepared, parts, model, temperature, spec, id_prefix: str = "part-") -> list[pb.KLRequest]:
-    """One KLRequest per part, with request ids `id_prefix` + the part's number."""
+def kl_requests(prepared, parts, model, temperature, spec, id_prefix: str = "part-", revision: str = "") -> list[pb.KLRequest]:
+    """One KLRequest per part, with request ids `id_prefix` + the part's number, pinned to `revision` if given."""
     spec_message = spec_to_proto(spec)
     requests = []
     for i, part in enumerate(parts):
@@ -159,6 +160,7 @@ def kl_requests(prepared, parts, model, temperature, spec, id_prefix: str = "par
             temperature=temperature,
             logprobs=to_tensor(prepared.logprobs[tokens]),
             spec=spec_message,
+            revision=revision,
         )
         if prepared.old_logprobs is not None:
             request.old_logprobs.CopyFrom(to_tensor(prepared.old_logprobs[tokens]))
@@ -205,6 +207,7 @@ def score_output(responses: list[pb.ScoreResponse], prepared: Prepared, as_torch
         scored_lengths=prepared.scored_lengths,
         model=responses[0].model.name,
         revision=responses[0].model.revision,
+        generation=responses[0].model.generation,
     )
 
 
@@ -225,6 +228,7 @@ def kl_output(responses: list[pb.KLResponse], prepared: Prepared, as_torch: bool
         spec=responses[0].spec,
         model=responses[0].model.name,
         revision=responses[0].model.revision,
+        generation=responses[0].model.generation,
     )
 
 

@@ -47,7 +47,8 @@ from klservice_client._requests import (
 )
 from klservice_client.credentials import PEM, bearer_metadata, channel_credentials, open_channel, resolve_token
 from klservice_client.errors import (
-    InvalidArgument, KLServiceError, ServerError, TokenizerMismatch, from_rpc_error, from_status, is_overload,
+    InvalidArgument, KLServiceError, RevisionMismatch, ServerError, TokenizerMismatch, from_rpc_error, from_status,
+    is_overload,
 )
 from klservice_client.results import KLItem, KLOutput, KLStreamResult, ScoreOutput
 from klservice_client.wire import JOB_METADATA_KEY, ModelInfo, model_info_from_proto, pb, pb_grpc
@@ -74,11 +75,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """The requests of one client call, the stub method they go to, and how their responses become the result."""
+    """The requests of one client call, the stub method they go to, and how their responses become the result.
+
+    `pinned`: every request carries the revision the caller pinned. Otherwise the parts after the first are
+    pinned to the revision that answered the first, so that one batch is never scored by two references.
+    """
 
     rpc: str
     requests: list
     finish: Any  # Callable[[list[response]], result]
+    model: str = ""
+    pinned: bool = False
 
 
 class _StreamAssembly:
@@ -89,8 +96,9 @@ class _StreamAssembly:
     Thread-safe: the blocking client feeds items from gRPC's request thread and reads answers in the caller's.
     """
 
-    def __init__(self, parts_of):
+    def __init__(self, parts_of, resolve):
         self._parts_of = parts_of  # Prepared -> list[slice]
+        self._resolve = resolve  # KLItem -> (model name, revision to pin or "")
         self._lock = threading.Lock()
         self._items: dict[int, _StreamItem] = {}
 
@@ -102,7 +110,9 @@ class _StreamAssembly:
                 raise InvalidArgument(f"stream item {number}: expected a KLItem, got {type(item).__name__}")
             prepared = _prepare_kl(item.sequences, item.prompt_lengths, item.logprobs, item.old_logprobs)
             parts = self._parts_of(prepared)
-            requests = kl_requests(prepared, parts, item.model, item.temperature, item.spec, id_prefix=f"{number}.")
+            model, revision = self._resolve(item)
+            requests = kl_requests(prepared, parts, model, item.temperature, item.spec, id_prefix=f"{number}.",
+                                   revision=revision)
         except KLServiceError as error:
             return KLStreamResult(key=key, error=error)
         except (ValueError, TypeError) as error:  # e.g. an unknown preset, token ids that are not numbers
@@ -222,8 +232,14 @@ class _ClientCore:
         root_certificates: PEM | None = None,
         client_cert: tuple[PEM, PEM] | None = None,
         tls_server_name: str | None = None,
+        model: str = "",
+        pin_revision: bool = False,
     ):
         token = resolve_token(token)
+        self._model = model
+        self._pin_revision = pin_revision
+        self._pins: dict[str, str] = {}  # model name as the calls give it ("" = the default) -> pinned revision
+        self._infos: dict[str, ModelInfo] = {}
         self._options = _Options(job_id, timeout, max_retries, initial_backoff, max_backoff, max_message_bytes, token)
         tls_credentials = channel_credentials(tls=tls, root_certificates=root_certificates, client_cert=client_cert)
         if credentials is not None and tls_credentials is not None:
@@ -240,7 +256,6 @@ class _ClientCore:
         )
         self._stub = pb_grpc.ReferenceServiceStub(self._channel)
         self._operator = pb_grpc.OperatorServiceStub(self._channel)
-        self._info: ModelInfo | None = None
 
     # --- decisions both clients share ---------------------------------------------------
 
@@ -268,9 +283,50 @@ class _ClientCore:
         if time.monotonic() > deadline:
             raise TimeoutError(f"server not ready after {timeout} s")
 
-    def _remember(self, reply: pb.ModelInfo) -> ModelInfo:
-        self._info = model_info_from_proto(reply)
-        return self._info
+    def _remember(self, model: str, reply: pb.ModelInfo) -> ModelInfo:
+        info = self._infos[model] = model_info_from_proto(reply)
+        return info
+
+    # --- models and revisions -----------------------------------------------------------------
+
+    def _name(self, model: str | None) -> str:
+        """The model a call means: its `model=`, else the client's, else "" (the server's default)."""
+        return self._model if model is None else model
+
+    def pin(self, revision: str, model: str | None = None) -> None:
+        """Pin `model` (default: the client's) to `revision`: its calls carry it, and the server refuses them
+        (`RevisionMismatch`) once the model serves another revision, e.g. after a LoadModel."""
+        self._pins[self._name(model)] = revision
+
+    def unpin(self, model: str | None = None) -> None:
+        """Forget the pin of `model`; with ``pin_revision=True`` the next answer pins it again."""
+        self._pins.pop(self._name(model), None)
+
+    def pinned_revision(self, model: str | None = None) -> str | None:
+        """The revision `model`'s calls are pinned to, if any."""
+        return self._pins.get(self._name(model))
+
+    def _revision(self, model: str, revision: str | None) -> str:
+        return revision if revision is not None else self._pins.get(model, "")
+
+    def _answered(self, plan: _Plan, responses) -> None:
+        """With ``pin_revision=True``, pin a model to the revision that first answered for it."""
+        if self._pin_revision and responses and plan.model not in self._pins:
+            self._pins[plan.model] = responses[0].model.revision
+
+    @staticmethod
+    def _pin_rest(plan: _Plan, first) -> list:
+        """The requests after the first, pinned to the revision that answered it (unless the caller pinned)."""
+        rest = plan.requests[1:]
+        if not plan.pinned:
+            for request in rest:
+                request.revision = first.model.revision
+        return rest
+
+    def _retry_batch(self, plan: _Plan, attempt: int, error: RevisionMismatch) -> None:
+        """A swap fell between the parts of an unpinned batch: send it again whole (raise if pinned, or too often)."""
+        if plan.pinned or attempt >= self._options.max_retries:
+            raise error
 
     @staticmethod
     def _check_fingerprint(info: ModelInfo, tokenizer) -> None:
@@ -284,18 +340,35 @@ class _ClientCore:
     def _parts(self, info: ModelInfo, prepared: Prepared) -> list[slice]:
         return chunks(prepared, info.max_request_tokens, min(info.max_message_bytes, self._options.max_message_bytes))
 
-    def _score_plan(self, info: ModelInfo, sequences, prompt_lengths, temperature, model, as_torch) -> _Plan:
+    def _score_plan(self, info: ModelInfo, sequences, prompt_lengths, temperature, model, revision, as_torch) -> _Plan:
         prepared = prepare(sequences, prompt_lengths)
-        requests = score_requests(prepared, self._parts(info, prepared), model, temperature)
-        return _Plan("Score", requests, lambda responses: _finish(score_output, responses, prepared, as_torch))
+        revision = self._revision(model, revision)
+        requests = score_requests(prepared, self._parts(info, prepared), model, temperature, revision)
+        finish = lambda responses: _finish(score_output, responses, prepared, as_torch)  # noqa: E731
+        return _Plan("Score", requests, finish, model, bool(revision))
 
-    def _kl_plan(self, info: ModelInfo, sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, model, as_torch) -> _Plan:
+    def _kl_plan(self, info: ModelInfo, sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, model,
+                 revision, as_torch) -> _Plan:
         prepared = _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs)
-        requests = kl_requests(prepared, self._parts(info, prepared), model, temperature, spec)
-        return _Plan("ComputeKL", requests, lambda responses: _finish(kl_output, responses, prepared, as_torch))
+        revision = self._revision(model, revision)
+        requests = kl_requests(prepared, self._parts(info, prepared), model, temperature, spec, revision=revision)
+        finish = lambda responses: _finish(kl_output, responses, prepared, as_torch)  # noqa: E731
+        return _Plan("ComputeKL", requests, finish, model, bool(revision))
 
     def _stream_assembly(self, info: ModelInfo) -> _StreamAssembly:
-        return _StreamAssembly(lambda prepared: self._parts(info, prepared))
+        def resolve(item: KLItem) -> tuple[str, str]:
+            model = self._name(item.model)
+            return model, self._revision(model, item.revision)
+
+        return _StreamAssembly(lambda prepared: self._parts(info, prepared), resolve)
+
+    @staticmethod
+    def _load_request(name, path, backend, dtype, device, max_length, force, mixup_alpha) -> pb.LoadModelRequest:
+        request = pb.LoadModelRequest(name=name, path=str(path), backend=backend, dtype=dtype, device=device,
+                                      max_length=max_length, force=force)
+        if mixup_alpha is not None:
+            request.mixup_alpha = float(mixup_alpha)
+        return request
 
     def _stream_timeout(self, timeout: float | None) -> float:
         return self._options.timeout if timeout is None else timeout
@@ -325,6 +398,13 @@ class KLClient(_ClientCore):
         tls_server_name: the name to check the server's certificate against, when it differs from the
             target's host (e.g. connecting to an IP address).
         credentials: ready-made ``grpc.ChannelCredentials`` instead of the three above.
+        model: the served model this client's calls use when they name none (default "": the server's
+            default model); every method also takes ``model=``.
+        pin_revision: pin each model to the revision that first answers for it: later calls carry it, and
+            once the server serves another revision (a LoadModel swapped it) they fail with
+            `RevisionMismatch` instead of silently mixing two references. `pin` / `unpin` move the pin
+            (e.g. to the revision a LoadModel returned). Without pinning, the parts of one split batch are
+            still pinned to the revision that answered its first part (a swap in between resends the batch).
         timeout: deadline of each call in seconds.
         max_retries: retries on UNAVAILABLE and overload (RESOURCE_EXHAUSTED with a retry hint), with
             exponential backoff.
@@ -341,49 +421,98 @@ class KLClient(_ClientCore):
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, rpc: str, request, stub=None):
+    def _call(self, rpc: str, request, stub=None, *, retry: bool = True, timeout: float | None = None):
         method = getattr(stub or self._stub, rpc)
         for attempt in itertools.count():
             try:
-                return method(request, timeout=self._options.timeout, metadata=self._options.metadata())
+                return method(request, timeout=timeout or self._options.timeout, metadata=self._options.metadata())
             except grpc.RpcError as error:
+                if not retry:
+                    raise from_rpc_error(error) from error
                 time.sleep(self._retry_delay(attempt, error))
 
     def _run(self, plan: _Plan):
-        return plan.finish([self._call(plan.rpc, request) for request in plan.requests])
+        for attempt in itertools.count():
+            first = self._call(plan.rpc, plan.requests[0])
+            try:
+                responses = [first] + [self._call(plan.rpc, request) for request in self._pin_rest(plan, first)]
+            except RevisionMismatch as error:
+                self._retry_batch(plan, attempt, error)
+                continue
+            self._answered(plan, responses)
+            return plan.finish(responses)
 
-    def wait_ready(self, timeout: float = 120.0) -> ModelInfo:
-        """Block until the server answers GetModelInfo (the model is loaded); returns the model info."""
+    def wait_ready(self, timeout: float = 120.0, model: str | None = None) -> ModelInfo:
+        """Block until the server answers GetModelInfo (its models are loaded); returns `model`'s info (default:
+        the client's model)."""
+        name = self._name(model)
         deadline = time.monotonic() + timeout
         while True:
             try:
                 reply = self._stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=self._ready_timeout(deadline), metadata=self._options.metadata()
+                    pb.GetModelInfoRequest(model=name), timeout=self._ready_timeout(deadline),
+                    metadata=self._options.metadata(),
                 )
-                return self._remember(reply)
+                return self._remember(name, reply)
             except grpc.RpcError as error:
                 self._not_ready_yet(error, deadline, timeout)
             time.sleep(READY_POLL_SECONDS)
 
-    def model_info(self, refresh: bool = False) -> ModelInfo:
-        """The served model (cached after the first call)."""
-        if self._info is None or refresh:
-            self._remember(self._call("GetModelInfo", pb.GetModelInfoRequest()))
-        return self._info
+    def model_info(self, refresh: bool = False, model: str | None = None) -> ModelInfo:
+        """A served model (default: the client's model, else the server's default; cached after the first call)."""
+        name = self._name(model)
+        if name not in self._infos or refresh:
+            self._remember(name, self._call("GetModelInfo", pb.GetModelInfoRequest(model=name)))
+        return self._infos[name]
+
+    def list_models(self) -> list[ModelInfo]:
+        """Every model the server serves, the default first."""
+        return [model_info_from_proto(info) for info in self._call("ListModels", pb.ListModelsRequest()).models]
 
     def reload_auth(self) -> list[str]:
         """Operator RPC (admin tenants only): make the server re-read its auth file; returns its tenants."""
         return list(self._call("ReloadAuth", pb.ReloadAuthRequest(), self._operator).tenants)
 
-    def check_tokenizer(self, tokenizer) -> None:
-        """Raise TokenizerMismatch unless `tokenizer` has the server model's vocabulary and special tokens."""
-        self._check_fingerprint(self.model_info(), tokenizer)
+    def load_model(
+        self, name: str, path: str, *, backend: str = "", dtype: str = "", device: str = "", max_length: int = 0,
+        force: bool = False, mixup_alpha: float | None = None, timeout: float | None = None,
+    ) -> ModelInfo:
+        """Operator RPC (admin only): load the checkpoint folder `path` (on the server's file system) under `name`.
+
+        A new name is added; an existing one moves to the new revision once it is loaded and checked, and
+        requests admitted before finish on the old one. ``mixup_alpha``: serve (1 - alpha) * current + alpha *
+        new weights. Another tokenizer is refused unless ``force``. Not retried (a mixing load must not run
+        twice); `FailedPrecondition` says why a load failed, and the name then serves what it served. Returns
+        the new revision's info (its ``generation`` is one more than before).
+        """
+        request = self._load_request(name, path, backend, dtype, device, max_length, force, mixup_alpha)
+        info = model_info_from_proto(self._call("LoadModel", request, self._operator, retry=False, timeout=timeout))
+        self._infos.clear()  # the name may be one this client has cached, or the default
+        return info
+
+    def unload_model(self, name: str) -> list[str]:
+        """Operator RPC (admin only): stop serving `name` (not the default model); returns the names left."""
+        reply = self._call("UnloadModel", pb.UnloadModelRequest(name=name), self._operator, retry=False)
+        self._infos.pop(name, None)
+        return list(reply.models)
+
+    def check_tokenizer(self, tokenizer, model: str | None = None) -> None:
+        """Raise TokenizerMismatch unless `tokenizer` has the model's vocabulary and special tokens."""
+        self._check_fingerprint(self.model_info(model=model), tokenizer)
 
     def score(
-        self, sequences, prompt_lengths, *, temperature: float = 1.0, model: str = "", as_torch: bool = False
+        self, sequences, prompt_lengths, *, temperature: float = 1.0, model: str | None = None,
+        revision: str | None = None, as_torch: bool = False,
     ) -> ScoreOutput:
-        """Reference log-probs of every token after its sequence's prompt."""
-        return self._run(self._score_plan(self.model_info(), sequences, prompt_lengths, temperature, model, as_torch))
+        """Reference log-probs of every token after its sequence's prompt.
+
+        `model`: a served model's name (default: the client's model, else the server's default); `revision`:
+        the revision it must be at (default: the client's pin for that model, if any), else `RevisionMismatch`.
+        """
+        name = self._name(model)
+        plan = self._score_plan(self.model_info(model=name), sequences, prompt_lengths, temperature, name, revision,
+                                as_torch)
+        return self._run(plan)
 
     def compute_kl(
         self,
@@ -394,17 +523,21 @@ class KLClient(_ClientCore):
         old_logprobs=None,
         spec: kl.KLSpec | str | None = None,
         temperature: float = 1.0,
-        model: str = "",
+        model: str | None = None,
+        revision: str | None = None,
         as_torch: bool = False,
     ) -> KLOutput:
         """Reference log-probs, k1/k2/k3, the gradient coefficient of `spec` and diagnostics.
 
         ``logprobs`` (and ``old_logprobs``) hold one value per scored token: flat, a list of
         per-sequence arrays, or padded [batch, >= max scored]. ``spec`` is a preset name from
-        `klservice_client.kl.PRESETS` or a `KLSpec` (default: ``principled``).
+        `klservice_client.kl.PRESETS` or a `KLSpec` (default: ``principled``). `model` and
+        `revision` as in `score`.
         """
+        name = self._name(model)
         plan = self._kl_plan(
-            self.model_info(), sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, model, as_torch
+            self.model_info(model=name), sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, name,
+            revision, as_torch,
         )
         return self._run(plan)
 
@@ -458,50 +591,87 @@ class AsyncKLClient(_ClientCore):
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, rpc: str, request, stub=None):
+    async def _call(self, rpc: str, request, stub=None, *, retry: bool = True, timeout: float | None = None):
         method = getattr(stub or self._stub, rpc)
         for attempt in itertools.count():
             try:
-                return await method(request, timeout=self._options.timeout, metadata=self._options.metadata())
+                return await method(request, timeout=timeout or self._options.timeout, metadata=self._options.metadata())
             except grpc.RpcError as error:
+                if not retry:
+                    raise from_rpc_error(error) from error
                 await asyncio.sleep(self._retry_delay(attempt, error))
 
     async def _run(self, plan: _Plan):
-        return plan.finish(await asyncio.gather(*(self._call(plan.rpc, request) for request in plan.requests)))
+        for attempt in itertools.count():  # the first part alone, then the rest at once, pinned to its revision
+            first = await self._call(plan.rpc, plan.requests[0])
+            try:
+                rest = await asyncio.gather(*(self._call(plan.rpc, request) for request in self._pin_rest(plan, first)))
+            except RevisionMismatch as error:
+                self._retry_batch(plan, attempt, error)
+                continue
+            responses = [first, *rest]
+            self._answered(plan, responses)
+            return plan.finish(responses)
 
-    async def wait_ready(self, timeout: float = 120.0) -> ModelInfo:
-        """Wait until the server answers GetModelInfo (the model is loaded); returns the model info."""
+    async def wait_ready(self, timeout: float = 120.0, model: str | None = None) -> ModelInfo:
+        """Wait until the server answers GetModelInfo (its models are loaded); returns `model`'s info."""
+        name = self._name(model)
         deadline = time.monotonic() + timeout
         while True:
             try:
                 reply = await self._stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=self._ready_timeout(deadline), metadata=self._options.metadata()
+                    pb.GetModelInfoRequest(model=name), timeout=self._ready_timeout(deadline),
+                    metadata=self._options.metadata(),
                 )
-                return self._remember(reply)
+                return self._remember(name, reply)
             except grpc.RpcError as error:
                 self._not_ready_yet(error, deadline, timeout)
             await asyncio.sleep(READY_POLL_SECONDS)
 
-    async def model_info(self, refresh: bool = False) -> ModelInfo:
-        """The served model (cached after the first call)."""
-        if self._info is None or refresh:
-            self._remember(await self._call("GetModelInfo", pb.GetModelInfoRequest()))
-        return self._info
+    async def model_info(self, refresh: bool = False, model: str | None = None) -> ModelInfo:
+        """A served model (`KLClient.model_info`)."""
+        name = self._name(model)
+        if name not in self._infos or refresh:
+            self._remember(name, await self._call("GetModelInfo", pb.GetModelInfoRequest(model=name)))
+        return self._infos[name]
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Every model the server serves, the default first."""
+        reply = await self._call("ListModels", pb.ListModelsRequest())
+        return [model_info_from_proto(info) for info in reply.models]
 
     async def reload_auth(self) -> list[str]:
         """Operator RPC (admin tenants only): make the server re-read its auth file; returns its tenants."""
         return list((await self._call("ReloadAuth", pb.ReloadAuthRequest(), self._operator)).tenants)
 
-    async def check_tokenizer(self, tokenizer) -> None:
-        """Raise TokenizerMismatch unless `tokenizer` has the server model's vocabulary and special tokens."""
-        self._check_fingerprint(await self.model_info(), tokenizer)
+    async def load_model(
+        self, name: str, path: str, *, backend: str = "", dtype: str = "", device: str = "", max_length: int = 0,
+        force: bool = False, mixup_alpha: float | None = None, timeout: float | None = None,
+    ) -> ModelInfo:
+        """Operator RPC (admin only): `KLClient.load_model`."""
+        request = self._load_request(name, path, backend, dtype, device, max_length, force, mixup_alpha)
+        reply = await self._call("LoadModel", request, self._operator, retry=False, timeout=timeout)
+        self._infos.clear()
+        return model_info_from_proto(reply)
+
+    async def unload_model(self, name: str) -> list[str]:
+        """Operator RPC (admin only): `KLClient.unload_model`."""
+        reply = await self._call("UnloadModel", pb.UnloadModelRequest(name=name), self._operator, retry=False)
+        self._infos.pop(name, None)
+        return list(reply.models)
+
+    async def check_tokenizer(self, tokenizer, model: str | None = None) -> None:
+        """Raise TokenizerMismatch unless `tokenizer` has the model's vocabulary and special tokens."""
+        self._check_fingerprint(await self.model_info(model=model), tokenizer)
 
     async def score(
-        self, sequences, prompt_lengths, *, temperature: float = 1.0, model: str = "", as_torch: bool = False
+        self, sequences, prompt_lengths, *, temperature: float = 1.0, model: str | None = None,
+        revision: str | None = None, as_torch: bool = False,
     ) -> ScoreOutput:
         """Reference log-probs of every token after its sequence's prompt (`KLClient.score`)."""
-        info = await self.model_info()
-        return await self._run(self._score_plan(info, sequences, prompt_lengths, temperature, model, as_torch))
+        name = self._name(model)
+        info = await self.model_info(model=name)
+        return await self._run(self._score_plan(info, sequences, prompt_lengths, temperature, name, revision, as_torch))
 
     async def compute_kl(
         self,
@@ -512,12 +682,15 @@ class AsyncKLClient(_ClientCore):
         old_logprobs=None,
         spec: kl.KLSpec | str | None = None,
         temperature: float = 1.0,
-        model: str = "",
+        model: str | None = None,
+        revision: str | None = None,
         as_torch: bool = False,
     ) -> KLOutput:
         """Reference log-probs, k1/k2/k3, the coefficient of `spec` and diagnostics (`KLClient.compute_kl`)."""
-        info = await self.model_info()
-        plan = self._kl_plan(info, sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, model, as_torch)
+        name = self._name(model)
+        info = await self.model_info(model=name)
+        plan = self._kl_plan(info, sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, name, revision,
+                             as_torch)
         return await self._run(plan)
 
     async def stream_kl(

@@ -46,6 +46,15 @@ class FailedPrecondition(KLServiceError):
     """The server cannot do this with its current model or backend (FAILED_PRECONDITION)."""
 
 
+class RevisionMismatch(FailedPrecondition):
+    """The request was pinned to a revision and the model now serves another (FAILED_PRECONDITION whose message
+    begins "revision: "): the reference changed, e.g. by a LoadModel, between two calls of one trainer."""
+
+
+REVISION_MISMATCH_PREFIX = "revision: "
+"""How the server's message for `RevisionMismatch` begins (klservice.validation.check_revision)."""
+
+
 class ServiceOverloaded(KLServiceError):
     """The server's queue is full (RESOURCE_EXHAUSTED with the server's retry-after-ms hint); retried with
     backoff before this is raised."""
@@ -115,6 +124,8 @@ def from_rpc_error(error: grpc.RpcError) -> KLServiceError:
     kind = _BY_CODE.get(code, ServerError)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not is_overload(error):
         kind = TooLarge
+    if code == grpc.StatusCode.FAILED_PRECONDITION and (details or "").startswith(REVISION_MISMATCH_PREFIX):
+        kind = RevisionMismatch
     name = code.name if code is not None else "UNKNOWN"
     return kind(f"{name}: {details}", code)
 
@@ -125,4 +136,6 @@ def from_status(code: int, message: str, retry_after_ms: int = 0) -> KLServiceEr
     kind = _BY_CODE.get(status, ServerError)
     if status == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_ms <= 0:
         kind = TooLarge
+    if status == grpc.StatusCode.FAILED_PRECONDITION and message.startswith(REVISION_MISMATCH_PREFIX):
+        kind = RevisionMismatch
     return kind(f"{status.name}: {message}", status)

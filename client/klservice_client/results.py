@@ -57,6 +57,8 @@ class ScoreOutput(_Ragged):
     scored_lengths: np.ndarray
     model: str
     revision: str
+    generation: int = 0
+    """How many loads the model name had seen when it answered (ModelInfo.generation)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,8 @@ class KLOutput(_Ragged):
     spec: str
     model: str
     revision: str
+    generation: int = 0
+    """How many loads the model name had seen when it answered (ModelInfo.generation)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +94,12 @@ class KLItem:
     old_logprobs: Any = None
     spec: kl.KLSpec | str | None = None
     temperature: float = 1.0
-    model: str = ""
+    model: str | None = None
+    """The model by name; None: the client's model (its `model=`, else the server's default)."""
     as_torch: bool = False
     key: Any = None
+    revision: str | None = None
+    """The revision the item must be scored by (None: the client's pin for its model, if any)."""
 
 
 @dataclasses.dataclass(frozen=True)

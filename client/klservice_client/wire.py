@@ -174,9 +174,18 @@ class ModelInfo:
     """Largest message the server sends or receives. None in a backend's info: the server sets it."""
     server_version: str | None = None
     """The klservice version serving it. None in a backend's info: the server sets it."""
+    generation: int | None = None
+    """How many times a checkpoint was loaded under `name` (1 for the one loaded at start); with `revision`,
+    which reference answered. None in a backend's info: the server sets it."""
+    path: str | None = None
+    """The folder this revision was loaded from (for a mixed revision, the one mixed in)."""
+    mixup_alpha: float | None = None
+    """For a revision loaded with LoadModel's mixup_alpha: (1 - alpha) * previous + alpha * new weights."""
+    is_default: bool | None = None
+    """Whether an empty model name means this model. None in a backend's info: the server sets it."""
 
 
-_OPTIONAL_INFO_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_OPTIONAL_INFO_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "mixup_alpha")
 
 
 def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:

@@ -19,41 +19,37 @@ from typing import TYPE_CHECKING
 from klservice.backends.base import ModelInfo, ReferenceBackend
 
 if TYPE_CHECKING:
-    from klservice.config import ServerConfig
+    from klservice.config import ModelSpec, ServerConfig
 
-__all__ = ["KNOWN_BACKENDS", "ModelInfo", "ReferenceBackend", "load_backend"]
+__all__ = ["KNOWN_BACKENDS", "ModelInfo", "ReferenceBackend", "load_backend", "model_folder"]
 
 KNOWN_BACKENDS = ("hf", "vllm")
 """Backend names `load_backend` accepts."""
 
 
-def load_backend(config: "ServerConfig", *, progress: bool = True) -> ReferenceBackend:
-    """Load the model a server configuration names into its backend.
+def load_backend(config: "ServerConfig", spec: "ModelSpec | None" = None, *, progress: bool = True) -> ReferenceBackend:
+    """Load one model of a server configuration into its backend.
 
-    Reads `config.backend`, `config.model` (a local Hugging Face folder, a hub id already in the
-    local HF cache, or None for the embedded default model), `dtype`, `device` ("auto": CUDA if
-    available, else CPU), `cache_dir` (where the embedded model is converted to, see
-    `ensure_default_model`), `max_length` (caps the model's own context length), and for the
-    vllm backend `tensor_parallel_size` and `gpu_memory_utilization`. `progress` shows
-    conversion and loading progress on stderr.
+    `spec` (default: the configuration's first model, `ServerConfig.model_specs`) gives the name, the
+    folder (a local Hugging Face folder, a hub id already in the local HF cache, or None for the
+    embedded default model), the backend, `dtype`, `device` ("auto": CUDA if available, else CPU) and
+    `max_length` (caps the model's own context length). From `config` come `cache_dir` (where the
+    embedded model is converted to, see `ensure_default_model`) and for the vllm backend
+    `tensor_parallel_size` and `gpu_memory_utilization`. `progress` shows conversion and loading
+    progress on stderr.
     """
-    backend, model = config.backend, config.model
+    spec = spec if spec is not None else config.model_specs()[0]
+    backend = spec.backend
     if backend not in KNOWN_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(KNOWN_BACKENDS)}")
-
-    from klservice.backends._files import resolve_model_dir
-    from klservice.default_model import DEFAULT_MODEL_NAME, ensure_default_model
-
-    if model is None:
-        folder, name = ensure_default_model(config.cache_dir, progress=progress), f"{DEFAULT_MODEL_NAME} (embedded)"
-    else:
-        folder, name = resolve_model_dir(model), model
+    folder = model_folder(config, spec, progress=progress)
+    name = spec.name
 
     if backend == "hf":
         from klservice.backends.hf import HFBackend
 
         return HFBackend(
-            folder, name=name, dtype=config.dtype, device=config.device, max_length=config.max_length, progress=progress
+            folder, name=name, dtype=spec.dtype, device=spec.device, max_length=spec.max_length, progress=progress
         )
     if backend == "vllm":
         from klservice.backends.vllm import VLLMBackend
@@ -61,11 +57,22 @@ def load_backend(config: "ServerConfig", *, progress: bool = True) -> ReferenceB
         return VLLMBackend(
             folder,
             name=name,
-            dtype=config.dtype,
-            device=config.device,
-            max_length=config.max_length,
+            dtype=spec.dtype,
+            device=spec.device,
+            max_length=spec.max_length,
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
             progress=progress,
         )
     raise AssertionError(f"backend {backend!r} is listed in KNOWN_BACKENDS but not wired up")
+
+
+def model_folder(config: "ServerConfig", spec: "ModelSpec", *, progress: bool = False):
+    """The local folder of a model spec: its path resolved (`resolve_model_dir`), or the embedded model's
+    converted folder."""
+    from klservice.backends._files import resolve_model_dir
+    from klservice.default_model import ensure_default_model
+
+    if spec.path is None:
+        return ensure_default_model(config.cache_dir, progress=progress)
+    return resolve_model_dir(spec.path)

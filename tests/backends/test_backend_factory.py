@@ -42,7 +42,7 @@ def test_uncached_hub_id_is_not_downloaded(monkeypatch, tmp_path):
 def test_loads_a_local_folder(tiny_llama_dir, tiny_backend):
     backend = load_backend(ServerConfig(model=str(tiny_llama_dir), device="auto", max_length=64), progress=False)
     info = backend.info()
-    assert (info.name, info.backend, info.device, info.max_length) == (str(tiny_llama_dir), "hf", "cpu", 64)
+    assert (info.name, info.backend, info.device, info.max_length) == (tiny_llama_dir.name, "hf", "cpu", 64)
     sequence = np.arange(10, 40, dtype=np.int64)
     (got,), (want,) = backend.score([sequence], [5]).values, tiny_backend.score([sequence], [5]).values
     np.testing.assert_array_equal(got, want)

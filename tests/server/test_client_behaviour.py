@@ -103,7 +103,7 @@ def test_full_queue_is_resource_exhausted_and_retried(start_server, hf_backend):
     third.join(10)
     assert len(errors) == 1 and isinstance(errors[0], ServiceOverloaded), errors
     assert "queue full" in str(errors[0])
-    assert server.server.metrics.dropped.labels("queue_full")._value.get() == 1
+    assert server.model_metrics.dropped.labels("queue_full")._value.get() == 1
     retrying = threading.Thread(target=call, args=(50,))
     retrying.start()
     time.sleep(0.3)

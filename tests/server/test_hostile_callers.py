@@ -150,7 +150,7 @@ def test_a_response_too_large_is_refused_before_any_forward(start_server):
         batch=batch_message(sequences, [1] * 60), logprobs=to_tensor(rng.normal(-10, 1, size=scored).astype(np.float32))
     )
     assert request.ByteSize() < 1 << 20
-    forwarded = server.server.metrics.tokens_forwarded._value.get()
+    forwarded = server.model_metrics.tokens_forwarded._value.get()
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.ReferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
@@ -159,7 +159,7 @@ def test_a_response_too_large_is_refused_before_any_forward(start_server):
     assert "response to 29940 scored tokens would take up to" in refused.value.details()
     assert "send at most" in refused.value.details()
     assert dict(refused.value.trailing_metadata() or ()).get("retry-after-ms") is None
-    assert server.server.metrics.tokens_forwarded._value.get() == forwarded  # no model time was spent
+    assert server.model_metrics.tokens_forwarded._value.get() == forwarded  # no model time was spent
     samples = scrape(server.metrics_url)
     assert samples["klservice_requests_total", (("code", "RESOURCE_EXHAUSTED"), ("method", "ComputeKL"))] == 1
 
@@ -195,8 +195,8 @@ def test_work_whose_deadline_passes_in_the_queue_is_counted_and_leaves_the_queue
         # Gone from the queue while the forward still holds the worker (the gate is still closed).
         assert wait_for(lambda: scheduler.queued_requests == 0)
         samples = scrape(server.metrics_url)
-        assert samples["klservice_queue_depth", ()] == 0
-        assert wait_for(lambda: scrape(server.metrics_url).get(("klservice_dropped_total", (("reason", "deadline"),))) == 5)
+        assert samples["klservice_queue_depth", server.labels()] == 0
+        assert wait_for(lambda: scrape(server.metrics_url).get(("klservice_dropped_total", server.labels(reason="deadline"))) == 5)
         assert gated.calls == 1
         gated.gate.set()
         assert holding.result().scored_lengths.shape == [1]

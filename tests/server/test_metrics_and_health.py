@@ -13,9 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from klservice_client import KLClient
 
 
-def job_labels(job: str, tenant: str = "anonymous") -> tuple:
-    """The labels of a per-job series, as `scrape` keys them."""
-    return (("tenant", tenant), ("trainer_job", job))
+def job_labels(job: str, tenant: str = "anonymous", model: str | None = None) -> tuple:
+    """The labels of a per-job series, as `scrape` keys them (with `model`: of a per-model one too)."""
+    labels = {"tenant": tenant, "trainer_job": job, **({"model": model} if model is not None else {})}
+    return tuple(sorted(labels.items()))
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -40,22 +41,22 @@ def test_metrics_endpoint_reports_requests_tokens_and_kl(start_server):
     samples = scrape(server.metrics_url)
     assert samples["klservice_requests_total", (("code", "OK"), ("method", "ComputeKL"))] == 1
     assert samples["klservice_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Score"))] == 1
-    assert samples["klservice_tokens_scored_total", job_labels("job-a")] == 45
-    assert samples["klservice_tokens_scored_total", job_labels("job-b")] == 45
-    assert samples["klservice_kl_k3_mean", job_labels("job-a")] == pytest.approx(out.diagnostics.k3_mean_per_token)
-    assert samples["klservice_kl_coef_bias_abs_mean", job_labels("job-a")] == pytest.approx(
-        out.diagnostics.coef_bias_abs_mean
-    )
-    assert samples["klservice_kl_batches_total", (("spec", "grpo_k3_as_loss"), *job_labels("job-a"))] == 1
+    job_a, job_b = server.labels(tenant="anonymous", trainer_job="job-a"), server.labels(tenant="anonymous", trainer_job="job-b")
+    assert samples["klservice_tokens_scored_total", job_a] == 45
+    assert samples["klservice_tokens_scored_total", job_b] == 45
+    assert samples["klservice_kl_k3_mean", job_a] == pytest.approx(out.diagnostics.k3_mean_per_token)
+    assert samples["klservice_kl_coef_bias_abs_mean", job_a] == pytest.approx(out.diagnostics.coef_bias_abs_mean)
+    assert samples["klservice_kl_batches_total", server.labels(spec="grpo_k3_as_loss", tenant="anonymous", trainer_job="job-a")] == 1
     assert samples["klservice_request_seconds_count", (("method", "ComputeKL"),)] == 1
-    assert samples["klservice_forward_seconds_count", ()] >= 1
+    assert samples["klservice_forward_seconds_count", server.labels()] >= 1
     # job-b's Score repeats job-a's sequences: answered from the reference cache, not forwarded again.
-    assert samples["klservice_tokens_forwarded_total", ()] == 60
-    assert samples["klservice_cache_lookups_total", (("result", "hit"),)] == 3
-    assert samples["klservice_cache_lookups_total", (("result", "miss"),)] == 3
+    assert samples["klservice_tokens_forwarded_total", server.labels()] == 60
+    assert samples["klservice_cache_lookups_total", server.labels(result="hit")] == 3
+    assert samples["klservice_cache_lookups_total", server.labels(result="miss")] == 3
     assert samples["klservice_ready", ()] == 1
     info = [key for key in samples if key[0] == "klservice_model_info"]
     assert len(info) == 1 and dict(info[0][1])["revision"] == a.model_info().revision
+    assert dict(info[0][1])["model"] == server.model and dict(info[0][1])["generation"] == "1"
 
 
 def test_job_labels_are_bounded(start_server):

@@ -73,7 +73,7 @@ def test_score_is_the_backends_forward_and_counts_the_job(service, backend):
     np.testing.assert_allclose(result.ref_logprobs, expected, atol=1e-5, rtol=0)
     assert result.scored_lengths.tolist() == [3, 2]
     assert result.model.revision == backend.info().revision
-    assert service.metrics.tokens_scored.labels("anonymous", "job-a")._value.get() == 5
+    assert service.metrics.tokens_scored.labels(result.model.name, "anonymous", "job-a")._value.get() == 5
 
 
 def test_compute_kl_is_the_kl_library_on_the_reference(service, backend):
@@ -90,4 +90,4 @@ def test_compute_kl_is_the_kl_library_on_the_reference(service, backend):
     assert result.kl.diagnostics == expected.diagnostics
     # No job id: fairness by connection, metrics as "anonymous".
     assert service.job(None, peer="ipv4:1.2.3.4").key == "peer:ipv4:1.2.3.4"
-    assert service.metrics.kl_k3.labels("anonymous", "default")._value.get() == pytest.approx(expected.diagnostics.k3_mean_per_token)
+    assert service.metrics.kl_k3.labels(result.model.name, "anonymous", "default")._value.get() == pytest.approx(expected.diagnostics.k3_mean_per_token)

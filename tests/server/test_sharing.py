@@ -180,7 +180,7 @@ def test_a_tenant_over_its_quota_is_refused_and_the_others_are_not(start_server,
         # the quota counts what is queued now: with the queue drained team-q is served again
         assert q.score([sequence(40)], 1).ref_logprobs.shape == (39,)
     samples = scrape(server.metrics_url)
-    assert samples["klservice_dropped_total", (("reason", "quota"),)] == 1  # TooLarge is not a drop: waiting won't help
+    assert samples["klservice_dropped_total", server.labels(reason="quota")] == 1  # TooLarge is not a drop: waiting won't help
     assert samples["klservice_requests_total", (("code", "RESOURCE_EXHAUSTED"), ("method", "Score"))] == 2
 
 

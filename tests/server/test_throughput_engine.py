@@ -28,7 +28,7 @@ def test_grpo_groups_share_prompts_across_requests_with_unshared_values(start_se
         t.start()
     for t in threads:
         t.join(60)
-    saved = server.server.metrics.tokens_saved._value.get()
+    saved = server.model_metrics.tokens_saved._value.get()
     assert saved >= 6 * 64  # 8 sequences, one prompt computed: 7 x 64 when both requests share a step
 
     unshared = HFBackend(tiny_model_dir, device="cpu", progress=False, share_prompts=False)
@@ -43,12 +43,12 @@ def test_compute_kl_again_with_new_policy_logprobs_hits_the_cache(start_server):
     sequences = [rng.integers(0, 49152, size=30).tolist() for _ in range(4)]
     with KLClient(server.target) as c:
         first = c.compute_kl(sequences, 10, logprobs=rng.normal(-10, 1, size=80).astype(np.float32))
-        forwarded = server.server.metrics.tokens_forwarded._value.get()
+        forwarded = server.model_metrics.tokens_forwarded._value.get()
         epoch2_logp = rng.normal(-10, 1, size=80).astype(np.float32)
         second = c.compute_kl(sequences, 10, logprobs=epoch2_logp, spec="grpo_k3_as_loss")
-        assert server.server.metrics.tokens_forwarded._value.get() == forwarded  # no forward
+        assert server.model_metrics.tokens_forwarded._value.get() == forwarded  # no forward
         hot = c.score(sequences, 10, temperature=0.5)
-        assert server.server.metrics.tokens_forwarded._value.get() > forwarded  # another temperature: a miss
+        assert server.model_metrics.tokens_forwarded._value.get() > forwarded  # another temperature: a miss
     np.testing.assert_array_equal(first.ref_logprobs, second.ref_logprobs)
     assert not np.allclose(hot.ref_logprobs, first.ref_logprobs)
     np.testing.assert_allclose(second.k1, epoch2_logp - second.ref_logprobs, rtol=1e-6)

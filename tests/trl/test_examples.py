@@ -75,7 +75,7 @@ def test_hand_written_loop_trains_through_the_service(start_server, default_mode
     assert [s[0] for s in steps] == ["1", "2"], result.stdout
     assert float(steps[0][2]) == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
     assert float(steps[1][2]) > 0  # after one update it is not
-    assert scrape(server.metrics_url)["klservice_tokens_scored_total", job_labels("grpo-loop")] > 0
+    assert scrape(server.metrics_url)["klservice_tokens_scored_total", job_labels("grpo-loop", model=server.model)] > 0
 
 
 @pytest.mark.slow

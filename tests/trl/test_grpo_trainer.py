@@ -204,8 +204,8 @@ def test_coefficient_mode_logs_diagnostics_and_the_job_reaches_server_metrics(
     samples = scrape(trl_server.metrics_url)
     scored = int(mask.sum())
     # Score at generation time, ComputeKL at the loss: both under the run's name.
-    assert samples["klservice_tokens_scored_total", job_labels("grpo-pytest-run")] == 2 * scored
-    assert samples["klservice_kl_k3_mean", job_labels("grpo-pytest-run")] == pytest.approx(
+    assert samples["klservice_tokens_scored_total", job_labels("grpo-pytest-run", model=trl_server.model)] == 2 * scored
+    assert samples["klservice_kl_k3_mean", job_labels("grpo-pytest-run", model=trl_server.model)] == pytest.approx(
         expected.k3_mean_per_token, rel=1e-4
     )
 

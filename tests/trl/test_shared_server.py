@@ -53,4 +53,4 @@ def test_two_trainers_at_once_get_their_solo_reference_logprobs(start_server, ti
     samples = scrape(server.metrics_url)
     for job_id in jobs:
         tokens = sum(len(r["ref"]) for r in shared[job_id]) * 2  # solo + shared run, same job id
-        assert samples["klservice_tokens_scored_total", job_labels(job_id)] == tokens
+        assert samples["klservice_tokens_scored_total", job_labels(job_id, model=server.model)] == tokens

@@ -62,6 +62,48 @@ IMPORTANCE_SAMPLING_NONE: ImportanceSampling
 IMPORTANCE_SAMPLING_TOKEN: ImportanceSampling
 IMPORTANCE_SAMPLING_SEQUENCE: ImportanceSampling
 
+class LoadModelRequest(_message.Message):
+    __slots__ = ("name", "path", "backend", "dtype", "device", "max_length", "force", "mixup_alpha")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    MIXUP_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    backend: str
+    dtype: str
+    device: str
+    max_length: int
+    force: bool
+    mixup_alpha: float
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., force: _Optional[bool] = ..., mixup_alpha: _Optional[float] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
 class ReloadAuthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -93,24 +135,28 @@ class SequenceBatch(_message.Message):
     def __init__(self, token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., prompt_lengths: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ModelRef(_message.Message):
-    __slots__ = ("name", "revision")
+    __slots__ = ("name", "revision", "generation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     revision: str
-    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
+    generation: int
+    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "model", "batch", "temperature")
+    __slots__ = ("request_id", "model", "batch", "temperature", "revision")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     batch: SequenceBatch
     temperature: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., batch: _Optional[_Union[SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
+    revision: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., batch: _Optional[_Union[SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ..., revision: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("request_id", "model", "ref_logprobs", "scored_lengths")
@@ -143,7 +189,7 @@ class KLSpec(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., estimator: _Optional[_Union[Estimator, str]] = ..., mode: _Optional[_Union[KLMode, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., importance_sampling: _Optional[_Union[ImportanceSampling, str]] = ..., truncation: _Optional[float] = ..., differentiable_weight: _Optional[bool] = ...) -> None: ...
 
 class KLRequest(_message.Message):
-    __slots__ = ("request_id", "model", "batch", "temperature", "logprobs", "old_logprobs", "spec")
+    __slots__ = ("request_id", "model", "batch", "temperature", "logprobs", "old_logprobs", "spec", "revision")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +197,7 @@ class KLRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     OLD_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     batch: SequenceBatch
@@ -158,7 +205,8 @@ class KLRequest(_message.Message):
     logprobs: Tensor
     old_logprobs: Tensor
     spec: KLSpec
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., batch: _Optional[_Union[SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., spec: _Optional[_Union[KLSpec, _Mapping]] = ...) -> None: ...
+    revision: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., batch: _Optional[_Union[SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., spec: _Optional[_Union[KLSpec, _Mapping]] = ..., revision: _Optional[str] = ...) -> None: ...
 
 class KLDiagnostics(_message.Message):
     __slots__ = ("num_sequences", "num_tokens", "k1_mean_per_token", "k2_mean_per_token", "k3_mean_per_token", "k1_mean_per_sequence", "k2_mean_per_sequence", "k3_mean_per_sequence", "is_weight_mean", "is_weight_max", "is_truncated_fraction", "coef_bias_mean", "coef_bias_abs_mean", "num_clamped")
@@ -239,11 +287,13 @@ class StreamKLResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[KLResponse, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "revision", "tokenizer_fingerprint", "backend", "dtype", "device", "vocab_size", "max_length", "bos_token_id", "eos_token_id", "pad_token_id", "max_request_tokens", "max_message_bytes", "server_version")
+    __slots__ = ("name", "revision", "tokenizer_fingerprint", "backend", "dtype", "device", "vocab_size", "max_length", "bos_token_id", "eos_token_id", "pad_token_id", "max_request_tokens", "max_message_bytes", "server_version", "generation", "path", "mixup_alpha", "is_default")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +308,10 @@ class ModelInfo(_message.Message):
     MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MIXUP_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     name: str
     revision: str
     tokenizer_fingerprint: str
@@ -272,4 +326,8 @@ class ModelInfo(_message.Message):
     max_request_tokens: int
     max_message_bytes: int
     server_version: str
-    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    generation: int
+    path: str
+    mixup_alpha: float
+    is_default: bool
+    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., generation: _Optional[int] = ..., path: _Optional[str] = ..., mixup_alpha: _Optional[float] = ..., is_default: _Optional[bool] = ...) -> None: ...

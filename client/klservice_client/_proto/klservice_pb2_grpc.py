@@ -55,6 +55,11 @@ class ReferenceServiceStub:
                 request_serializer=klservice_dot_v1_dot_klservice__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=klservice_dot_v1_dot_klservice__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/klservice.v1.ReferenceService/ListModels',
+                request_serializer=klservice_dot_v1_dot_klservice__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=klservice_dot_v1_dot_klservice__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ReferenceServiceServicer:
@@ -85,7 +90,15 @@ class ReferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """What model is served, so a trainer can pin the exact reference it trains against.
+        """One served model (by name; the default model when none is named), so a trainer can pin the
+        exact reference it trains against. An unknown name is NOT_FOUND naming the served ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every served model, the default first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +126,11 @@ def add_ReferenceServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=klservice_dot_v1_dot_klservice__pb2.GetModelInfoRequest.FromString,
                     response_serializer=klservice_dot_v1_dot_klservice__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=klservice_dot_v1_dot_klservice__pb2.ListModelsRequest.FromString,
+                    response_serializer=klservice_dot_v1_dot_klservice__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -234,6 +252,33 @@ class ReferenceService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/klservice.v1.ReferenceService/ListModels',
+            klservice_dot_v1_dot_klservice__pb2.ListModelsRequest.SerializeToString,
+            klservice_dot_v1_dot_klservice__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class OperatorServiceStub:
     """What the operator of a server may do remotely. Every call needs a tenant with the admin
@@ -252,6 +297,16 @@ class OperatorServiceStub:
                 request_serializer=klservice_dot_v1_dot_klservice__pb2.ReloadAuthRequest.SerializeToString,
                 response_deserializer=klservice_dot_v1_dot_klservice__pb2.ReloadAuthResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/klservice.v1.OperatorService/LoadModel',
+                request_serializer=klservice_dot_v1_dot_klservice__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=klservice_dot_v1_dot_klservice__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/klservice.v1.OperatorService/UnloadModel',
+                request_serializer=klservice_dot_v1_dot_klservice__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=klservice_dot_v1_dot_klservice__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -268,6 +323,25 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Load a checkpoint under a model name: a new name is added; an existing name moves to the new
+        revision once it is loaded and checked (a probe forward, the tokenizer fingerprint). Requests
+        admitted before the move finish on the old revision, later ones run on the new; the old one is
+        released when its last request is done. A load that fails (missing folder, bad weights, another
+        tokenizer, not enough memory) is FAILED_PRECONDITION and leaves the name serving what it served.
+        A second load of a name while one runs is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Stop serving a model name (not the default one); its requests in flight finish first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -275,6 +349,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ReloadAuth,
                     request_deserializer=klservice_dot_v1_dot_klservice__pb2.ReloadAuthRequest.FromString,
                     response_serializer=klservice_dot_v1_dot_klservice__pb2.ReloadAuthResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=klservice_dot_v1_dot_klservice__pb2.LoadModelRequest.FromString,
+                    response_serializer=klservice_dot_v1_dot_klservice__pb2.ModelInfo.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=klservice_dot_v1_dot_klservice__pb2.UnloadModelRequest.FromString,
+                    response_serializer=klservice_dot_v1_dot_klservice__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +391,60 @@ class OperatorService:
             '/klservice.v1.OperatorService/ReloadAuth',
             klservice_dot_v1_dot_klservice__pb2.ReloadAuthRequest.SerializeToString,
             klservice_dot_v1_dot_klservice__pb2.ReloadAuthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/klservice.v1.OperatorService/LoadModel',
+            klservice_dot_v1_dot_klservice__pb2.LoadModelRequest.SerializeToString,
+            klservice_dot_v1_dot_klservice__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/klservice.v1.OperatorService/UnloadModel',
+            klservice_dot_v1_dot_klservice__pb2.UnloadModelRequest.SerializeToString,
+            klservice_dot_v1_dot_klservice__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,542 @@
+"""The served models: names, each an alias for one immutable loaded revision that a load moves atomically.
+
+A `ServedModel` is one loaded revision: its backend, its own `TokenBudgetScheduler` (so
+fairness between tenants holds within each model and no model's backlog waits behind
+another's) with its own reference-cache partition, its limits and what GetModelInfo says of
+it. `ModelRegistry` maps names to their current revision and runs the lifecycle:
+
+- **Start.** Every ``--model`` is estimated first (`klservice.checkpoints.weight_bytes`); a set
+  that does not fit its device fails before anything loads, naming the models and the sizes.
+- **Lease.** A request takes a lease on the revision its model name points to when it is
+  admitted (`lease`) and keeps it until answered, so it finishes on that revision whatever
+  happens to the name meanwhile.
+- **Load (swap).** `load` reads the new checkpoint beside the old one (optionally mixed with it:
+  (1 - alpha) * old + alpha * new), checks it (a probe forward whose log-probs must be finite,
+  the tokenizer fingerprint unless forced), and only then points the name at it. The generation
+  of the name goes up by one. Requests admitted before the move finish on the old revision; the
+  old backend is released when its last lease is returned. A failed load changes nothing. Two
+  loads of one name never run at once: the second is refused (FailedPrecondition).
+- **Unload.** The name goes at once; its revision is released like a replaced one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from klservice import __version__
+from klservice.backends.base import ModelInfo, ReferenceBackend, probe_tokens
+from klservice.cache import ReferenceCache
+from klservice.checkpoints import MIB, CheckpointError, mix_checkpoints, weight_bytes
+from klservice.config import MODEL_NAME_PATTERN, ModelSpec, ServerConfig
+from klservice.errors import FailedPrecondition, ModelNotFound, NotReady
+from klservice.metrics import Metrics
+from klservice.scheduler import TokenBudgetScheduler
+from klservice.validation import Limits
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class ServedModel:
+    """One loaded revision of a model name (immutable once serving; see the module docstring)."""
+
+    spec: ModelSpec
+    folder: Path
+    backend: ReferenceBackend
+    scheduler: TokenBudgetScheduler
+    info: ModelInfo
+    """What GetModelInfo answers: the backend's info with the name, generation and serving limits."""
+    limits: Limits
+    memory_bytes: int
+    device: str
+    """The device its memory is counted on ("cpu", "cuda:0", ...)."""
+    owned_folder: Path | None = None
+    """A folder written for this revision (mixed weights), removed when it is released."""
+    owns_backend: bool = True
+    """False for a backend handed in loaded (`ModelRegistry.start(preloaded)`): whoever loaded it closes it."""
+    leases: int = 0
+    retired: bool = False
+    released: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadRequest:
+    """What LoadModel asks for; empty fields default to the name's current revision, else the server's flags."""
+
+    name: str
+    path: str
+    backend: str = ""
+    dtype: str = ""
+    device: str = ""
+    max_length: int = 0
+    force: bool = False
+    mixup_alpha: float | None = None
+
+
+class ModelRegistry:
+    """Model names → their serving revision; loads, swaps and releases (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics):
+        self.config = config
+        self.metrics = metrics
+        self._models: dict[str, ServedModel] = {}  # name -> serving revision; the default first
+        self._default: str | None = None
+        self._retiring: set[ServedModel] = set()
+        self._loading: set[str] = set()
+        self._generations: dict[str, int] = {}
+        self._releases: set[asyncio.Task] = set()
+        self._closing = False
+
+    # --- start and stop -----------------------------------------------------------------
+
+    async def start(self, preloaded: ReferenceBackend | None = None) -> list[ServedModel]:
+        """Load every --model (the first may come `preloaded`), after checking that they fit their devices."""
+        specs = self.config.model_specs()
+        if preloaded is not None and not self.config.model:  # served under the name its loader gave it
+            name = (await asyncio.to_thread(preloaded.info)).name
+            specs[0] = dataclasses.replace(specs[0], name=name, path=name)
+        folders = await asyncio.to_thread(self._folders, specs, preloaded)
+        estimates = [_estimate(spec, folder, self.config) for spec, folder in zip(specs, folders)]
+        self._check_fits(list(zip(specs, estimates)), existing=[], when="at start")
+        for index, (spec, folder, (device, size)) in enumerate(zip(specs, folders, estimates)):
+            backend = preloaded if index == 0 and preloaded is not None else None
+            served = await self._open(spec, folder, device, size, backend=backend)
+            self._models[spec.name] = served
+            self._publish(served)
+        self._default = specs[0].name
+        self._refresh_default_flags()
+        return list(self._models.values())
+
+    def _folders(self, specs: list[ModelSpec], preloaded) -> list[Path | None]:
+        from klservice.backends import model_folder
+
+        folders = []
+        for index, spec in enumerate(specs):
+            if index == 0 and preloaded is not None:
+                folders.append(None)  # a backend handed in by the embedding program: its memory is its own
+            else:
+                folders.append(model_folder(self.config, spec, progress=True))
+        return folders
+
+    @property
+    def ready(self) -> bool:
+        return self._default is not None and not self._closing
+
+    def drain(self) -> None:
+        self._closing = True
+
+    async def stop(self, grace: float) -> bool:
+        """Give queued and running work `grace` seconds, then stop every scheduler and close every backend.
+        True if everything finished in time."""
+        self._closing = True
+        if self._releases:  # revisions already on their way out: their last requests are done
+            await asyncio.gather(*self._releases, return_exceptions=True)
+        everything = list(self._models.values()) + list(self._retiring)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        finished = True
+        for served in everything:
+            finished &= await served.scheduler.drain(max(0.0, deadline - loop.time()))
+        for served in everything:
+            await served.scheduler.stop()
+        for served in everything:
+            await asyncio.to_thread(_close, served)
+            served.released.set()
+        self._models.clear()
+        self._retiring.clear()
+        return finished
+
+    # --- lookups ------------------------------------------------------------------------
+
+    @property
+    def default_name(self) -> str:
+        if self._default is None:
+            raise NotReady("models are still loading; retry shortly")
+        return self._default
+
+    def get(self, name: str = "") -> ServedModel:
+        """The serving revision of `name` (empty: the default model); ModelNotFound naming the served ones."""
+        if self._default is None:
+            raise NotReady("models are still loading; retry shortly")
+        served = self._models.get(name or self._default)
+        if served is None:
+            raise ModelNotFound(
+                f"model: {name[:80]!r} is not served here; this server serves "
+                + ", ".join(repr(other) for other in self._models)
+            )
+        return served
+
+    def list(self) -> list[ServedModel]:
+        """The serving revisions, the default first."""
+        return list(self._models.values())
+
+    @contextlib.contextmanager
+    def lease(self, name: str = ""):
+        """The serving revision of `name`, held for the block: a swap meanwhile does not release it."""
+        served = self.get(name)
+        served.leases += 1
+        try:
+            yield served
+        finally:
+            served.leases -= 1
+            if served.retired and served.leases == 0:
+                self._release_soon(served)
+
+    # --- load, swap, unload ---------------------------------------------------------------
+
+    async def load(self, request: LoadRequest) -> ServedModel:
+        """Load a checkpoint under a name (new, or moved from its current revision once the new one is checked)."""
+        name = request.name
+        if name not in self._models and not MODEL_NAME_PATTERN.fullmatch(name):
+            raise FailedPrecondition(f"name: {name[:80]!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        if self._closing:
+            raise NotReady("server is shutting down")
+        if name in self._loading:
+            raise FailedPrecondition(f"model {name!r}: a load is already running; wait for it to finish")
+        current = self._models.get(name)
+        if current is None and len(self._models) + len(self._loading) >= self.config.max_models:
+            raise FailedPrecondition(
+                f"model {name!r}: this server serves {len(self._models)} models, its --max-models; unload one first"
+            )
+        self._loading.add(name)
+        started = time.perf_counter()
+        owned: Path | None = None
+        try:
+            spec = self._spec(request, current)
+            folder = await asyncio.to_thread(_resolve, request.path)
+            if request.mixup_alpha is not None:
+                if current is None or current.folder is None:
+                    raise FailedPrecondition(
+                        f"mixup_alpha: model {name!r} is not served from a checkpoint folder, so there is nothing to "
+                        "mix the new weights with"
+                    )
+                owned = await asyncio.to_thread(self._mix, current, folder, request.mixup_alpha)
+                folder = owned
+            device, size = _estimate(spec, folder, self.config)
+            self._check_fits([(spec, (device, size))], existing=self._holding(), when="now")
+            try:
+                served = await self._open(spec, folder, device, size, owned_folder=owned, mixup_alpha=request.mixup_alpha,
+                                          path=request.path)
+            except (FailedPrecondition, NotReady):
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure to load is the load's answer
+                raise FailedPrecondition(f"model {name!r}: loading {request.path} failed: {_describe(error)}") from None
+            owned = None  # the revision owns it now
+            if current is not None and not request.force and served.info.tokenizer_fingerprint != current.info.tokenizer_fingerprint:
+                await self._discard(served)
+                raise FailedPrecondition(
+                    f"model {name!r}: {request.path} has another tokenizer (fingerprint "
+                    f"{served.info.tokenizer_fingerprint[:12]}, serving {current.info.tokenizer_fingerprint[:12]}): token "
+                    "ids would change meaning for the trainers using it; pass force to load it anyway"
+                )
+            if self._closing:
+                await self._discard(served)
+                raise NotReady("server is shutting down")
+            self._models[name] = served  # the switch: later leases get the new revision
+            self._publish(served)
+            self._refresh_default_flags()
+            if current is not None:
+                self._retire(current)
+            self.metrics.model_loads.labels(name, "ok").inc()
+            log.info(
+                "model %r now serves revision %s (generation %d) from %s, loaded and checked in %.1f s",
+                name, served.info.revision[:12], served.info.generation, request.path, time.perf_counter() - started,
+            )
+            return served
+        except Exception:
+            self.metrics.model_loads.labels(name, "failed").inc()
+            raise
+        finally:
+            self._loading.discard(name)
+            if owned is not None:
+                shutil.rmtree(owned, ignore_errors=True)
+
+    async def unload(self, name: str) -> list[str]:
+        """Stop serving `name` (not the default model); its requests in flight finish first. The names left."""
+        if name == self._default:
+            raise FailedPrecondition(
+                f"model {name!r} is the default model and cannot be unloaded; load another checkpoint into it instead"
+            )
+        if name in self._loading:
+            raise FailedPrecondition(f"model {name!r}: a load is running; unload it once the load has finished")
+        served = self.get(name)
+        del self._models[name]
+        self.metrics.forget_model(name)
+        self._retire(served)
+        log.info("model %r unloaded (revision %s)", name, served.info.revision[:12])
+        return list(self._models)
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _spec(self, request: LoadRequest, current: ServedModel | None) -> ModelSpec:
+        base = current.spec if current is not None else ModelSpec.parse(None, self.config)
+        try:
+            return ModelSpec.of(
+                request.name, request.path,
+                backend=request.backend or base.backend,
+                dtype=request.dtype or base.dtype,
+                device=request.device or base.device,
+                max_length=request.max_length or (base.max_length if current is not None else self.config.max_length),
+            )
+        except ValueError as error:
+            raise FailedPrecondition(str(error)) from None
+
+    def _mix(self, current: ServedModel, folder: Path, alpha: float) -> Path:
+        if not (isinstance(alpha, float) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+            raise FailedPrecondition(f"mixup_alpha: {alpha} is not in [0, 1]")
+        from klservice.default_model import default_cache_dir
+
+        root = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
+        (root / "mixed").mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix=f"{current.name}-", dir=root / "mixed")) / "model"
+        try:
+            return mix_checkpoints(current.folder, folder, alpha, out)
+        except CheckpointError as error:
+            shutil.rmtree(out.parent, ignore_errors=True)
+            raise FailedPrecondition(str(error)) from None
+        except Exception as error:  # noqa: BLE001 - unreadable weights, a full disk
+            shutil.rmtree(out.parent, ignore_errors=True)
+            raise FailedPrecondition(f"mixup_alpha: mixing {folder} into {current.name!r} failed: {_describe(error)}") from None
+
+    async def _open(self, spec: ModelSpec, folder: Path | None, device: str, size: int, *,
+                    backend: ReferenceBackend | None = None, owned_folder: Path | None = None,
+                    mixup_alpha: float | None = None, path: str | None = None) -> ServedModel:
+        """Load (unless given), probe, and put a revision into service: its scheduler and cache, its limits."""
+        handed_in = backend is not None
+        if backend is None:
+            from klservice.backends import load_backend
+
+            backend = await asyncio.to_thread(load_backend, self.config, dataclasses.replace(spec, path=str(folder)),
+                                              progress=False)
+        try:
+            info = await asyncio.to_thread(backend.info)
+            if not handed_in:  # a backend handed in loaded is its loader's to check
+                await asyncio.to_thread(_probe, backend, info)
+        except Exception:
+            if not handed_in:
+                await asyncio.to_thread(backend.close)
+            raise
+        generation = self._generations.get(spec.name, 0) + 1
+        config = self.config
+        model_metrics = self.metrics.for_model(spec.name)
+        cache = None
+        if config.cache_mb > 0:
+            cache = ReferenceCache(config.cache_mb * MIB, info.revision, metrics=model_metrics)
+        scheduler = TokenBudgetScheduler(
+            backend,
+            max_batch_tokens=config.max_batch_tokens,
+            max_queue=config.max_queue,
+            max_wait_s=config.max_wait_ms / 1000.0,
+            call_padding=config.call_padding,
+            cache=cache,
+            metrics=model_metrics,
+        )
+        await scheduler.start()
+        limits = Limits(
+            model_name=spec.name,
+            vocab_size=info.vocab_size,
+            max_length=info.max_length,
+            max_request_tokens=config.max_request_tokens,
+            max_message_bytes=config.max_message_bytes,
+            revision=info.revision,
+            generation=generation,
+        )
+        served_info = dataclasses.replace(
+            info,
+            name=spec.name,
+            max_request_tokens=limits.max_request_tokens,
+            max_message_bytes=config.max_message_bytes,
+            server_version=__version__,
+            generation=generation,
+            path=path if path is not None else (spec.path or str(folder or "")),
+            mixup_alpha=mixup_alpha,
+            is_default=False,
+        )
+        return ServedModel(spec=spec, folder=folder, backend=backend, scheduler=scheduler, info=served_info,
+                           limits=limits, memory_bytes=size, device=device, owned_folder=owned_folder,
+                           owns_backend=not handed_in)
+
+    def _publish(self, served: ServedModel) -> None:
+        """`served` now serves its name: its generation is the name's, and the metrics say so."""
+        info = served.info
+        self._generations[served.name] = info.generation
+        self.metrics.model_info.labels(served.name).info({
+            "revision": info.revision, "generation": str(info.generation), "backend": info.backend,
+            "dtype": info.dtype, "device": info.device,
+        })
+
+    def _refresh_default_flags(self) -> None:
+        for name, served in self._models.items():
+            served.info = dataclasses.replace(served.info, is_default=name == self._default)
+
+    def _holding(self) -> list[tuple[str, str, int]]:
+        """(name, device, bytes) of every revision holding memory: serving, and replaced but not yet released."""
+        return [(served.name, served.device, served.memory_bytes)
+                for served in list(self._models.values()) + list(self._retiring)]
+
+    def _check_fits(self, new: list[tuple[ModelSpec, tuple[str, int]]], existing: list[tuple[str, str, int]],
+                    when: str) -> None:
+        """Refuse models that do not fit their device next to what it holds, naming the models and the sizes."""
+        devices = sorted({device for _, (device, _) in new})
+        for device in devices:
+            adding = [(spec.name, size) for spec, (dev, size) in new if dev == device]
+            held = [(name, size) for name, dev, size in existing if dev == device]
+            need = sum(size for _, size in adding)
+            if self.config.memory_budget_mb > 0:
+                budget = self.config.memory_budget_mb * MIB - sum(size for _, size in held)
+                source = f"--memory-budget-mb {self.config.memory_budget_mb}"
+            else:
+                budget = _free_memory(device)
+                source = "free memory"
+            if budget is None or need <= budget:
+                continue
+            listed = ", ".join(f"{name} {_mib(size)}" for name, size in adding)
+            holding = f" beside {', '.join(f'{name} {_mib(size)}' for name, size in held)}" if held else ""
+            raise FailedPrecondition(
+                f"models do not fit {device} {when}: {listed} need {_mib(need)}{holding}, but {_mib(max(budget, 0))} "
+                f"is available ({source}); serve fewer or smaller models, a 16-bit --dtype, or another device"
+            )
+
+    def _retire(self, served: ServedModel) -> None:
+        served.retired = True
+        self._retiring.add(served)
+        if served.leases == 0:
+            self._release_soon(served)
+
+    def _release_soon(self, served: ServedModel) -> None:
+        if served in self._retiring:
+            self._retiring.discard(served)
+            task = asyncio.get_running_loop().create_task(self._release(served), name=f"klservice-release-{served.name}")
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release(self, served: ServedModel) -> None:
+        """Release a revision with no lease left: its scheduler (idle by now), its backend, its own folder."""
+        try:
+            await served.scheduler.drain(60.0)
+            await served.scheduler.stop()
+            await asyncio.to_thread(_close, served)
+            served.released.set()
+            log.info("released model %r revision %s (generation %d)", served.name, served.info.revision[:12],
+                     served.info.generation)
+        except Exception:  # noqa: BLE001 - a failed release must not take the server down
+            log.exception("releasing model %r revision %s failed", served.name, served.info.revision[:12])
+
+    async def _discard(self, served: ServedModel) -> None:
+        """Drop a revision that was loaded but is not put into service."""
+        await served.scheduler.stop()
+        await asyncio.to_thread(_close, served)
+        served.released.set()
+
+
+def _resolve(path: str) -> Path:
+    from klservice.backends._files import resolve_model_dir
+
+    if not path:
+        raise FailedPrecondition("path: empty; give the folder of the checkpoint to load")
+    try:
+        folder = resolve_model_dir(path)
+    except FileNotFoundError as error:
+        raise FailedPrecondition(f"path: {error}") from None
+    if not (folder / "config.json").is_file():
+        raise FailedPrecondition(f"path: {folder} has no config.json; it is not a Hugging Face model folder")
+    return folder
+
+
+def _estimate(spec: ModelSpec, folder: Path | None, config: ServerConfig) -> tuple[str, int]:
+    """(device, bytes) a model will take: its weights at the compute dtype; vLLM on a GPU takes its
+    --gpu-memory-utilization share of the device."""
+    device = _device_key(spec.device)
+    if folder is None:
+        return device, 0
+    try:
+        size = weight_bytes(folder, spec.dtype)
+    except CheckpointError as error:
+        raise FailedPrecondition(f"model {spec.name!r}: {error}") from None
+    if spec.backend == "vllm" and device.startswith("cuda"):
+        total = _total_memory(device)
+        if total:
+            size = max(size, int(config.gpu_memory_utilization * total))
+    return device, size
+
+
+def _device_key(device: str) -> str:
+    """The device memory is counted on: "auto" and "cuda" resolved as the backends resolve them."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    return device
+
+
+def _free_memory(device: str) -> int | None:
+    """Free memory of a device now (CUDA's free memory; the host's MemAvailable for cpu); None if unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _total_memory(device: str) -> int | None:
+    import torch
+
+    return int(torch.cuda.mem_get_info(torch.device(device))[1])
+
+
+def _probe(backend: ReferenceBackend, info: ModelInfo) -> None:
+    """A forward on fixed tokens: every log-prob must be a finite number <= 0 (NaN or inf weights fail here)."""
+    tokens = probe_tokens(info.vocab_size)
+    values = backend.score([tokens], [1]).values
+    if len(values) != 1 or len(values[0]) != len(tokens) - 1:
+        raise FailedPrecondition("probe forward: the backend returned the wrong number of log-probs")
+    values = np.asarray(values[0], dtype=np.float64)
+    if not np.isfinite(values).all() or (values > 1e-3).any():
+        raise FailedPrecondition(
+            f"probe forward: the weights give log-probs that are not finite numbers <= 0 (e.g. {values[~np.isfinite(values) | (values > 1e-3)][0]:g}): "
+            "the checkpoint is broken"
+        )
+
+
+def _close(served: ServedModel) -> None:
+    if served.owns_backend:
+        served.backend.close()
+    if served.owned_folder is not None:
+        shutil.rmtree(served.owned_folder.parent, ignore_errors=True)
+
+
+def _describe(error: BaseException) -> str:
+    """A load failure in a line, for the operator who asked: out of memory said as such."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, MemoryError) or "out of memory" in text.lower():
+        return f"out of memory ({text[:200]})"
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _mib(size: int) -> str:
+    return f"{size / MIB:,.0f} MiB"
