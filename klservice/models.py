@@ -64,6 +64,10 @@ class ServedModel:
     """A folder written for this revision (mixed weights), removed when it is released."""
     owns_backend: bool = True
     """False for a backend handed in loaded (`ModelRegistry.start(preloaded)`): whoever loaded it closes it."""
+    load_seconds: float = 0.0
+    """How long reading the weights took (for a mixed revision, mixing included)."""
+    check_seconds: float = 0.0
+    """How long the probe forward took."""
     leases: int = 0
     retired: bool = False
     released: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -226,6 +230,7 @@ class ModelRegistry:
                     )
                 owned = await asyncio.to_thread(self._mix, current, folder, request.mixup_alpha)
                 folder = owned
+            mixed = time.perf_counter()
             device, size = _estimate(spec, folder, self.config)
             self._check_fits([(spec, (device, size))], existing=self._holding(), when="now")
             try:
@@ -246,15 +251,20 @@ class ModelRegistry:
             if self._closing:
                 await self._discard(served)
                 raise NotReady("server is shutting down")
+            switching = time.perf_counter()
             self._models[name] = served  # the switch: later leases get the new revision
             self._publish(served)
             self._refresh_default_flags()
             if current is not None:
                 self._retire(current)
+            switched = time.perf_counter()
             self.metrics.model_loads.labels(name, "ok").inc()
             log.info(
-                "model %r now serves revision %s (generation %d) from %s, loaded and checked in %.1f s",
-                name, served.info.revision[:12], served.info.generation, request.path, time.perf_counter() - started,
+                "model %r now serves revision %s (generation %d) from %s: %s%.2f s to load, %.3f s to check "
+                "(probe forward), %.1f µs to switch; %.2f s in all",
+                name, served.info.revision[:12], served.info.generation, request.path,
+                f"{mixed - started:.2f} s to mix, " if request.mixup_alpha is not None else "",
+                served.load_seconds, served.check_seconds, (switched - switching) * 1e6, switched - started,
             )
             return served
         except Exception:
@@ -291,6 +301,7 @@ class ModelRegistry:
                 dtype=request.dtype or base.dtype,
                 device=request.device or base.device,
                 max_length=request.max_length or (base.max_length if current is not None else self.config.max_length),
+                check_name=current is None,
             )
         except ValueError as error:
             raise FailedPrecondition(str(error)) from None
@@ -317,11 +328,13 @@ class ModelRegistry:
                     mixup_alpha: float | None = None, path: str | None = None) -> ServedModel:
         """Load (unless given), probe, and put a revision into service: its scheduler and cache, its limits."""
         handed_in = backend is not None
+        started = time.perf_counter()
         if backend is None:
             from klservice.backends import load_backend
 
             backend = await asyncio.to_thread(load_backend, self.config, dataclasses.replace(spec, path=str(folder)),
                                               progress=False)
+        loaded = time.perf_counter()
         try:
             info = await asyncio.to_thread(backend.info)
             if not handed_in:  # a backend handed in loaded is its loader's to check
@@ -366,9 +379,10 @@ class ModelRegistry:
             mixup_alpha=mixup_alpha,
             is_default=False,
         )
+        checked = time.perf_counter()
         return ServedModel(spec=spec, folder=folder, backend=backend, scheduler=scheduler, info=served_info,
                            limits=limits, memory_bytes=size, device=device, owned_folder=owned_folder,
-                           owns_backend=not handed_in)
+                           owns_backend=not handed_in, load_seconds=loaded - started, check_seconds=checked - loaded)
 
     def _publish(self, served: ServedModel) -> None:
         """`served` now serves its name: its generation is the name's, and the metrics say so."""

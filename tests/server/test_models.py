@@ -117,6 +117,27 @@ def test_two_models_served_at_once_equal_their_own_forwards(start_server, checkp
     assert revisions == {"ref": expected["base"][0], "teacher": expected["perturbed"][0]}
 
 
+def test_one_models_backlog_does_not_hold_up_another(start_server, hf_backend, checkpoints, expected):  # noqa: F811
+    """Each model has its own scheduler: with `ref` stuck in a forward and requests queued behind it, `teacher`
+    still answers at once."""
+    gated = GatedBackend(hf_backend)
+    server = start_server(backend=gated, model=(f"ref={checkpoints['base']}", f"teacher={checkpoints['perturbed']}"),
+                          cache_mb=0)
+    with KLClient(server.target, max_retries=0, timeout=60) as client:
+        pool = concurrent.futures.ThreadPoolExecutor(4)
+        ref_scheduler = server.server.service.models.get("ref").scheduler
+        backlog = [pool.submit(client.score, [SEQUENCES[0]], PROMPTS[0])]
+        assert wait_until(lambda: gated.calls == 1)  # ref's worker is held in a forward
+        backlog += [pool.submit(client.score, [s], p) for s, p in zip(SEQUENCES[1:], PROMPTS[1:])]
+        assert wait_until(lambda: ref_scheduler.queued_requests == 2)
+        teacher = client.score(SEQUENCES, PROMPTS, model="teacher")
+        assert not any(future.done() for future in backlog)  # ref's work is all still waiting
+        np.testing.assert_allclose(teacher.ref_logprobs, expected["perturbed"][1], atol=1e-5, rtol=0)
+        gated.gate.set()
+        assert [future.result(60).model for future in backlog] == ["ref"] * 3
+        pool.shutdown()
+
+
 def test_a_set_of_models_that_does_not_fit_fails_at_start_naming_them(start_server, checkpoints):
     # The tiny model holds ~6.4M float32 parameters (~25 MiB): one fits 40 MiB, two do not.
     server = start_server(wait=False, memory_budget_mb=40,
