@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--logprobs", help="comma-separated policy log-probs, one per scored token")
     score.add_argument("--spec", default="principled", help="KL preset for the coefficient column (default: principled)")
     score.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
+    score.add_argument("--model", default="", help="the served model to score with (default: the server's default)")
     _add_tokenizer_arg(score)
     score.set_defaults(run=_score)
 
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gradient coefficients of the principled and GRPO (k3 as loss) implementations.",
     )
     _add_tokenizer_arg(demo)
+    demo.add_argument("--model", default="", help="the served model to ask (default: the server's default)")
     demo.set_defaults(run=_demo)
 
     health = commands.add_parser(
@@ -371,7 +373,7 @@ def _client(args: argparse.Namespace):
     try:
         return KLClient(
             args.target, timeout=args.timeout, max_retries=2, job_id="klservice-cli", token=args.token,
-            **_tls_options(args),
+            model=getattr(args, "model", None) or "", **_tls_options(args),
         )
     except ValueError as error:  # e.g. a --tls-ca that is not a PEM file
         raise SystemExit(f"error: {error}") from None

@@ -314,6 +314,19 @@ class ModelRegistry:
         root = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
         (root / "mixed").mkdir(parents=True, exist_ok=True)
         out = Path(tempfile.mkdtemp(prefix=f"{current.name}-", dir=root / "mixed")) / "model"
+        from klservice.backends._files import model_revision
+
+        try:  # the served weights are read again from their folder: it must still hold exactly them
+            unchanged = model_revision(current.folder) == current.info.revision
+        except (OSError, FileNotFoundError):
+            unchanged = False
+        if not unchanged:
+            shutil.rmtree(out.parent, ignore_errors=True)
+            raise FailedPrecondition(
+                f"mixup_alpha: {current.folder}, the folder model {current.name!r} was loaded from, no longer holds "
+                f"its revision {current.info.revision[:12]}; mixing reads the served weights from there (keep it until "
+                "the next mixing load), so load a checkpoint without mixup_alpha instead"
+            )
         try:
             return mix_checkpoints(current.folder, folder, alpha, out)
         except CheckpointError as error:

@@ -287,6 +287,11 @@ class _ClientCore:
         info = self._infos[model] = model_info_from_proto(reply)
         return info
 
+    @property
+    def job_id(self) -> str | None:
+        """The job id this client's calls carry (``x-job-id``), if any."""
+        return self._options.job_id
+
     # --- models and revisions -----------------------------------------------------------------
 
     def _name(self, model: str | None) -> str:
@@ -481,9 +486,11 @@ class KLClient(_ClientCore):
 
         A new name is added; an existing one moves to the new revision once it is loaded and checked, and
         requests admitted before finish on the old one. ``mixup_alpha``: serve (1 - alpha) * current + alpha *
-        new weights. Another tokenizer is refused unless ``force``. Not retried (a mixing load must not run
-        twice); `FailedPrecondition` says why a load failed, and the name then serves what it served. Returns
-        the new revision's info (its ``generation`` is one more than before).
+        new weights; the server reads the current weights again from the folder they were loaded from, so that
+        folder must stay as it was until then (a changed one is refused). Another tokenizer is refused unless
+        ``force``. Not retried (a mixing load must not run twice); `FailedPrecondition` says why a load failed,
+        and the name then serves what it served. `timeout` (default: the client's) bounds the whole load: give
+        large checkpoints more. Returns the new revision's info (its ``generation`` is one more than before).
         """
         request = self._load_request(name, path, backend, dtype, device, max_length, force, mixup_alpha)
         info = model_info_from_proto(self._call("LoadModel", request, self._operator, retry=False, timeout=timeout))

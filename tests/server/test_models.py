@@ -272,6 +272,12 @@ def test_mixup_alpha_serves_the_mixed_weights(start_server, checkpoints, tmp_pat
             client.load_model(server.model, str(checkpoints["base"]), mixup_alpha=1.5)
         with pytest.raises(FailedPrecondition, match="is not served from a checkpoint folder|not served"):
             client.load_model("fresh", str(checkpoints["base"]), mixup_alpha=0.5)
+        # the served weights are read again from their folder: a folder changed since is refused
+        copy = shutil.copytree(checkpoints["base"], tmp_path / "copy")
+        client.load_model("copy", str(copy))
+        shutil.copy(checkpoints["perturbed"] / "model.safetensors", copy / "model.safetensors")
+        with pytest.raises(FailedPrecondition, match="no longer holds its revision"):
+            client.load_model("copy", str(checkpoints["perturbed"]), mixup_alpha=0.5)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -137,7 +137,7 @@ def test_sequences_up_to_the_context_length_match_transformers(vllm_tiny, transf
 
 
 def _tokens_saved(server) -> float:
-    return server.server.metrics.tokens_saved._value.get()
+    return server.model_metrics.tokens_saved._value.get()
 
 
 def test_shared_prompts_use_the_prefix_cache_with_unshared_values(vllm_tiny, transformers_logprobs):

@@ -66,22 +66,48 @@ mode they are the server's for the requested spec. ``log_kl_grad_norm=True`` add
 ``kl/grad_norm``, the norm of the KL term's gradient over the trainable parameters (one
 extra backward pass per step).
 
+**Reference reset** (``GRPOConfig.sync_ref_model=True``, TRL's TR-DPO-style reference
+update). The run gets a reference model of its own on the server, ``reference_model``
+(default ``"<job id>-reference"``), so no model other jobs use is ever replaced. At the start
+of ``train()`` the trainer saves the policy (safetensors, written by the main process only)
+into a fresh folder of ``reference_sync_dir`` and loads it under that name: the reference
+starts as the policy, as TRL's does. Every ``ref_model_sync_steps`` optimisation steps, at the
+end of the step as TRL's ``SyncRefModelCallback``, it saves the policy again and loads it with
+``mixup_alpha=ref_model_mixup_alpha``: the server then serves ``(1 - alpha) * reference +
+alpha * policy``, computed as TRL computes it in place. That is one LoadModel per sync; the
+trainer's calls are then pinned to the revision it returned (`klservice_client.RevisionMismatch`
+if anything else moves the name), ``kl/reference_generation`` logs which load answered, and
+the folders the server no longer reads are deleted. It needs the right to call LoadModel (an
+admin token, or a server without ``--auth-file`` started with ``--allow-admin-from-loopback``
+on the trainer's host), a ``reference_sync_dir`` the server reads at the same path (a shared
+file system, or the same host), and room on the server for one more model (two during a
+swap). Not under PEFT (TRL refuses it too). ``train(resume_from_checkpoint=...)`` restarts the
+reference from the resumed policy. In coefficient mode, optimisation steps after a sync that
+reuse an earlier generation batch get coefficients against the new reference (the old
+revision is no longer served); TRL's own KL term (reference mode) keeps the log-probs
+fetched at generation time, as TRL does.
+
 At start the trainer checks that its tokenizer is the served model's
-(`klservice_client.TokenizerMismatch` otherwise). Its requests carry ``job_id``, by default
-``GRPOConfig.run_name`` (else the output directory's name): the server's fairness key and
-per-job metric label.
+(`klservice_client.TokenizerMismatch` otherwise; with ``sync_ref_model``, once the reference
+is loaded). Its requests carry ``job_id``, by default ``GRPOConfig.run_name`` (else the output
+directory's name): the server's fairness key and per-job metric label.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shutil
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list, is_peft_model
+from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from klservice_client import kl
@@ -105,13 +131,20 @@ _MULTIMODAL_INPUTS = (
 
 
 class ServedReference:
-    """Stands where TRL keeps its ``ref_model``: the reference model is the one a klservice server serves."""
+    """Stands where TRL keeps its ``ref_model``: the reference model is the one a klservice server serves.
 
-    def __init__(self, client: KLClient, info: ModelInfo):
+    `model`: the name the trainer's calls give (None: the client's model); `info`: the served revision
+    (None until a ``sync_ref_model`` run has loaded its reference).
+    """
+
+    def __init__(self, client: KLClient, info: ModelInfo | None, model: str | None = None):
         self.client = client
         self.info = info
+        self.model = model
 
     def __repr__(self) -> str:
+        if self.info is None:
+            return f"ServedReference({self.model!r}, not loaded yet)"
         return f"ServedReference({self.info.name!r}, revision={self.info.revision[:12]})"
 
 
@@ -164,6 +197,32 @@ def _default_job_id(args: GRPOConfig) -> str:
     return args.run_name or os.path.basename(os.path.normpath(args.output_dir or "")) or "trl-grpo"
 
 
+#: What the server takes as a model name.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_REFERENCE_SUFFIX = "-reference"
+
+
+def _reference_name(job_id: str) -> str:
+    """A run's own reference model name: its job id (characters a model name cannot hold as '-') + '-reference'."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", job_id)[: 64 - len(_REFERENCE_SUFFIX)] or "trl-grpo"
+    return stem + _REFERENCE_SUFFIX
+
+
+class _ReferenceSync(TrainerCallback):
+    """TRL's SyncRefModelCallback through the service: reset at the start of training, then mixed in
+    every ``ref_model_sync_steps`` steps (at the same moment as TRL's, the end of the step)."""
+
+    def __init__(self, trainer: "KLServiceGRPOTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._load_reference(mix=False)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_model_sync_steps == 0:
+            self.trainer._load_reference(mix=True)
+
+
 class KLServiceGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` whose reference model lives in a klservice server (see the module docstring).
 
@@ -173,6 +232,12 @@ class KLServiceGRPOTrainer(GRPOTrainer):
             preset name / `kl.KLSpec` for coefficient mode (the KL gradient of that spec).
         job_id: the server's job id for this run (default: ``args.run_name``, else the output
             directory's name). Only with a target: a `KLClient` carries its own.
+        reference_model: the served model that is the reference. Without ``sync_ref_model``, a model
+            the server serves (default: the client's model, else the server's default). With
+            ``sync_ref_model``, the name this run loads its own reference under and replaces at each
+            sync (default: ``"<job id>-reference"``); never the name of a model other jobs use.
+        reference_sync_dir: with ``sync_ref_model`` (required then): a folder the trainer writes the
+            policy into for the server to load, at a path the server reads.
         check_tokenizer: refuse to start unless the tokenizer is the served model's.
         log_kl_grad_norm: log ``kl/grad_norm`` (costs one extra backward pass per step).
     """
@@ -186,6 +251,8 @@ class KLServiceGRPOTrainer(GRPOTrainer):
         klservice: KLClient | str,
         kl_spec: kl.KLSpec | str | None = None,
         job_id: str | None = None,
+        reference_model: str | None = None,
+        reference_sync_dir: str | os.PathLike | None = None,
         check_tokenizer: bool = True,
         log_kl_grad_norm: bool = False,
         **kwargs: Any,
@@ -197,34 +264,122 @@ class KLServiceGRPOTrainer(GRPOTrainer):
             kl.resolve_spec(kl_spec)  # a bad spec fails here, not at the first step
             if args.beta == 0.0:
                 warnings.warn("kl_spec is ignored: GRPOConfig.beta is 0, so the loss has no KL term", stacklevel=2)
-        if args.beta != 0.0 and args.sync_ref_model:
+        sync = args.beta != 0.0 and args.sync_ref_model  # beta = 0 with sync_ref_model: TRL's own error below
+        if sync and reference_sync_dir is None:
             raise ValueError(
-                "sync_ref_model: the reference model lives in klservice and is not synchronised from the "
-                "policy; set sync_ref_model=False"
+                "sync_ref_model=True needs reference_sync_dir=: a folder the trainer saves the policy into and the "
+                "klservice server loads it from (the same path on both sides)"
+            )
+        if not sync and reference_sync_dir is not None:
+            warnings.warn(
+                "reference_sync_dir is ignored: it is used with sync_ref_model=True (and beta != 0)", stacklevel=2
             )
         if isinstance(klservice, str):
-            client = KLClient(klservice, job_id=job_id or _default_job_id(args))
+            job_id = job_id or _default_job_id(args)
+            client = KLClient(klservice, job_id=job_id)
         elif job_id is not None:
             raise ValueError("job_id: pass it to the KLClient you give as klservice (KLClient(..., job_id=...))")
         else:
             client = klservice
-        info = client.model_info()
+            job_id = client.job_id or _default_job_id(args)
+        info = None
+        if sync:
+            reference_model = reference_model or _reference_name(job_id)
+            if not _MODEL_NAME.fullmatch(reference_model):
+                raise ValueError(f"reference_model: {reference_model!r}: use 1-64 letters, digits, '_', '.' or '-'")
+            served = {served.name: served for served in client.list_models()}  # also: the server answers
+            if reference_model in served and served[reference_model].is_default:
+                raise ValueError(
+                    f"reference_model: {reference_model!r} is the server's default model, which other jobs use; "
+                    "sync_ref_model loads the run's reference under a name of its own"
+                )
+        elif args.beta != 0.0:
+            info = client.model_info(model=reference_model)
 
         beta = args.beta
         args.beta = 0.0  # with beta = 0 GRPOTrainer builds no local reference model
+        if sync:
+            args.sync_ref_model = False  # nor TRL's SyncRefModelCallback: _ReferenceSync does it through the service
         try:
             super().__init__(model, reward_funcs, args, *positional, **kwargs)
         finally:
             args.beta = beta
+            if sync:
+                args.sync_ref_model = True
+        if sync and is_peft_model(self.model):
+            raise NotImplementedError(
+                "sync_ref_model with a PEFT model: as in TRL, the reference of an adapter is its base model and is not "
+                "synchronised; use sync_ref_model=False, or full fine-tuning"
+            )
         self.beta = beta
         self.kl_client = client
         self.kl_spec = kl_spec
         self.log_kl_grad_norm = log_kl_grad_norm
-        self.ref_model = ServedReference(client, info) if beta != 0.0 else None
+        self.reference_model = reference_model
+        self.ref_model = ServedReference(client, info, reference_model) if beta != 0.0 else None
+        self._reference_sync_dir = Path(reference_sync_dir) if sync else None
+        self._check_reference_tokenizer = check_tokenizer
+        self._reference_folders: list[Path] = []  # written by this trainer and not yet deleted
+        self._reference_loads = 0
         self._capture_policy_logps = False
         self._policy_logps: torch.Tensor | None = None
-        if check_tokenizer:
-            client.check_tokenizer(getattr(self.processing_class, "tokenizer", self.processing_class))
+        if sync:
+            self.add_callback(_ReferenceSync(self))
+        elif check_tokenizer:
+            client.check_tokenizer(self._vocabulary(), model=reference_model)
+
+    def _vocabulary(self):
+        """The tokenizer whose token ids the trainer sends (a processor's own)."""
+        return getattr(self.processing_class, "tokenizer", self.processing_class)
+
+    # -- the reference of a sync_ref_model run ------------------------------------------------
+
+    def _load_reference(self, mix: bool) -> ModelInfo:
+        """Save the policy into a fresh folder of the sync dir and load it as the run's reference: one LoadModel,
+        from the main process. `mix`: with ``ref_model_mixup_alpha`` (a sync), else as it is (the reset at the
+        start of training). Every process then pins its calls to the new revision."""
+        name = self.reference_model
+        self._reference_loads += 1
+        folder = self._reference_sync_dir / f"{name}-{self._reference_loads:05d}-step{self.state.global_step}"
+        main = self.accelerator.is_main_process
+        if self.args.should_save:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # a leftover of an earlier run under this name
+        self.save_model(str(folder), _internal_call=True)  # on every process: it gathers sharded weights
+        if self.args.should_save:
+            self._reference_folders.append(folder)
+        outcome: ModelInfo | str | None = None
+        error: BaseException | None = None
+        if main:
+            try:
+                if not any(folder.glob("*.safetensors")):
+                    raise RuntimeError(f"sync_ref_model: saving the policy wrote no safetensors weights into {folder}")
+                outcome = self.kl_client.load_model(
+                    name, str(folder.absolute()), mixup_alpha=self.args.ref_model_mixup_alpha if mix else None
+                )
+            except Exception as failure:  # noqa: BLE001 - the other processes must hear of it, not wait forever
+                error, outcome = failure, f"{type(failure).__name__}: {failure}"
+        outcome = broadcast_object_list([outcome])[0]
+        if not isinstance(outcome, ModelInfo):  # the name serves what it served, from the folders kept
+            self._delete_reference_folders([folder])
+            if error is not None:
+                raise error
+            raise RuntimeError(f"sync_ref_model: loading the reference {name!r} failed on the main process: {outcome}")
+        self.kl_client.pin(outcome.revision, model=name)
+        self.ref_model.info = outcome
+        # The server has read the new folder. A mixed revision lives in the server's own folder; one loaded as it
+        # is (the reset) is read again from its folder by the next, mixing load, so that folder stays until then.
+        kept = folder if outcome.mixup_alpha is None else None
+        self._delete_reference_folders([old for old in self._reference_folders if old != kept])
+        if not mix and self._check_reference_tokenizer:
+            self.kl_client.check_tokenizer(self._vocabulary(), model=name)
+        return outcome
+
+    def _delete_reference_folders(self, folders: list[Path]) -> None:
+        for folder in list(folders):
+            if folder in self._reference_folders:  # only where this process wrote it
+                shutil.rmtree(folder, ignore_errors=True)
+                self._reference_folders.remove(folder)
 
     # -- reference log-probs ------------------------------------------------------------
 
@@ -242,11 +397,17 @@ class KLServiceGRPOTrainer(GRPOTrainer):
         return outputs
 
     def _served_reference_logps(self, input_ids, attention_mask, logits_to_keep) -> torch.Tensor:
+        if self._reference_sync_dir is not None and self.ref_model.info is None:
+            self._load_reference(mix=False)  # used before train() (e.g. evaluate()): start from the policy now
         started = time.perf_counter()
         batch = _strip(input_ids, attention_mask, logits_to_keep)
         values = np.zeros(0, dtype=np.float32)  # nothing to send: every position stays 0
         if batch.sequences:
-            values = self.kl_client.score(batch.sequences, batch.prompt_lengths, temperature=self.temperature).ref_logprobs
+            out = self.kl_client.score(
+                batch.sequences, batch.prompt_lengths, temperature=self.temperature, model=self.reference_model
+            )
+            values = out.ref_logprobs
+            self._log_kl_metric("reference_generation", out.generation)
         ref = batch.scatter(values, like=input_ids)
         self._log_kl_metric("reference_seconds", time.perf_counter() - started)
         return ref
@@ -310,6 +471,7 @@ class KLServiceGRPOTrainer(GRPOTrainer):
             old_logprobs=None if behaviour is None else batch.gather(behaviour),
             spec=self.kl_spec,
             temperature=self.temperature,
+            model=self.reference_model,
         )
         return batch.scatter(out.coef, like=logp), out.diagnostics
 
