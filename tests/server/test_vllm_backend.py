@@ -11,6 +11,7 @@ engine's processes.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 
@@ -286,3 +287,26 @@ def test_raw_prompt_logprobs_throughput_helper(tiny_model_dir):
             logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
             positions = torch.arange(start, len(tokens))
             np.testing.assert_allclose(got, logp[positions - 1, ids[0, positions]].numpy(), atol=1e-5, rtol=0)
+
+
+def test_an_hf_and_a_vllm_model_in_one_server_and_a_swap_on_vllm(start_server, tiny_model_dir, tmp_path):
+    """Per-model options: one server serves the tiny model on hf (default) and on vllm (`,backend=vllm`); both
+    agree, and the vllm one is swapped to a new vLLM engine on the same folder while the old one is released."""
+    from klservice_client import KLClient
+
+    server = start_server(model=(f"hf={tiny_model_dir}", f"vllm={tiny_model_dir},backend=vllm"),
+                          allow_admin_from_loopback=True, cache_mb=0)
+    tokens = [list(range(100, 140)), list(range(7, 30))]
+    with KLClient(server.target) as client:
+        listed = {info.name: info.backend for info in client.list_models()}
+        assert listed == {"hf": "hf", "vllm": "vllm"}
+        via_hf, via_vllm = client.score(tokens, [5, 3], model="hf"), client.score(tokens, [5, 3], model="vllm")
+        assert via_hf.revision == via_vllm.revision  # the same folder: the same revision, whichever backend
+        np.testing.assert_allclose(via_vllm.ref_logprobs, via_hf.ref_logprobs, atol=1e-4, rtol=0)
+        old = server.server.service.models.get("vllm")
+        swapped = client.load_model("vllm", str(tiny_model_dir))
+        assert (swapped.backend, swapped.generation) == ("vllm", 2)
+        again = client.score(tokens, [5, 3], model="vllm")
+        assert again.generation == 2
+        np.testing.assert_allclose(again.ref_logprobs, via_vllm.ref_logprobs, atol=1e-6, rtol=0)
+        assert server.run(asyncio.wait_for(old.released.wait(), 120)) is True
