@@ -63,6 +63,12 @@ class DeadlineExpired(ServiceError):
     """The request's deadline passed before its work ran."""
 
 
+class BackendFault(RuntimeError):
+    """The backend failed, or answered something other than what was asked (a count, a dtype, a non-finite value).
+    Not a ServiceError: it is INTERNAL with the generic message, whatever exception caused it (a ValueError or a
+    KLInputError raised inside a backend included); the detail goes to the server log."""
+
+
 DEADLINE_SLACK_S = 0.1
 """gRPC cancels a call at its deadline give or take its timer's slack: a call cancelled this close to its
 deadline is accounted as DEADLINE_EXCEEDED (and dropped for the deadline), not as CANCELLED."""

@@ -44,7 +44,7 @@ import numpy as np
 
 from klservice.backends.base import Interrupted, ReferenceBackend, group_by_prompt
 from klservice.config import ServerConfig
-from klservice.errors import DEADLINE_SLACK_S, DeadlineExpired, NotReady, Overloaded, TooLarge
+from klservice.errors import DEADLINE_SLACK_S, BackendFault, DeadlineExpired, NotReady, Overloaded, TooLarge
 from klservice.validation import Batch
 
 log = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ class TokenBudgetScheduler:
             except Exception as error:  # noqa: BLE001 - a bug here must fail this step's requests, not the worker
                 log.exception("scheduler step failed")
                 for item in chosen:
-                    _fail(item.request, error)
+                    _fail(item.request, _fault(error))
             finally:
                 self._running = []
 
@@ -430,10 +430,10 @@ class TokenBudgetScheduler:
             for item in items:
                 _fail(item.request, NotReady("server is shutting down"))
             return
-        except Exception as error:  # noqa: BLE001 - handed to every request in the step
+        except Exception as error:  # noqa: BLE001 - handed to every request in the step, as INTERNAL
             log.exception("forward failed")
             for item in items:
-                _fail(item.request, error)
+                _fail(item.request, _fault(error))
             return
         elapsed = time.perf_counter() - started
         tokens = sum(item.cost for item in items)
@@ -500,7 +500,7 @@ class TokenBudgetScheduler:
             started = time.perf_counter()
             scored = self._backend.score(batch, [starts[i] for i in call.indices], temperature, call.prompt_groups)
             if len(scored.values) != len(batch):
-                raise RuntimeError(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
+                raise BackendFault(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
             if self._metrics is not None:
                 metrics = self._metrics
                 metrics.forward_seconds.observe(time.perf_counter() - started)
@@ -509,7 +509,7 @@ class TokenBudgetScheduler:
                 metrics.tokens_forwarded.inc(sum(len(tokens) for tokens in batch))
                 metrics.tokens_saved.inc(scored.tokens_saved)
             for i, output in zip(call.indices, scored.values):
-                values[i] = output
+                values[i] = _checked(output, len(sequences[i]) - starts[i])
         return values
 
     def _scatter(self, items: list[_Item], values: list[np.ndarray]) -> None:
@@ -517,7 +517,7 @@ class TokenBudgetScheduler:
             request = item.request
             if not np.isfinite(value).all():  # a model failure, not the caller's: INTERNAL, and never cached
                 log.error("the backend returned non-finite log-probs (job %s, %d tokens)", request.job, len(item.tokens))
-                _fail(request, RuntimeError("the backend returned non-finite log-probs"))
+                _fail(request, BackendFault("the backend returned non-finite log-probs"))
                 continue
             if self._cache is not None and item.cache_key is not None:
                 self._cache.put(item.cache_key, value)
@@ -527,6 +527,28 @@ class TokenBudgetScheduler:
             request.remaining -= 1
             if request.remaining == 0:
                 request.future.set_result(_concatenate(request.results))
+
+
+def _checked(output, expected: int) -> np.ndarray:
+    """A backend's values for one sequence, checked against what was asked: a 1-D floating array of `expected`
+    log-probs (float32 from here on); BackendFault otherwise."""
+    array = np.asarray(output)
+    if array.ndim != 1 or array.shape[0] != expected or array.dtype.kind != "f":
+        raise BackendFault(
+            f"the backend returned {array.dtype} values of shape {array.shape} for a sequence with {expected} tokens "
+            "to score"
+        )
+    return array.astype(np.float32, copy=False)
+
+
+def _fault(error: BaseException) -> BaseException:
+    """What a request failed by the backend (or by a bug in a step) gets: a BackendFault, INTERNAL, whatever the
+    cause; a shutdown stays a shutdown."""
+    if isinstance(error, (NotReady, BackendFault)):
+        return error
+    fault = BackendFault(f"the forward failed: {type(error).__name__}: {error}")
+    fault.__cause__ = error
+    return fault
 
 
 def _fail(request: _Request, error: BaseException) -> None:

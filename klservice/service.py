@@ -24,7 +24,9 @@ import numpy as np
 from klservice.backends.base import ModelInfo, ReferenceBackend
 from klservice.config import ServerConfig
 from klservice.auth import AuthFileError, AuthTable, Tenant, bearer_token, load_auth_file
-from klservice.errors import FailedPrecondition, InvalidInput, NotReady, PermissionDenied, Unauthenticated
+from klservice.errors import (
+    BackendFault, FailedPrecondition, InvalidInput, NotReady, PermissionDenied, Unauthenticated,
+)
 from klservice.metrics import JobLabels, Metrics
 from klservice.models import LoadRequest, ModelRegistry, ServedModel
 from klservice.scheduler import TokenBudgetScheduler
@@ -231,9 +233,12 @@ class ReferenceService:
         self.require_ready()
         batch = request.batch
         ref = await self._reference(served, batch, request.temperature, job, deadline)
-        result = await asyncio.to_thread(
-            kl.compute_kl, request.logprobs, ref, batch.scored_lengths, request.spec, request.old_logprobs
-        )
+        try:
+            result = await asyncio.to_thread(
+                kl.compute_kl, request.logprobs, ref, batch.scored_lengths, request.spec, request.old_logprobs
+            )
+        except kl.KLInputError as error:  # the request was validated: what is wrong came from the server's side
+            raise BackendFault(f"the KL computation refused the reference values: {error}") from error
         _check_finite(result, request, ref)
         self.metrics.tokens_scored.labels(served.name, *job.labels).inc(batch.num_scored)
         self.metrics.record_kl(served.name, job.labels, request.spec_label, result.diagnostics)

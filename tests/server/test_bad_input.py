@@ -241,3 +241,50 @@ def test_the_temperature_range_is_inclusive_at_both_ends(stub):
     for temperature in (0.01, 100.0):
         reply = stub.Score(score_request(temperature=temperature), timeout=30)
         assert reply.scored_lengths.shape == [2]
+
+
+class MisbehavingOnce:
+    """Wraps a backend; its first forward goes wrong in the way `fault` says, later ones are the backend's own."""
+
+    def __init__(self, backend, fault: str):
+        self._backend, self.fault, self.remaining = backend, fault, 1
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
+        scored = self._backend.score(sequences, starts, temperature, prompt_groups)
+        if not self.remaining:
+            return scored
+        self.remaining -= 1
+        from klservice.backends.base import Scored
+        from klservice_client.kl import KLInputError
+
+        if self.fault == "kl_input_error":
+            raise KLInputError("ref_logprobs: has 7 tokens but lengths sum to 8")
+        if self.fault == "one_too_few":
+            return Scored([values[:-1] for values in scored.values])
+        if self.fault == "integers":
+            return Scored([np.zeros(len(values), np.int64) for values in scored.values])
+        raise AssertionError(self.fault)
+
+
+@pytest.mark.parametrize("rpc", ["Score", "ComputeKL"])
+@pytest.mark.parametrize("fault", ["kl_input_error", "one_too_few", "integers"])
+def test_a_backend_that_fails_or_answers_wrongly_is_internal_never_the_callers(start_server, tiny_model_dir, fault, rpc):
+    """Only validation of the request may answer INVALID_ARGUMENT: a KLInputError raised inside a backend, or values
+    that are not what was asked (one log-prob too few, not floats), are INTERNAL with the generic message."""
+    from klservice.backends.hf import HFBackend
+    from klservice.errors import INTERNAL_MESSAGE
+
+    backend = MisbehavingOnce(HFBackend(tiny_model_dir, device="cpu", progress=False), fault)
+    server = start_server(backend=backend, cache_mb=0)
+    message = pb.ScoreRequest(batch=batch()) if rpc == "Score" else pb.KLRequest(
+        batch=batch(), logprobs=to_tensor(np.full(4, -2.0, np.float32)))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ReferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as failure:
+            getattr(stub, rpc)(message, timeout=60)
+        assert (failure.value.code(), failure.value.details()) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        reply = getattr(stub, rpc)(message, timeout=60)  # the server keeps serving
+        assert len(reply.ref_logprobs.data) == 4 * 4
