@@ -18,7 +18,7 @@ import grpc
 
 from google.protobuf.message import DecodeError
 
-from klservice.errors import DEADLINE_SLACK_S, InvalidInput, TooLarge, status_for
+from klservice.errors import DEADLINE_SLACK_S, InvalidInput, TooLarge, Unauthenticated, status_for
 from klservice.auth import Tenant
 from klservice.models import LoadRequest
 from klservice.service import Job, KLComputation, ReferenceService, ScoreResult
@@ -266,7 +266,7 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
     # --- plumbing -------------------------------------------------------------------
 
     def _job(self, context) -> Job:
-        metadata = dict(context.invocation_metadata() or ())
+        metadata = _metadata(context)
         credentials = _credentials(context, metadata, self._service.config)
         return self._service.job(metadata.get(JOB_METADATA_KEY), context.peer(), *credentials)
 
@@ -287,7 +287,7 @@ class OperatorServicer(_Servicer, pb_grpc.OperatorServiceServicer):
         return await self._unary("UnloadModel", context, self._unload_model, request)
 
     def _caller(self, context, method: str) -> Tenant:
-        metadata = dict(context.invocation_metadata() or ())
+        metadata = _metadata(context)
         return self._service.operator(method, *_credentials(context, metadata, self._service.config), context.peer())
 
     async def _load_model(self, request: pb.LoadModelRequest, tenant: Tenant, deadline) -> pb.ModelInfo:
@@ -320,6 +320,22 @@ def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if code is grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=error)
     return code, message
+
+
+SINGLE_METADATA = {"authorization": Unauthenticated, JOB_METADATA_KEY: InvalidInput}
+"""Metadata keys a call may carry once at most, and what carrying one twice is (which copy would win is not
+the caller's to choose: a proxy adding one must not let a caller's own override it, or the reverse)."""
+
+
+def _metadata(context) -> dict[str, str]:
+    """The call's metadata as a dict; a key of `SINGLE_METADATA` given more than once is refused."""
+    pairs = list(context.invocation_metadata() or ())
+    metadata = dict(pairs)
+    for key, error in SINGLE_METADATA.items():
+        count = sum(1 for name, _ in pairs if name == key)
+        if count > 1:
+            raise error(f"{key}: the call carries {count} of them; send exactly one")
+    return metadata
 
 
 def _credentials(context, metadata: dict, config) -> tuple[str | None, str | None]:

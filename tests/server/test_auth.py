@@ -89,6 +89,27 @@ def test_calls_without_a_valid_token_are_unauthenticated(auth_server, auth_file)
         assert client.score([[1, 2, 3]], 1).ref_logprobs.shape == (2,)
 
 
+@pytest.mark.parametrize("order", ["wrong, right", "right, wrong"])
+def test_a_call_with_two_authorization_headers_is_refused_whatever_their_order(auth_server, auth_file, order):
+    """Which of two headers wins is not the caller's to choose: two are refused, in either order; so are two
+    x-job-id headers."""
+    from klservice_client.wire import pb, pb_grpc
+
+    _, tokens = auth_file
+    right, wrong = ("authorization", f"Bearer {tokens['team-a']}"), ("authorization", "Bearer kls_wrong")
+    headers = (wrong, right) if order == "wrong, right" else (right, wrong)
+    with grpc.insecure_channel(auth_server.target) as channel:
+        stub = pb_grpc.ReferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=headers, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization: the call carries 2 of them" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=(right, ("x-job-id", "a"), ("x-job-id", "b")), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-job-id" in refused.value.details()
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=(right,), timeout=10).vocab_size == 49152
+
+
 def test_the_token_comes_from_the_environment(auth_server, auth_file, monkeypatch):
     _, tokens = auth_file
     monkeypatch.setenv("KLSERVICE_TOKEN", tokens["team-b"])
