@@ -113,10 +113,10 @@ def parse_kl_request(message: pb.KLRequest, limits: Limits) -> KLRequest:
     check_request_id(message.request_id)
     check_revision(message.revision, limits)
     batch = parse_batch(message.batch, limits)
-    check_response_size(batch, limits, kl=True)
     temperature = parse_temperature(message.temperature)
     spec = spec_from_proto(message.spec)
     logprobs = parse_logprobs(message, "logprobs", batch, required=True)
+    check_response_size(batch, limits, kl=True, itemsize=logprobs.dtype.itemsize)  # the outputs' dtype is theirs
     old = parse_logprobs(message, "old_logprobs", batch, required=False)
     if spec.needs_old_logprobs and old is None:
         raise InvalidInput(
@@ -178,11 +178,12 @@ def parse_temperature(value: float) -> float:
     return float(value)
 
 
-def check_response_size(batch: Batch, limits: Limits, *, kl: bool) -> None:
-    """Refuse up front a request whose answer would exceed the message limit (rather than after its forward)."""
-    size = response_bytes(len(batch.lengths), batch.num_scored, kl=kl)
+def check_response_size(batch: Batch, limits: Limits, *, kl: bool, itemsize: int = 8) -> None:
+    """Refuse up front a request whose answer would exceed the message limit (rather than after its forward),
+    sized as it will be sent: ComputeKL's per-token outputs in the log-probs' dtype (`itemsize` bytes)."""
+    size = response_bytes(len(batch.lengths), batch.num_scored, kl=kl, itemsize=itemsize)
     if size > limits.max_message_bytes:
-        per_token = response_bytes(1, 1, kl=kl) - response_bytes(1, 0, kl=kl)
+        per_token = response_bytes(1, 1, kl=kl, itemsize=itemsize) - response_bytes(1, 0, kl=kl, itemsize=itemsize)
         fitting = max(1, (limits.max_message_bytes - response_bytes(0, 0, kl=kl)) // per_token)
         raise TooLarge(
             f"batch: the response to {batch.num_scored} scored tokens would take up to {size} bytes, over this "

@@ -106,12 +106,13 @@ def chunks(prepared: Prepared, max_tokens: int, max_bytes: int) -> list[slice]:
     response of at most `max_bytes` each (`wire.request_bytes` / `wire.response_bytes`, ComputeKL's being the
     larger). A single sequence over a limit goes alone, for the server to refuse with its reason."""
     arrays = int(prepared.logprobs is not None) + int(prepared.old_logprobs is not None)
+    itemsize = prepared.logprobs.dtype.itemsize if prepared.logprobs is not None else 8
 
     def fits(sequences: int, tokens: int, scored: int) -> bool:
         return (
             tokens <= max_tokens
             and request_bytes(sequences, tokens, scored, logprob_arrays=arrays) <= max_bytes
-            and response_bytes(sequences, scored, kl=True) <= max_bytes
+            and response_bytes(sequences, scored, kl=True, itemsize=itemsize) <= max_bytes
         )
 
     ranges, start, tokens, scored = [], 0, 0, 0

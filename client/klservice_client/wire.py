@@ -57,10 +57,11 @@ def request_bytes(num_sequences: int, num_tokens: int, num_scored: int, *, logpr
     return MESSAGE_OVERHEAD_BYTES + 8 * num_tokens + 16 * num_sequences + 8 * logprob_arrays * num_scored
 
 
-def response_bytes(num_sequences: int, num_scored: int, *, kl: bool) -> int:
+def response_bytes(num_sequences: int, num_scored: int, *, kl: bool, itemsize: int = 8) -> int:
     """Upper bound on a response's size: Score sends float32 reference log-probs; ComputeKL adds k1, k2, k3,
-    coef and coef_principled (float64 at most); both send int64 scored lengths."""
-    per_token = 4 + (5 * 8 if kl else 0)
+    coef and coef_principled in the dtype of the request's log-probs (`itemsize` bytes each: 4 for float32,
+    8 for float64); both send int64 scored lengths."""
+    per_token = 4 + (5 * itemsize if kl else 0)
     return MESSAGE_OVERHEAD_BYTES + per_token * num_scored + 8 * num_sequences
 
 

@@ -21,7 +21,7 @@ from klservice.errors import INTERNAL_MESSAGE
 from klservice.scheduler import TokenBudgetScheduler
 from klservice.validation import Batch
 from klservice_client import InvalidArgument, KLClient, TooLarge, kl
-from klservice_client.wire import pb, pb_grpc, to_tensor
+from klservice_client.wire import from_tensor, pb, pb_grpc, to_tensor
 from tests.server.test_client_behaviour import GatedBackend
 from tests.server.test_metrics_and_health import scrape
 
@@ -144,10 +144,10 @@ def test_a_response_too_large_is_refused_before_any_forward(start_server):
     """The request fits the 1 MiB limit, its ComputeKL response would not: refused up front, counted as refused."""
     server = start_server(max_message_mb=1, cache_mb=0)
     rng = np.random.default_rng(11)
-    sequences = [rng.integers(0, 49152, size=500).tolist() for _ in range(60)]
-    scored = 60 * 499
+    sequences = [rng.integers(0, 49152, size=500).tolist() for _ in range(100)]
+    scored = 100 * 499  # float32 outputs: 4 + 5 * 4 bytes a token, ~1.2 MB
     request = pb.KLRequest(
-        batch=batch_message(sequences, [1] * 60), logprobs=to_tensor(rng.normal(-10, 1, size=scored).astype(np.float32))
+        batch=batch_message(sequences, [1] * 100), logprobs=to_tensor(rng.normal(-10, 1, size=scored).astype(np.float32))
     )
     assert request.ByteSize() < 1 << 20
     forwarded = server.model_metrics.tokens_forwarded._value.get()
@@ -156,7 +156,7 @@ def test_a_response_too_large_is_refused_before_any_forward(start_server):
         with pytest.raises(grpc.RpcError) as refused:
             stub.ComputeKL(request, timeout=120)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "response to 29940 scored tokens would take up to" in refused.value.details()
+    assert "response to 49900 scored tokens would take up to" in refused.value.details()
     assert "send at most" in refused.value.details()
     assert dict(refused.value.trailing_metadata() or ()).get("retry-after-ms") is None
     assert server.model_metrics.tokens_forwarded._value.get() == forwarded  # no model time was spent
@@ -172,6 +172,24 @@ def test_a_response_too_large_is_refused_before_any_forward(start_server):
     assert samples.get(("klservice_requests_total", (("code", "OK"), ("method", "ComputeKL"))), 0) == 0
     parts = scrape(server.metrics_url)["klservice_requests_total", (("code", "OK"), ("method", "ComputeKL"))]
     assert parts >= 2
+
+
+def test_the_response_size_check_sizes_float32_outputs_as_float32(start_server):
+    """A ComputeKL answer is sized as it will be sent: with float32 log-probs its per-token outputs are float32, so
+    48 x 500 tokens (~575 KB of answer) fit a 1 MiB limit, where sizing them as float64 (~1.05 MB) refused them."""
+    server = start_server(max_message_mb=1, cache_mb=0)
+    rng = np.random.default_rng(12)
+    sequences = [rng.integers(0, 49152, size=500).tolist() for _ in range(48)]
+    request = pb.KLRequest(batch=batch_message(sequences, [1] * 48),
+                           logprobs=to_tensor(rng.normal(-10, 1, size=48 * 499).astype(np.float32)))
+    with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 1 << 20)]) as channel:
+        reply = pb_grpc.ReferenceServiceStub(channel).ComputeKL(request, timeout=300)
+    assert reply.ByteSize() < 1 << 20 and from_tensor(reply.coef, "coef").dtype == np.float32
+    with pytest.raises(grpc.RpcError) as refused:  # the same tokens in float64 would not fit: refused up front
+        request.logprobs.CopyFrom(to_tensor(rng.normal(-10, 1, size=48 * 499)))
+        with grpc.insecure_channel(server.target) as channel:
+            pb_grpc.ReferenceServiceStub(channel).ComputeKL(request, timeout=300)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 # --- deadlines --------------------------------------------------------------------------------
