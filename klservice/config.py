@@ -144,10 +144,29 @@ class ServerConfig:
 
     @property
     def metrics_address(self) -> str:
-        """Where /metrics listens: --metrics-host, else 127.0.0.1 with --auth-file, else --host."""
+        """Where /metrics listens: --metrics-host, else 127.0.0.1 with --auth-file, else --host (an IPv6 literal
+        without brackets, as sockets take it)."""
         if self.metrics_host:
-            return self.metrics_host
-        return "127.0.0.1" if self.auth_file else self.host
+            return bare_host(self.metrics_host)
+        return "127.0.0.1" if self.auth_file else bare_host(self.host)
+
+    @property
+    def grpc_address(self) -> str:
+        """The gRPC listening address: host:port, an IPv6 literal in brackets ([::1]:50051)."""
+        host = bare_host(self.host)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def check_hosts(self) -> None:
+        """Raise ValueError naming the flag when --host or --metrics-host does not resolve to an address."""
+        import socket
+
+        for flag, host in (("--host", self.host), ("--metrics-host", self.metrics_host)):
+            if not host:
+                continue
+            try:
+                socket.getaddrinfo(bare_host(host), None)
+            except (socket.gaierror, UnicodeError) as error:
+                raise ValueError(f"{flag} {host!r}: not an address this host can listen on ({error})") from None
 
     def check_tls(self) -> None:
         """Raise ValueError naming the flag when the TLS flags do not go together."""
@@ -272,6 +291,11 @@ class ModelSpec:
         if max_length is not None and max_length < 2:
             raise ValueError(f"model {name!r}: max_length {max_length} must be at least 2")
         return cls(name=name, path=path, backend=backend, dtype=dtype, device=device, max_length=max_length)
+
+
+def bare_host(host: str) -> str:
+    """A host as sockets take it: an IPv6 literal without its brackets ("[::1]" → "::1")."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def scalar_type(field: dataclasses.Field) -> type:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from klservice.config import ServerConfig
+from klservice.config import ServerConfig, bare_host
 from klservice.errors import FailedPrecondition
 from klservice.metrics import Metrics
 from klservice.service import ReferenceService
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReferenceService"].full_name
 OPERATOR_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OperatorService"].full_name
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 FLUSH_SECONDS = 1.0
 """On stop, how long answers already decided get to reach their callers before the port closes."""
 
@@ -54,6 +54,7 @@ class Server:
         self.metrics = Metrics(self.registry, max_jobs=config.max_jobs)
         self._backend = backend  # preloaded backend (tests, embedding); else loaded from config
         config.check_tls()
+        config.check_hosts()  # a host that does not resolve fails here, naming the flag
         self._credentials = _server_credentials(config)  # unreadable files fail the start, before listening
         self.service = ReferenceService(config, self.metrics)  # so does a bad --auth-file
         self._health = health.aio.HealthServicer()
@@ -77,7 +78,7 @@ class Server:
     def _warn_if_exposed(self) -> None:
         """Say loudly what a caller beyond this host can do that the operator may not intend."""
         config = self.config
-        if config.host not in LOOPBACK_HOSTS:
+        if bare_host(config.host) not in LOOPBACK_HOSTS:
             if not config.auth_file and not config.tls_client_ca:
                 log.warning(
                     "SERVING WITHOUT AUTHENTICATION on %s: anyone who can reach port %s can use this server and "
@@ -120,7 +121,7 @@ class Server:
             self._grpc,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.config.host}:{self.config.port}"
+        address = self.config.grpc_address
         if self._credentials is None:
             self.port = self._grpc.add_insecure_port(address)
         else:
@@ -133,8 +134,9 @@ class Server:
         transport = "gRPC" if self._credentials is None else "gRPC over TLS"
         if self.config.tls_client_ca:
             transport += ", client certificates required"
-        log.info("listening on %s:%d (%s)%s", self.config.host, self.port, transport,
-                 f", metrics on {self.config.metrics_address}:{self.metrics_port}/metrics" if self.metrics_port else "")
+        log.info("listening on %s:%d (%s)%s", _url_host(bare_host(self.config.host)), self.port, transport,
+                 f", metrics on {_url_host(self.config.metrics_address)}:{self.metrics_port}/metrics"
+                 if self.metrics_port else "")
         self._warn_if_exposed()
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="klservice-load")
         return self.port
@@ -202,6 +204,11 @@ class Server:
         finally:
             stop_wait.cancel()
             await self.stop()
+
+
+def _url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

@@ -299,3 +299,32 @@ def test_a_backend_bug_fails_its_step_and_the_server_keeps_serving(start_server,
         assert failed.value.code() == grpc.StatusCode.INTERNAL
         assert failed.value.details() == INTERNAL_MESSAGE
         assert stub.Score(good_score(), timeout=60).scored_lengths.shape == [1]  # the worker is still alive
+
+
+# --- IPv6 and hosts that do not resolve --------------------------------------------------------
+
+
+@pytest.mark.parametrize("host, metrics_host", [("::1", None), ("[::1]", None), ("127.0.0.1", "[::1]")])
+def test_ipv6_literals_work_for_grpc_and_metrics(start_server, host, metrics_host):
+    import urllib.request
+
+    server = start_server(host=host, metrics_host=metrics_host)
+    target = "[::1]" if "::1" in host else "127.0.0.1"
+    with KLClient(f"{target}:{server.server.port}") as client:
+        assert client.score([[1, 2, 3]], 1).ref_logprobs.shape == (2,)
+    metrics = "[::1]" if "::1" in (metrics_host or host) else "127.0.0.1"
+    text = urllib.request.urlopen(f"http://{metrics}:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    assert "klservice_requests_total" in text
+
+
+def test_a_host_that_does_not_resolve_fails_at_start_naming_the_flag(tmp_path):
+    import subprocess
+
+    from tests.server.test_auth import KLSERVICE
+
+    for flag in ("--host", "--metrics-host"):
+        result = subprocess.run([KLSERVICE, "serve", flag, "no-such-host.invalid", "--port", "0", "--model", str(tmp_path)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        assert f"{flag} 'no-such-host.invalid': not an address this host can listen on" in result.stderr
+        assert "Traceback" not in result.stderr and "__del__" not in result.stderr, result.stderr
