@@ -26,8 +26,10 @@ How:
 - `plan_calls` packs the chosen sequences into backend calls: sequences with the same
   prompt stay together and are handed to the backend as a group (it computes their prompt
   once), units are sorted by length and packed so count × longest stays within the budget.
-- The calls run in one worker thread (the event loop never blocks on the model); results
-  are scattered back to their requests in order and stored in the cache.
+- The calls run in one worker thread (the event loop never blocks on the model); each call's
+  results are scattered back to their requests as soon as that call is done (a request is
+  answered when the call holding its last sequence is, not when the whole step is) and
+  stored in the cache.
 """
 
 from __future__ import annotations
@@ -425,7 +427,7 @@ class TokenBudgetScheduler:
         """One forward step in the worker thread; its results (or its failure) go back to the requests."""
         started = time.perf_counter()
         try:
-            values = await loop.run_in_executor(self._executor, self._forward, items, temperature)
+            await loop.run_in_executor(self._executor, self._forward, items, temperature, loop)
         except Interrupted:
             for item in items:
                 _fail(item.request, NotReady("server is shutting down"))
@@ -439,7 +441,6 @@ class TokenBudgetScheduler:
         tokens = sum(item.cost for item in items)
         rate = tokens / max(elapsed, 1e-6)
         self._tokens_per_second = rate if self._tokens_per_second == 0 else 0.8 * self._tokens_per_second + 0.2 * rate
-        self._scatter(items, values)
 
     def _select(self) -> list[_Item]:
         """Deficit round-robin over shares, weighted, until the token budget is chosen; within a share, its
@@ -490,11 +491,12 @@ class TokenBudgetScheduler:
             live.append(item)
         return live
 
-    def _forward(self, items: list[_Item], temperature: float) -> list[np.ndarray]:
-        """Runs in the worker thread: plan the backend calls and run them."""
+    def _forward(self, items: list[_Item], temperature: float, loop: asyncio.AbstractEventLoop) -> None:
+        """Runs in the worker thread: plan the backend calls and run them. Each call's values go back to the event
+        loop as soon as that call is done, so a request whose sequences are all in an early call of the step is
+        answered then, not when the whole step is."""
         sequences = [item.tokens for item in items]
         starts = [item.start for item in items]
-        values: list[np.ndarray | None] = [None] * len(items)
         for call in plan_calls(sequences, starts, self._max_batch_tokens, self._call_padding):
             batch = [sequences[i] for i in call.indices]
             started = time.perf_counter()
@@ -508,9 +510,8 @@ class TokenBudgetScheduler:
                 metrics.batch_tokens.observe(len(batch) * max(len(tokens) for tokens in batch))
                 metrics.tokens_forwarded.inc(sum(len(tokens) for tokens in batch))
                 metrics.tokens_saved.inc(scored.tokens_saved)
-            for i, output in zip(call.indices, scored.values):
-                values[i] = _checked(output, len(sequences[i]) - starts[i])
-        return values
+            values = [_checked(output, len(sequences[i]) - starts[i]) for i, output in zip(call.indices, scored.values)]
+            loop.call_soon_threadsafe(self._scatter, [items[i] for i in call.indices], values)
 
     def _scatter(self, items: list[_Item], values: list[np.ndarray]) -> None:
         for item, value in zip(items, values):

@@ -403,3 +403,25 @@ def test_a_tenants_quota_counts_only_what_it_has_queued():
         return [result.shape for result in results]
 
     assert run(main()) == [(19,), (19,), (59,), (19,)]
+
+
+def test_a_request_is_answered_when_the_call_holding_it_is_done_not_the_whole_step():
+    """One step, two backend calls (a short and a long sequence are not padded together): the short request's
+    answer comes back as soon as its call is done, while the long one's call is still held."""
+    backend = SteppedBackend()
+
+    async def scenario():
+        scheduler = await started(backend, max_batch_tokens=100, max_wait_s=0.2)
+        short, long = [list(range(1, 11))], [list(range(1, 61))]
+        first = asyncio.ensure_future(scheduler.score(make_batch(short, [1]), 1.0, "job-short"))
+        second = asyncio.ensure_future(scheduler.score(make_batch(long, [1]), 1.0, "job-long"))
+        await asyncio.sleep(0.3)  # both are in the one step the worker formed
+        backend.permits.release()  # the first call (the shorter sequence) may run; the second waits
+        value = await asyncio.wait_for(first, 10)
+        assert not second.done() and [lengths for lengths, _ in backend.calls] == [[10]]
+        backend.permits.release()
+        assert (await asyncio.wait_for(second, 10)).shape == (59,)
+        await scheduler.stop()
+        return value
+
+    np.testing.assert_array_equal(run(scenario()), flat_expected([list(range(1, 11))], [1]))
