@@ -239,6 +239,15 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
                 aggregation="reward_to_go",
             ),
             _preset(
+                "on_policy_distillation",
+                "advantage_t = -(logp_t - ref_t) with the teacher as ref, per token, discount 0  ->  c = delta",
+                "On-policy distillation (Thinking Machines' recipe, Tinker cookbook): the served model is the teacher, the student samples; per-token reverse KL to the teacher, no reward-to-go. The same coefficient as ppo_k1_in_reward.",
+                # The same spec as ppo_k1_in_reward: k1 of the student's own tokens, detached, each
+                # token on its own (token aggregation is the discount 0 of the recipe).
+                estimator="k1",
+                mode="in_reward",
+            ),
+            _preset(
                 "grpo_k3_as_loss",
                 "k3 = exp(-delta) - 1 + delta as loss  ->  c = 1 - exp(-delta)",
                 "GRPO paper; TRL 1.16 with use_bias_correction_kl=False; verl low_var_kl except where verl clamps (k3 > 10: c = 0 there). Biased (exploding for delta < 0): use to reproduce, not to choose.",

@@ -56,6 +56,7 @@ PRESET_FIELDS = {
     "principled_off_policy": SpecFields("k2", "as_loss", "token", "token"),
     "ppo_k1_in_reward": SpecFields("k1", "in_reward", "token"),
     "ppo_k1_reward_to_go": SpecFields("k1", "in_reward", "reward_to_go"),
+    "on_policy_distillation": SpecFields("k1", "in_reward", "token"),
     "grpo_k3_as_loss": SpecFields("k3", "as_loss", "token"),
     "verl_k3_plus": SpecFields("k2", "as_loss", "token"),
     "trl_bias_corrected_k3": SpecFields("k3", "as_loss", "token", "token", None, True),

@@ -103,6 +103,8 @@ PRINCIPLED = [
     pytest.param("principled", "on", id="principled-on"),
     pytest.param("verl_k3_plus", "on", id="verl_k3_plus-on"),
     pytest.param("ppo_k1_in_reward", "on", id="ppo_k1_in_reward-on"),
+    # The student samples, the reference is the teacher: c = delta follows grad KL(student || teacher).
+    pytest.param("on_policy_distillation", "on", id="on_policy_distillation-on"),
     pytest.param("principled_off_policy", "off", id="principled_off_policy-off"),
     pytest.param("trl_bias_corrected_k3", "off", id="trl_bias_corrected_k3-off"),
     pytest.param(kl.KLSpec(estimator="k2", mode="as_loss", importance_sampling="sequence"), "off",

@@ -71,7 +71,7 @@ def test_k2_as_loss_equals_k1_in_reward_by_autograd():
 def test_presets_principled_on_policy_agree(seed):
     batch = make_batch(seed)
     expected = deltas(batch)
-    for name in ("principled", "ppo_k1_in_reward", "verl_k3_plus"):
+    for name in ("principled", "ppo_k1_in_reward", "on_policy_distillation", "verl_k3_plus"):
         out = run(batch, name, with_old=False)
         np.testing.assert_allclose(out.coef, expected, rtol=1e-12, atol=1e-12, err_msg=name)
     # verl's k3+ logs the k3 value but takes k2's gradient.

@@ -23,7 +23,7 @@ def example_env(model_cache_dir, default_model_dir):
     return dict(os.environ, KLSERVICE_CACHE_DIR=str(model_cache_dir), HF_HUB_OFFLINE="1")
 
 
-@pytest.mark.parametrize("script", ["kl_study.py", "grpo_loop.py", "trl_reference_cost.py"])
+@pytest.mark.parametrize("script", ["kl_study.py", "grpo_loop.py", "trl_reference_cost.py", "distill.py"])
 def test_help(script):
     result = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -76,6 +76,47 @@ def test_hand_written_loop_trains_through_the_service(start_server, default_mode
     assert float(steps[0][2]) == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
     assert float(steps[1][2]) > 0  # after one update it is not
     assert scrape(server.metrics_url)["klservice_tokens_scored_total", job_labels("grpo-loop", model=server.model)] > 0
+
+
+@pytest.mark.slow
+def test_distillation_lowers_the_reverse_kl_to_a_served_teacher(
+    start_server, tiny_model_dir, default_model_dir, example_env, tmp_path
+):
+    """examples/distill.py --quick: a noisy copy of the embedded model distilled towards it, served as "teacher".
+
+    The server's default model is the tiny random Llama (same tokenizer), so only a request
+    that names the teacher (``--model teacher``) scores against the embedded model.
+    """
+    server = start_server(model=(str(tiny_model_dir), f"teacher={default_model_dir}"))
+    curve = tmp_path / "distill.json"
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "distill.py"), "--target", server.target, "--model", "teacher", "--quick",
+         "--out", str(curve)],
+        capture_output=True, text=True, timeout=900, env=example_env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    payload = json.loads(curve.read_text())
+    assert payload["teacher"] == "teacher"
+    assert payload["spec"] == "k1 in_reward token"  # the on_policy_distillation preset, as the server applied it
+    steps = payload["steps"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for record in steps:
+        assert math.isfinite(record["reverse_kl"]) and math.isfinite(record["k3"]) and record["k3"] >= 0, record
+        assert record["tokens"] > 0, record
+    # The printed progress lines carry the same curve.
+    printed = re.findall(r"^step (\d+)/6: reverse KL ([\d.e+-]+)", result.stdout, re.M)
+    assert [int(s) for s, _ in printed] == [1, 2, 3, 4, 5, 6], result.stdout
+    assert [float(v) for _, v in printed] == pytest.approx([r["reverse_kl"] for r in steps], abs=1e-4)
+    # The student starts away from the teacher, and distillation brings it closer.
+    first, last = steps[0]["reverse_kl"], steps[-1]["reverse_kl"]
+    assert first > 0.5, steps
+    assert last < first, steps
+    batches = [
+        value for (name, labels), value in scrape(server.metrics_url).items()
+        if name == "klservice_kl_batches_total" and ("trainer_job", "distill") in labels
+        and ("spec", "on_policy_distillation") in labels
+    ]
+    assert sum(batches) >= 6
 
 
 @pytest.mark.slow
