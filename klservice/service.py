@@ -287,7 +287,15 @@ def _on_loopback(peer: str | None) -> bool:
 
 def _check_finite(result: kl.KLResult, request: KLRequest, ref: np.ndarray) -> None:
     """Refuse, naming the token, a result that is not finite: validated log-probs keep the k-values finite,
-    but an importance weight (up to e^80) times a large log-ratio can still overflow float32."""
+    but an importance weight (up to e^80) times a large log-ratio can still overflow float32. The diagnostics
+    are float64 sums of those values and stay finite; should one not, it is refused too, by name: no OK answer
+    and no metric sample carries an infinity."""
+    for field in dataclasses.fields(result.diagnostics):
+        value = getattr(result.diagnostics, field.name)
+        if not np.isfinite(value):
+            raise InvalidInput(
+                f"logprobs: the batch's {field.name} is not finite ({value}); send float64 log-probs or a smaller batch"
+            )
     for name in ("k1", "k2", "k3", "coef", "coef_principled"):
         values = getattr(result, name)
         bad = ~np.isfinite(values)

@@ -89,6 +89,11 @@ class NumpyOps:
         return float(x)
 
     @staticmethod
+    def sum64(x) -> float:
+        """The sum, accumulated in float64 whatever x's dtype (a float32 sum of finite values can overflow)."""
+        return float(np.sum(x, dtype=np.float64))
+
+    @staticmethod
     def first_true(mask) -> int:
         """Index of the first True entry (caller ensures there is one)."""
         return int(np.argmax(mask))
@@ -173,6 +178,10 @@ class TorchOps:
     @staticmethod
     def to_float(x) -> float:
         return float(x)
+
+    def sum64(self, x) -> float:
+        """The sum, accumulated in float64 whatever x's dtype."""
+        return float(x.to(self.torch.float64).sum())
 
     def first_true(self, mask) -> int:
         return int(self.torch.argmax(mask.to(self.torch.int8)))

@@ -615,22 +615,28 @@ def _principled(aggregation: Aggregation, ops, delta, weights, lengths):
     return base if weights is None else weights * base
 
 
+def _float64(ops):
+    return ops.torch.float64 if hasattr(ops, "torch") else np.float64
+
+
 def _diagnostics(ops, spec, values, lengths, weights, coef, principled, num_clamped) -> KLDiagnostics:
     num_tokens = int(coef.shape[0])
     num_sequences = int(lengths.shape[0])
 
+    # Means are accumulated in float64: float32 values that are each finite (k3 of a log-ratio near 1e4, an
+    # importance weight near e^80) can sum past float32's range, and a summary figure must stay finite.
     def token_mean(x) -> float:
-        return ops.to_float(x.sum()) / num_tokens if num_tokens else 0.0
+        return ops.sum64(x) / num_tokens if num_tokens else 0.0
 
     def sequence_mean(x) -> float:
-        return ops.to_float(x.sum()) / num_sequences if num_sequences else 0.0
+        return ops.sum64(x) / num_sequences if num_sequences else 0.0
 
     if weights is None or num_tokens == 0:
         w_mean, w_max, truncated = 1.0, 1.0, 0.0
     else:
         w_mean, w_max = token_mean(weights), ops.to_float(weights.max())
         truncated = token_mean(weights > spec.truncation) if spec.truncation is not None else 0.0
-    difference = coef - principled
+    difference = ops.asarray(coef, dtype=_float64(ops)) - ops.asarray(principled, dtype=_float64(ops))
     return KLDiagnostics(
         num_sequences=num_sequences,
         num_tokens=num_tokens,

@@ -211,3 +211,16 @@ def test_non_real_logprobs_are_named(values):
 def test_boolean_truncation_is_refused():
     with pytest.raises(ValueError, match=r"spec: truncation must be a finite number > 0, got True"):
         kl.KLSpec(importance_sampling="token", truncation=True)
+
+
+@pytest.mark.parametrize("policy, reference, behaviour", [(0.0, -10.0, -1e4), (-1e4, 0.0, -1e4)])
+@pytest.mark.parametrize("preset", sorted(kl.PRESETS))
+def test_float32_diagnostics_are_accumulated_in_float64_and_stay_finite(preset, policy, reference, behaviour):
+    """7,000 float32 tokens at the ends of the server's accepted range (an importance weight of e^80 times a
+    log-ratio of 10; k3 of a log-ratio of -1e4, clamped at e^80): each per-token value is finite in float32, and
+    so is every diagnostic, whose float32 sums used to overflow to inf."""
+    logprobs, ref, old = (np.full(7000, value, np.float32) for value in (policy, reference, behaviour))
+    result = kl.compute_kl(logprobs, ref, [500] * 14, preset, old)  # 14 sequences of 500, as a server takes them
+    assert all(np.isfinite(getattr(result, name)).all() for name in ("k1", "k2", "k3", "coef", "coef_principled"))
+    assert all(np.isfinite(getattr(result.diagnostics, f)) for f in result.diagnostics.__dataclass_fields__)
+    assert result.diagnostics.k3_mean_per_token == pytest.approx(float(np.mean(result.k3, dtype=np.float64)), rel=1e-6)

@@ -328,3 +328,43 @@ def test_a_host_that_does_not_resolve_fails_at_start_naming_the_flag(tmp_path):
         assert result.returncode == 1
         assert f"{flag} 'no-such-host.invalid': not an address this host can listen on" in result.stderr
         assert "Traceback" not in result.stderr and "__del__" not in result.stderr, result.stderr
+
+
+# --- no OK answer with an infinite figure -------------------------------------------------------
+
+
+def test_no_ok_answer_or_metric_carries_an_infinity_for_any_preset_at_the_extremes(start_server):
+    """Every preset, float32 log-probs at the ends of the accepted range, ~7,000 scored tokens: each answer is OK
+    with every per-token value and every diagnostic finite, or refused INVALID_ARGUMENT naming the overflow; and
+    /metrics never shows an infinity. (float32 sums of such values used to overflow the diagnostics.)"""
+    from klservice.validation import MAX_LOGPROB, MIN_LOGPROB
+
+    server = start_server(max_request_tokens=1 << 20)
+    rng = np.random.default_rng(13)
+    sequences = [rng.integers(0, 49152, size=501).tolist() for _ in range(14)]
+    scored = 14 * 500
+    extremes = [(0.0, MIN_LOGPROB), (MIN_LOGPROB, 0.0), (MAX_LOGPROB, MIN_LOGPROB), (MIN_LOGPROB, MIN_LOGPROB),
+                (MAX_LOGPROB, MAX_LOGPROB)]
+    tried, ok, refused, non_finite = 0, 0, 0, []
+    with KLClient(server.target, job_id="extremes", max_retries=0) as client:
+        for preset in kl.PRESETS:
+            for policy, behaviour in extremes:
+                tried += 1
+                logprobs, old = np.full(scored, policy, np.float32), np.full(scored, behaviour, np.float32)
+                try:
+                    out = client.compute_kl(sequences, 1, logprobs=logprobs, old_logprobs=old, spec=preset)
+                except InvalidArgument as error:
+                    assert "not finite" in str(error), error
+                    refused += 1
+                    continue
+                ok += 1
+                figures = {f: getattr(out.diagnostics, f) for f in out.diagnostics.__dataclass_fields__}
+                arrays = {name: getattr(out, name) for name in ("k1", "k2", "k3", "coef", "coef_principled")}
+                if not all(np.isfinite(v) for v in figures.values()) or not all(np.isfinite(a).all() for a in arrays.values()):
+                    non_finite.append((preset, policy, behaviour))
+    print(f"{tried} preset x extreme answers: {ok} OK, {refused} refused, {len(non_finite)} OK with a non-finite figure")
+    assert non_finite == []
+    assert refused == 0  # sums in float64 keep these in range: nothing at the accepted extremes needs refusing
+    samples = scrape(server.metrics_url)
+    kl_series = {key: value for key, value in samples.items() if key[0].startswith("klservice_kl_")}
+    assert kl_series and all(np.isfinite(value) for value in samples.values())
