@@ -205,6 +205,7 @@ class TokenBudgetScheduler:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="klservice-forward")
         self._worker: asyncio.Task | None = None
         self._running: list[_Item] = []  # the step in the worker thread
+        self._joiners: list[_Item] = []  # what joined the running step between its calls
         self._closing = False
 
     # --- life cycle -------------------------------------------------------------------
@@ -426,19 +427,20 @@ class TokenBudgetScheduler:
     async def _run_step(self, loop, items: list[_Item], temperature: float) -> None:
         """One forward step in the worker thread; its results (or its failure) go back to the requests."""
         started = time.perf_counter()
+        self._joiners = []
         try:
             await loop.run_in_executor(self._executor, self._forward, items, temperature, loop)
         except Interrupted:
-            for item in items:
+            for item in items + self._joiners:
                 _fail(item.request, NotReady("server is shutting down"))
             return
         except Exception as error:  # noqa: BLE001 - handed to every request in the step, as INTERNAL
             log.exception("forward failed")
-            for item in items:
+            for item in items + self._joiners:
                 _fail(item.request, _fault(error))
             return
         elapsed = time.perf_counter() - started
-        tokens = sum(item.cost for item in items)
+        tokens = sum(item.cost for item in items + self._joiners)
         rate = tokens / max(elapsed, 1e-6)
         self._tokens_per_second = rate if self._tokens_per_second == 0 else 0.8 * self._tokens_per_second + 0.2 * rate
 
@@ -494,24 +496,86 @@ class TokenBudgetScheduler:
     def _forward(self, items: list[_Item], temperature: float, loop: asyncio.AbstractEventLoop) -> None:
         """Runs in the worker thread: plan the backend calls and run them. Each call's values go back to the event
         loop as soon as that call is done, so a request whose sequences are all in an early call of the step is
-        answered then, not when the whole step is."""
-        sequences = [item.tokens for item in items]
-        starts = [item.start for item in items]
-        for call in plan_calls(sequences, starts, self._max_batch_tokens, self._call_padding):
-            batch = [sequences[i] for i in call.indices]
-            started = time.perf_counter()
-            scored = self._backend.score(batch, [starts[i] for i in call.indices], temperature, call.prompt_groups)
-            if len(scored.values) != len(batch):
-                raise BackendFault(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
-            if self._metrics is not None:
-                metrics = self._metrics
-                metrics.forward_seconds.observe(time.perf_counter() - started)
-                metrics.batch_sequences.observe(len(batch))
-                metrics.batch_tokens.observe(len(batch) * max(len(tokens) for tokens in batch))
-                metrics.tokens_forwarded.inc(sum(len(tokens) for tokens in batch))
-                metrics.tokens_saved.inc(scored.tokens_saved)
-            values = [_checked(output, len(sequences[i]) - starts[i]) for i, output in zip(call.indices, scored.values)]
-            loop.call_soon_threadsafe(self._scatter, [items[i] for i in call.indices], values)
+        answered then, not when the whole step is. Between two calls, work of shares that have nothing in this
+        step (jobs that were idle when it was formed) joins it as the next call (`_take_joiners`): a small
+        request arriving during a long step waits for one call, not for the rest of the step and the next."""
+        joined = {item.request.share for item in items}
+        calls = plan_calls([item.tokens for item in items], [item.start for item in items], self._max_batch_tokens,
+                           self._call_padding)
+        for number, call in enumerate(calls):
+            self._call(loop, [items[i] for i in call.indices], call.prompt_groups, temperature)
+            if number == len(calls) - 1:
+                break
+            joiners = self._joiners_from_worker(loop, joined, temperature)
+            if joiners:
+                joined.update(item.request.share for item in joiners)
+                sequences = [item.tokens for item in joiners]
+                for extra in plan_calls(sequences, [item.start for item in joiners], self._max_batch_tokens,
+                                        self._call_padding):
+                    self._call(loop, [joiners[i] for i in extra.indices], extra.prompt_groups, temperature)
+
+    def _joiners_from_worker(self, loop, joined: set[str], temperature: float) -> list[_Item]:
+        """`_take_joiners`, asked from the worker thread of the event loop (which owns the queues)."""
+        if self._closing:
+            return []
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._take_joiners(joined, temperature), loop)
+        except RuntimeError:  # the loop is closed: the server is gone
+            return []
+        try:
+            return future.result(timeout=30)
+        except concurrent.futures.TimeoutError:  # a loop this slow is stopping: whatever it took is answered
+            future.add_done_callback(
+                lambda done: [_fail(item.request, NotReady("server is shutting down")) for item in done.result()]
+                if not done.cancelled() and done.exception() is None else None
+            )
+            return []
+
+    async def _take_joiners(self, joined: set[str], temperature: float) -> list[_Item]:
+        """Queued work of the shares not in this step (`joined`), at its temperature, up to --max-batch-tokens / 8
+        tokens per share and in all: taken out of the queue (each share's deficit is charged, as `_select` does)
+        and counted as running. A share joins a step once, so a step grows by a bounded amount."""
+        if self._closing:
+            return []
+        budget, used, taken = max(1, self._max_batch_tokens // 8), 0, []
+        for share in list(self._rotation):
+            if share.name in joined or not share:
+                continue
+            while share and share.head().request.temperature == temperature and used + share.head().cost <= budget:
+                item = share.pop()
+                share.deficit -= item.cost
+                used += item.cost
+                taken.append(item)
+                item.request.queued -= 1
+                if item.request.queued == 0:
+                    self._waiting_requests -= 1
+            if not share:
+                self._forget(share)
+            if used >= budget:
+                break
+        self._waiting_tokens -= used
+        self._publish_depth()
+        taken = self._drop_dead(taken)
+        self._running.extend(taken)
+        self._joiners.extend(taken)
+        return taken
+
+    def _call(self, loop, items: list[_Item], prompt_groups, temperature: float) -> None:
+        """One backend call (in the worker thread); its checked values go to the event loop at once."""
+        batch = [item.tokens for item in items]
+        started = time.perf_counter()
+        scored = self._backend.score(batch, [item.start for item in items], temperature, prompt_groups)
+        if len(scored.values) != len(batch):
+            raise BackendFault(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
+        if self._metrics is not None:
+            metrics = self._metrics
+            metrics.forward_seconds.observe(time.perf_counter() - started)
+            metrics.batch_sequences.observe(len(batch))
+            metrics.batch_tokens.observe(len(batch) * max(len(tokens) for tokens in batch))
+            metrics.tokens_forwarded.inc(sum(len(tokens) for tokens in batch))
+            metrics.tokens_saved.inc(scored.tokens_saved)
+        values = [_checked(output, len(item.tokens) - item.start) for item, output in zip(items, scored.values)]
+        loop.call_soon_threadsafe(self._scatter, items, values)
 
     def _scatter(self, items: list[_Item], values: list[np.ndarray]) -> None:
         for item, value in zip(items, values):

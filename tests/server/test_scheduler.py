@@ -425,3 +425,31 @@ def test_a_request_is_answered_when_the_call_holding_it_is_done_not_the_whole_st
         return value
 
     np.testing.assert_array_equal(run(scenario()), flat_expected([list(range(1, 11))], [1]))
+
+
+def test_a_request_arriving_during_a_step_joins_its_next_call():
+    """A step of two calls (a short and a long sequence); while its first call runs, an idle job sends a small
+    request: it joins the step as the next call and is answered before the long call, not after the step."""
+    backend = SteppedBackend()
+
+    async def scenario():
+        scheduler = await started(backend, max_batch_tokens=100, max_wait_s=0.2)
+        short, long, late = [list(range(1, 11))], [list(range(1, 61))], [list(range(200, 208))]
+        first = asyncio.ensure_future(scheduler.score(make_batch(short, [1]), 1.0, "job-short"))
+        second = asyncio.ensure_future(scheduler.score(make_batch(long, [1]), 1.0, "job-long"))
+        await asyncio.sleep(0.3)  # the step (short + long, two calls) is formed; its first call waits for a permit
+        third = asyncio.ensure_future(scheduler.score(make_batch(late, [1]), 1.0, "job-late"))
+        await asyncio.sleep(0.05)
+        backend.permits.release()  # the short call
+        await asyncio.wait_for(first, 10)
+        backend.permits.release()  # the next call: the late request, which joined the running step
+        value = await asyncio.wait_for(third, 10)
+        assert not second.done()
+        assert [lengths for lengths, _ in backend.calls] == [[10], [8]]
+        backend.permits.release()
+        await asyncio.wait_for(second, 10)
+        assert [lengths for lengths, _ in backend.calls] == [[10], [8], [60]]
+        await scheduler.stop()
+        return value
+
+    np.testing.assert_array_equal(run(scenario()), flat_expected([list(range(200, 208))], [1]))
