@@ -464,13 +464,8 @@ class TokenBudgetScheduler:
                 if chosen and used + item.cost > self._max_batch_tokens:
                     full = True
                     break
-                job.pop()
-                job.deficit -= item.cost
+                chosen.append(self._take(job))
                 used += item.cost
-                chosen.append(item)
-                item.request.queued -= 1
-                if item.request.queued == 0:
-                    self._waiting_requests -= 1
             if full:
                 break
             self._rotation.rotate(-1)
@@ -479,6 +474,16 @@ class TokenBudgetScheduler:
         self._waiting_tokens -= used
         self._publish_depth()
         return chosen
+
+    def _take(self, share: _Share) -> _Item:
+        """The share's next item, out of the queue: its cost charged to the share's deficit, its request no longer
+        waiting once its last item is taken (the caller accounts the tokens)."""
+        item = share.pop()
+        share.deficit -= item.cost
+        item.request.queued -= 1
+        if item.request.queued == 0:
+            self._waiting_requests -= 1
+        return item
 
     def _drop_dead(self, items: list[_Item]) -> list[_Item]:
         now = time.monotonic()
@@ -542,13 +547,8 @@ class TokenBudgetScheduler:
             if share.name in joined or not share:
                 continue
             while share and share.head().request.temperature == temperature and used + share.head().cost <= budget:
-                item = share.pop()
-                share.deficit -= item.cost
-                used += item.cost
-                taken.append(item)
-                item.request.queued -= 1
-                if item.request.queued == 0:
-                    self._waiting_requests -= 1
+                taken.append(self._take(share))
+                used += taken[-1].cost
             if not share:
                 self._forget(share)
             if used >= budget:

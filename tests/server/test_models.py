@@ -24,19 +24,11 @@ from tests.server.test_auth import KLSERVICE, add_tenant
 from tests.server.test_client_behaviour import GatedBackend
 from tests.server.test_client_behaviour import hf_backend  # noqa: F401 - a fixture used below
 from tests.server.test_metrics_and_health import scrape
+from tests.server.test_sharing import wait_until
 
 RNG = np.random.default_rng(7)
 SEQUENCES = [RNG.integers(0, 49152, size=n).tolist() for n in (24, 17, 31)]
 PROMPTS = [5, 3, 9]
-
-
-def wait_until(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def _copy_with(source, target, change):
