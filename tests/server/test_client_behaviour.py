@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
 import sys
 import threading
@@ -159,3 +160,51 @@ def test_async_client(tiny_server):
     info, outs = asyncio.run(run())
     assert info.vocab_size == 49152
     assert len(outs) == 8 and all(o.coef.shape == (2,) for o in outs)
+
+
+class PermittedBackend(ReferenceBackend):
+    """The real backend, each forward call waiting for one permit from the test."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.permits = threading.Semaphore(0)
+        self.calls: list[list[int]] = []
+
+    def info(self):
+        return self.backend.info()
+
+    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
+        assert self.permits.acquire(timeout=60)
+        self.calls.append([len(s) for s in sequences])
+        return self.backend.score(sequences, starts, temperature, prompt_groups)
+
+    def close(self):
+        for _ in range(8):
+            self.permits.release()
+
+
+def test_answers_leave_per_forward_call_and_a_late_small_request_joins_the_running_step(start_server, hf_backend):
+    """A step of two forward calls (a 10- and a 60-token sequence, not padded together under a 100-token budget):
+    the short request is answered once its call is done, and a small request of an idle job sent during the first
+    call runs as the step's next call, answered before the long call, not after the step and the one after it."""
+    backend = PermittedBackend(hf_backend)
+    server = start_server(backend=backend, cache_mb=0, max_batch_tokens=100, max_wait_ms=300)
+    pool = concurrent.futures.ThreadPoolExecutor(3)
+
+    def score(job, length):
+        with KLClient(server.target, job_id=job, max_retries=0, timeout=60) as client:
+            return client.score([list(range(1, length + 1))], 1)
+
+    short, long = pool.submit(score, "short", 10), pool.submit(score, "long", 60)
+    time.sleep(1.0)  # both arrive within --max-wait-ms: one step of two calls, waiting for its first permit
+    assert server.server.service.scheduler.queued_requests == 0 and not backend.calls
+    late = pool.submit(score, "late", 8)
+    time.sleep(0.3)
+    backend.permits.release()
+    assert short.result(30).ref_logprobs.shape == (9,)
+    backend.permits.release()
+    assert late.result(30).ref_logprobs.shape == (7,)
+    assert not long.done() and backend.calls == [[10], [8]]
+    backend.permits.release()
+    assert long.result(30).ref_logprobs.shape == (59,)
+    pool.shutdown()
