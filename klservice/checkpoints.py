@@ -30,12 +30,19 @@ class CheckpointError(Exception):
 
 
 def _header(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        if size > 100 * MIB:
-            raise CheckpointError(f"{path.name}: not a safetensors file (header of {size} bytes)")
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
+    try:
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > 100 * MIB:
+                raise CheckpointError(f"{path.name}: not a safetensors file (header of {size} bytes)")
+            header = json.loads(handle.read(size))
+        header.pop("__metadata__", None)
+        for tensor in header.values():
+            [int(dimension) for dimension in tensor["shape"]]
+    except CheckpointError:
+        raise
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path.name}: not a readable safetensors file ({type(error).__name__}: {error})") from None
     return header
 
 

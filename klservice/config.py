@@ -118,8 +118,8 @@ class ServerConfig:
     memory_budget_mb: int = config_field(
         0,
         "Memory the models of one device may take together, in MiB, checked when they load (weights at their "
-        "compute dtype, plus vLLM's --gpu-memory-utilization share of a GPU). 0: the device's free memory at start "
-        "(CUDA's free memory, or the host's available memory on CPU). A swap needs room for both revisions.",
+        "compute dtype, plus vLLM's --gpu-memory-utilization share of a GPU). 0: the device's free memory when a model "
+        "loads (CUDA's free memory, or the host's available memory on CPU). A swap needs room for both revisions.",
     )
     allow_admin_from_loopback: bool = config_field(
         False,

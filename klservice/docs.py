@@ -75,7 +75,8 @@ def render_metrics() -> str:
         "Per-model series carry `model`, the model's name (`--model NAME=PATH`, or a name LoadModel added;",
         "at most `--max-models` at a time). `klservice_model_info` has one series per served model, with the",
         "labels `revision` (the revision serving it now), `generation` (loads under the name so far),",
-        "`backend`, `dtype` and `device`; an unloaded model's gauges and info go.",
+        "`backend`, `dtype` and `device`. An unloaded model's queue and cache gauges and its info go; its",
+        "counters and its per-job KL gauges stay (per-job series are bounded by tenant and `--max-jobs`).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -38,7 +38,7 @@ from klservice.backends.base import ModelInfo, ReferenceBackend, probe_tokens
 from klservice.cache import ReferenceCache
 from klservice.checkpoints import MIB, CheckpointError, mix_checkpoints, weight_bytes
 from klservice.config import MODEL_NAME_PATTERN, ModelSpec, ServerConfig
-from klservice.errors import FailedPrecondition, ModelNotFound, NotReady
+from klservice.errors import FailedPrecondition, ModelNotFound, NotReady, ServiceError
 from klservice.metrics import Metrics
 from klservice.scheduler import TokenBudgetScheduler
 from klservice.validation import Limits
@@ -101,6 +101,7 @@ class ModelRegistry:
         self._default: str | None = None
         self._retiring: set[ServedModel] = set()
         self._loading: set[str] = set()
+        self._reserved: dict[str, tuple[str, int]] = {}  # name -> (device, bytes) of a load in flight
         self._generations: dict[str, int] = {}
         self._releases: set[asyncio.Task] = set()
         self._closing = False
@@ -114,7 +115,7 @@ class ModelRegistry:
             name = (await asyncio.to_thread(preloaded.info)).name
             specs[0] = dataclasses.replace(specs[0], name=name, path=name)
         folders = await asyncio.to_thread(self._folders, specs, preloaded)
-        estimates = [_estimate(spec, folder, self.config) for spec, folder in zip(specs, folders)]
+        estimates = [await asyncio.to_thread(_estimate, spec, folder, self.config) for spec, folder in zip(specs, folders)]
         self._check_fits(list(zip(specs, estimates)), existing=[], when="at start")
         for index, (spec, folder, (device, size)) in enumerate(zip(specs, folders, estimates)):
             backend = preloaded if index == 0 and preloaded is not None else None
@@ -212,7 +213,8 @@ class ModelRegistry:
         if name in self._loading:
             raise FailedPrecondition(f"model {name!r}: a load is already running; wait for it to finish")
         current = self._models.get(name)
-        if current is None and len(self._models) + len(self._loading) >= self.config.max_models:
+        adding = {other for other in self._loading if other not in self._models}
+        if current is None and len(self._models) + len(adding) >= self.config.max_models:
             raise FailedPrecondition(
                 f"model {name!r}: this server serves {len(self._models)} models, its --max-models; unload one first"
             )
@@ -231,8 +233,9 @@ class ModelRegistry:
                 owned = await asyncio.to_thread(self._mix, current, folder, request.mixup_alpha)
                 folder = owned
             mixed = time.perf_counter()
-            device, size = _estimate(spec, folder, self.config)
+            device, size = await asyncio.to_thread(_estimate, spec, folder, self.config)
             self._check_fits([(spec, (device, size))], existing=self._holding(), when="now")
+            self._reserved[name] = (device, size)  # counted by other loads' checks while this one runs
             try:
                 served = await self._open(spec, folder, device, size, owned_folder=owned, mixup_alpha=request.mixup_alpha,
                                           path=request.path)
@@ -267,13 +270,17 @@ class ModelRegistry:
                 served.load_seconds, served.check_seconds, (switched - switching) * 1e6, switched - started,
             )
             return served
-        except Exception:
+        except ServiceError:
             self.metrics.model_loads.labels(name, "failed").inc()
             raise
+        except Exception as error:  # noqa: BLE001 - whatever else fails a load is the load's answer, with its reason
+            self.metrics.model_loads.labels(name, "failed").inc()
+            raise FailedPrecondition(f"model {name!r}: loading {request.path} failed: {_describe(error)}") from None
         finally:
             self._loading.discard(name)
+            self._reserved.pop(name, None)
             if owned is not None:
-                shutil.rmtree(owned, ignore_errors=True)
+                shutil.rmtree(owned.parent, ignore_errors=True)
 
     async def unload(self, name: str) -> list[str]:
         """Stop serving `name` (not the default model); its requests in flight finish first. The names left."""
@@ -412,8 +419,9 @@ class ModelRegistry:
 
     def _holding(self) -> list[tuple[str, str, int]]:
         """(name, device, bytes) of every revision holding memory: serving, and replaced but not yet released."""
-        return [(served.name, served.device, served.memory_bytes)
+        held = [(served.name, served.device, served.memory_bytes)
                 for served in list(self._models.values()) + list(self._retiring)]
+        return held + [(f"{name} (loading)", device, size) for name, (device, size) in self._reserved.items()]
 
     def _check_fits(self, new: list[tuple[ModelSpec, tuple[str, int]]], existing: list[tuple[str, str, int]],
                     when: str) -> None:
@@ -439,13 +447,14 @@ class ModelRegistry:
             )
 
     def _retire(self, served: ServedModel) -> None:
+        served.scheduler.stop_publishing()  # the name's gauges are its new revision's (or gone) from now on
         served.retired = True
         self._retiring.add(served)
         if served.leases == 0:
             self._release_soon(served)
 
     def _release_soon(self, served: ServedModel) -> None:
-        if served in self._retiring:
+        if served in self._retiring and not self._closing:  # while stopping, stop() releases everything itself
             self._retiring.discard(served)
             task = asyncio.get_running_loop().create_task(self._release(served), name=f"klservice-release-{served.name}")
             self._releases.add(task)
@@ -465,6 +474,7 @@ class ModelRegistry:
 
     async def _discard(self, served: ServedModel) -> None:
         """Drop a revision that was loaded but is not put into service."""
+        served.scheduler.stop_publishing()
         await served.scheduler.stop()
         await asyncio.to_thread(_close, served)
         served.released.set()

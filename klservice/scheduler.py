@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CALL_PADDING = ServerConfig.call_padding
 """Most padding a backend call carries, as a share of its real tokens, before it is split (`plan_calls`)."""
+MAX_DEBTS = 1024
+"""Most forgotten shares whose debt (negative deficit) is remembered until they come back."""
 STOP_WAIT_S = 30.0
 """On stop, the longest wait for the worker thread's forward to return (hf: it stops within one layer)."""
 
@@ -206,6 +208,8 @@ class TokenBudgetScheduler:
         self._worker: asyncio.Task | None = None
         self._running: list[_Item] = []  # the step in the worker thread
         self._joiners: list[_Item] = []  # what joined the running step between its calls
+        self._publishes = True  # whether this scheduler sets the queue gauges
+        self._debts: collections.OrderedDict[str, float] = collections.OrderedDict()  # forgotten shares' deficits
         self._closing = False
 
     # --- life cycle -------------------------------------------------------------------
@@ -315,7 +319,7 @@ class TokenBudgetScheduler:
         request.remaining = request.queued = len(items)
         state = self._shares.get(request.share)
         if state is None:  # a share is in the table exactly while it is in the rotation
-            state = self._shares[request.share] = _Share(request.share)
+            state = self._shares[request.share] = _Share(request.share, deficit=self._debts.pop(request.share, 0.0))
             self._rotation.append(state)
         state.weight = weight
         state.jobs.setdefault(job, collections.deque()).extend(items)
@@ -378,10 +382,17 @@ class TokenBudgetScheduler:
             self._metrics.dropped.labels("deadline").inc()
 
     def _forget(self, share: _Share) -> None:
-        """Take a share with nothing queued out of the rotation and the table (its deficit goes with it)."""
+        """Take a share with nothing queued out of the rotation and the table. A credit goes with it; a debt (what
+        it took beyond its quantum, e.g. joining a running step) is kept for when it comes back, for a bounded
+        number of shares."""
         if share in self._rotation:
             self._rotation.remove(share)
         self._shares.pop(share.name, None)
+        if share.deficit < 0:
+            self._debts[share.name] = share.deficit
+            self._debts.move_to_end(share.name)
+            while len(self._debts) > MAX_DEBTS:
+                self._debts.popitem(last=False)
 
     def _retry_after(self, tokens: int | None = None) -> float:
         """Seconds until `tokens` (default: the whole backlog) should have drained at the measured rate
@@ -391,8 +402,12 @@ class TokenBudgetScheduler:
         tokens = self._waiting_tokens if tokens is None else tokens
         return float(min(10.0, max(0.05, tokens / self._tokens_per_second)))
 
+    def stop_publishing(self) -> None:
+        """Stop setting the queue gauges: another scheduler (the model's next revision) owns them now."""
+        self._publishes = False
+
     def _publish_depth(self) -> None:
-        if self._metrics is not None:
+        if self._metrics is not None and self._publishes:
             self._metrics.queue_depth.set(self._waiting_requests)
             self._metrics.queue_tokens.set(self._waiting_tokens)
 
@@ -508,6 +523,8 @@ class TokenBudgetScheduler:
         calls = plan_calls([item.tokens for item in items], [item.start for item in items], self._max_batch_tokens,
                            self._call_padding)
         for number, call in enumerate(calls):
+            if self._closing:  # stopping: no further call of this step starts (a backend may not be interruptible)
+                raise Interrupted("the server is stopping")
             self._call(loop, [items[i] for i in call.indices], call.prompt_groups, temperature)
             if number == len(calls) - 1:
                 break
@@ -531,7 +548,7 @@ class TokenBudgetScheduler:
             return future.result(timeout=30)
         except concurrent.futures.TimeoutError:  # a loop this slow is stopping: whatever it took is answered
             future.add_done_callback(
-                lambda done: [_fail(item.request, NotReady("server is shutting down")) for item in done.result()]
+                lambda done: [_fail(item.request, NotReady("the scheduler is stalled; retry")) for item in done.result()]
                 if not done.cancelled() and done.exception() is None else None
             )
             return []

@@ -273,16 +273,25 @@ LOOPBACK_ADMIN = Tenant(name="loopback", token_hashes=(), role="admin")
 
 
 def _on_loopback(peer: str | None) -> bool:
-    """Whether a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000") is on this host's loopback."""
+    """Whether a gRPC peer ("ipv4:127.0.0.1:5000"; "ipv6:%5B::1%5D:5000", as grpc writes it) is on this host's
+    loopback (an IPv4-mapped IPv6 loopback address included)."""
+    import ipaddress
+    import urllib.parse
+
     if not peer:
         return False
-    kind, _, address = peer.partition(":")
-    if kind == "ipv4":
-        return address.rsplit(":", 1)[0].startswith("127.")
-    if kind == "ipv6":
-        host = address.rsplit(":", 1)[0].strip("[]")
-        return host in ("::1", "::ffff:127.0.0.1")
-    return kind == "unix"
+    kind, _, address = urllib.parse.unquote(peer).partition(":")
+    if kind == "unix":
+        return True
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _check_finite(result: kl.KLResult, request: KLRequest, ref: np.ndarray) -> None:

@@ -323,7 +323,7 @@ class _ClientCore:
     def _pin_rest(plan: _Plan, first) -> list:
         """The requests after the first, pinned to the revision that answered it (unless the caller pinned)."""
         rest = plan.requests[1:]
-        if not plan.pinned:
+        if not plan.pinned and 12 <= len(first.model.revision) <= 64:  # a revision a request may be pinned to
             for request in rest:
                 request.revision = first.model.revision
         return rest

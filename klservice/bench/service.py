@@ -68,8 +68,9 @@ class ServiceProcess:
                 text = reply.read().decode()
         except OSError:
             return None
-        match = re.search(r"^klservice_forward_seconds_sum\s+(\S+)", text, re.M)
-        return float(match.group(1)) if match else None
+        # One series per served model (the `model` label): the server's time in the model is their sum.
+        sums = re.findall(r"^klservice_forward_seconds_sum(?:\{[^}]*\})?\s+(\S+)", text, re.M)
+        return sum(float(value) for value in sums) if sums else None
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -414,9 +414,16 @@ def test_operator_rpcs_need_the_admin_role(start_server, checkpoints, tmp_path):
 def test_on_loopback_means_loopback():
     from klservice.service import _on_loopback
 
-    assert _on_loopback("ipv4:127.0.0.1:5000") and _on_loopback("ipv6:[::1]:5000")
-    assert not _on_loopback("ipv4:10.0.0.7:5000") and not _on_loopback("ipv6:[2001:db8::1]:5000")
+    assert _on_loopback("ipv4:127.0.0.1:5000") and _on_loopback("ipv6:%5B::1%5D:5000")  # as grpc writes peers
+    assert _on_loopback("ipv6:[::1]:5000") and _on_loopback("ipv6:%5B::ffff:127.0.0.1%5D:5000")
+    assert not _on_loopback("ipv4:10.0.0.7:5000") and not _on_loopback("ipv6:%5B2001:db8::1%5D:5000")
     assert not _on_loopback(None) and not _on_loopback("ipv4:1127.0.0.1:5000")
+
+
+def test_operator_rpcs_from_ipv6_loopback(start_server, checkpoints):
+    server = start_server(host="::1", allow_admin_from_loopback=True)
+    with KLClient(f"[::1]:{server.server.port}") as client:
+        assert client.load_model(server.model, str(checkpoints["perturbed"])).generation == 2
 
 
 # --------------------------------------------------------------------------- the command line

@@ -104,12 +104,13 @@ def test_reference_resets_equal_trls_sync_ref_model_callback(
     assert name == f"sync-{alpha}-reference"
     assert not any(isinstance(callback, SyncRefModelCallback) for callback in served.callback_handler.callbacks)
 
-    loads = []
+    loads, infos = [], []
     load_model = served.kl_client.load_model
 
     def counted_load(*args, **kwargs):
         loads.append(kwargs.get("mixup_alpha"))
-        return load_model(*args, **kwargs)
+        infos.append(load_model(*args, **kwargs))
+        return infos[-1]
 
     served.kl_client.load_model = counted_load
     local_batches, served_batches = record_batches(local), record_batches(served)
@@ -141,15 +142,16 @@ def test_reference_resets_equal_trls_sync_ref_model_callback(
 
     # One LoadModel to start (as it is), then one per sync (mixed); the calls are pinned to the last one.
     assert loads == [None] + [alpha] * STEPS
+    info = infos[-1]
+    assert info.generation == 1 + STEPS and info.mixup_alpha == alpha
+    assert logged(served, "kl/reference_generation") == [1.0, 2.0, 3.0]  # the load each step's batch saw
     with KLClient(operator_server.target) as operator:
-        info = operator.model_info(model=name)
-        assert info.generation == 1 + STEPS and info.mixup_alpha == alpha
-        assert served.kl_client.pinned_revision(model=name) == info.revision == served.ref_model.info.revision
-        assert logged(served, "kl/reference_generation") == [1.0, 2.0, 3.0]  # the load each step's batch saw
         samples = scrape(operator_server.metrics_url)
         assert samples["klservice_model_loads_total", (("model", name), ("result", "ok"))] == 1 + STEPS
         assert list(sync_dir.iterdir()) == []  # the server read every folder; the mixed weights are its own
-        operator.unload_model(name)
+        # training over, the run's reference left the server (and the trainer's pin with it)
+        assert name not in [model.name for model in operator.list_models()]
+        assert served.kl_client.pinned_revision(model=name) is None and served.ref_model.info is None
 
 
 def test_sync_ref_model_needs_a_sync_dir_and_a_name_of_its_own(

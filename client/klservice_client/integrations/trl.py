@@ -77,7 +77,10 @@ end of the step as TRL's ``SyncRefModelCallback``, it saves the policy again and
 alpha * policy``, computed as TRL computes it in place. That is one LoadModel per sync; the
 trainer's calls are then pinned to the revision it returned (`klservice_client.RevisionMismatch`
 if anything else moves the name), ``kl/reference_generation`` logs which load answered, and
-the folders the server no longer reads are deleted. It needs the right to call LoadModel (an
+the folders the server no longer reads are deleted. When training ends the run's reference is
+unloaded from the server (its memory and its ``--max-models`` slot go back). Two runs with the
+same job id share one reference name and would reset each other's: give each run its own
+``run_name`` (or ``reference_model``). It needs the right to call LoadModel (an
 admin token, or a server without ``--auth-file`` started with ``--allow-admin-from-loopback``
 on the trainer's host), a ``reference_sync_dir`` the server reads at the same path (a shared
 file system, or the same host), and room on the server for one more model (two during a
@@ -112,6 +115,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from klservice_client import kl
 from klservice_client.client import KLClient, ModelInfo
+from klservice_client.errors import KLServiceError
 
 __all__ = ["KLServiceGRPOTrainer", "ServedReference"]
 
@@ -222,6 +226,9 @@ class _ReferenceSync(TrainerCallback):
         if state.global_step % args.ref_model_sync_steps == 0:
             self.trainer._load_reference(mix=True)
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._unload_reference()
+
 
 class KLServiceGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` whose reference model lives in a klservice server (see the module docstring).
@@ -238,6 +245,8 @@ class KLServiceGRPOTrainer(GRPOTrainer):
             sync (default: ``"<job id>-reference"``); never the name of a model other jobs use.
         reference_sync_dir: with ``sync_ref_model`` (required then): a folder the trainer writes the
             policy into for the server to load, at a path the server reads.
+        reference_load_timeout: with ``sync_ref_model``: the deadline of one LoadModel, in seconds (the server
+            reads, mixes, loads and probes the checkpoint within it; give large models more).
         check_tokenizer: refuse to start unless the tokenizer is the served model's.
         log_kl_grad_norm: log ``kl/grad_norm`` (costs one extra backward pass per step).
     """
@@ -253,6 +262,7 @@ class KLServiceGRPOTrainer(GRPOTrainer):
         job_id: str | None = None,
         reference_model: str | None = None,
         reference_sync_dir: str | os.PathLike | None = None,
+        reference_load_timeout: float = 1800.0,
         check_tokenizer: bool = True,
         log_kl_grad_norm: bool = False,
         **kwargs: Any,
@@ -321,6 +331,7 @@ class KLServiceGRPOTrainer(GRPOTrainer):
         self._check_reference_tokenizer = check_tokenizer
         self._reference_folders: list[Path] = []  # written by this trainer and not yet deleted
         self._reference_loads = 0
+        self._reference_load_timeout = reference_load_timeout
         self._capture_policy_logps = False
         self._policy_logps: torch.Tensor | None = None
         if sync:
@@ -355,7 +366,8 @@ class KLServiceGRPOTrainer(GRPOTrainer):
                 if not any(folder.glob("*.safetensors")):
                     raise RuntimeError(f"sync_ref_model: saving the policy wrote no safetensors weights into {folder}")
                 outcome = self.kl_client.load_model(
-                    name, str(folder.absolute()), mixup_alpha=self.args.ref_model_mixup_alpha if mix else None
+                    name, str(folder.absolute()), mixup_alpha=self.args.ref_model_mixup_alpha if mix else None,
+                    timeout=self._reference_load_timeout,
                 )
             except Exception as failure:  # noqa: BLE001 - the other processes must hear of it, not wait forever
                 error, outcome = failure, f"{type(failure).__name__}: {failure}"
@@ -374,6 +386,19 @@ class KLServiceGRPOTrainer(GRPOTrainer):
         if not mix and self._check_reference_tokenizer:
             self.kl_client.check_tokenizer(self._vocabulary(), model=name)
         return outcome
+
+    def _unload_reference(self) -> None:
+        """At the end of training: the run's own reference leaves the server (its memory and its --max-models slot
+        go back), and its folders here with it. A later evaluate() loads the policy as the reference again."""
+        name = self.reference_model
+        if self.accelerator.is_main_process and self.ref_model.info is not None:
+            try:
+                self.kl_client.unload_model(name)
+            except KLServiceError as error:  # the run is over: say so, do not fail it
+                warnings.warn(f"sync_ref_model: unloading the reference {name!r} failed: {error}", stacklevel=2)
+        self.ref_model.info = None
+        self.kl_client.unpin(model=name)
+        self._delete_reference_folders(list(self._reference_folders))
 
     def _delete_reference_folders(self, folders: list[Path]) -> None:
         for folder in list(folders):
