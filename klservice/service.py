@@ -299,12 +299,6 @@ def _check_finite(result: kl.KLResult, request: KLRequest, ref: np.ndarray) -> N
     but an importance weight (up to e^80) times a large log-ratio can still overflow float32. The diagnostics
     are float64 sums of those values and stay finite; should one not, it is refused too, by name: no OK answer
     and no metric sample carries an infinity."""
-    for field in dataclasses.fields(result.diagnostics):
-        value = getattr(result.diagnostics, field.name)
-        if not np.isfinite(value):
-            raise InvalidInput(
-                f"logprobs: the batch's {field.name} is not finite ({value}); send float64 log-probs or a smaller batch"
-            )
     for name in ("k1", "k2", "k3", "coef", "coef_principled"):
         values = getattr(result, name)
         bad = ~np.isfinite(values)
@@ -316,4 +310,10 @@ def _check_finite(result: kl.KLResult, request: KLRequest, ref: np.ndarray) -> N
                 f"logprobs: {name} is not finite at sequence {sequence}, scored token {position} (policy "
                 f"{float(request.logprobs[index]):g}, reference {float(ref[index]):g}{old}): the values overflow "
                 f"{request.logprobs.dtype}; send float64 log-probs or check this token"
+            )
+    for field in dataclasses.fields(result.diagnostics):
+        value = getattr(result.diagnostics, field.name)
+        if not np.isfinite(value):
+            raise InvalidInput(
+                f"logprobs: the batch's {field.name} is not finite ({value}); send float64 log-probs or a smaller batch"
             )
