@@ -215,17 +215,23 @@ def _print_new_token(write, done: str) -> int:
     return 0
 
 
-def _auth_reload(args: argparse.Namespace) -> int:
+def _on_server(args: argparse.Namespace, call, show) -> int:
+    """`call(client)` on the server of `args`, then `show(result)`; a refusal is printed on stderr (exit 1)."""
     from klservice_client import KLServiceError
 
     try:
         with _client(args) as client:
-            tenants = client.reload_auth()
+            result = call(client)
     except KLServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"auth file reloaded: {len(tenants)} tenant(s): {', '.join(tenants)}")
+    show(result)
     return 0
+
+
+def _auth_reload(args: argparse.Namespace) -> int:
+    return _on_server(args, lambda client: client.reload_auth(),
+                      lambda tenants: print(f"auth file reloaded: {len(tenants)} tenant(s): {', '.join(tenants)}"))
 
 
 def _add_admin_command(commands) -> None:
@@ -265,45 +271,28 @@ def _add_admin_command(commands) -> None:
 
 
 def _admin_load(args: argparse.Namespace) -> int:
-    return _print_models(args, lambda client: [client.load_model(
+    return _on_server(args, lambda client: [client.load_model(
         args.name, args.path, mixup_alpha=args.mixup_alpha, force=args.force, backend=args.backend,
         dtype=args.dtype, device=args.device, max_length=args.max_length, timeout=args.timeout,
-    )])
+    )], _print_models)
 
 
 def _admin_unload(args: argparse.Namespace) -> int:
-    from klservice_client import KLServiceError
-
-    try:
-        with _client(args) as client:
-            left = client.unload_model(args.name)
-    except KLServiceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"unloaded {args.name!r}; serving {', '.join(repr(name) for name in left)}")
-    return 0
+    return _on_server(args, lambda client: client.unload_model(args.name),
+                      lambda left: print(f"unloaded {args.name!r}; serving {', '.join(repr(name) for name in left)}"))
 
 
 def _admin_list(args: argparse.Namespace) -> int:
-    return _print_models(args, lambda client: client.list_models())
+    return _on_server(args, lambda client: client.list_models(), _print_models)
 
 
-def _print_models(args: argparse.Namespace, call) -> int:
-    """One line per model that `call(client)` returns; an error on stderr."""
-    from klservice_client import KLServiceError
-
-    try:
-        with _client(args) as client:
-            models = call(client)
-    except KLServiceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def _print_models(models) -> None:
+    """One line per model."""
     for info in models:
         mixed = f"  mixup_alpha {info.mixup_alpha:g}" if info.mixup_alpha is not None else ""
         default = "  (default)" if info.is_default else ""
         print(f"{info.name}  revision {info.revision[:12]}  generation {info.generation}  {info.backend} "
               f"{info.dtype} on {info.device}  {info.path}{mixed}{default}")
-    return 0
 
 
 def _add_bench_command(commands) -> None:
