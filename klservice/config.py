@@ -134,6 +134,18 @@ class ServerConfig:
         "work refused meanwhile); what is left is then answered UNAVAILABLE and a running forward stops within "
         "one step (hf: one decoder layer, ~2 s at 16k tokens on a 2-core CPU).",
     )
+    max_connection_age_seconds: float = config_field(
+        0.0,
+        "Close each client connection after this many seconds (gRPC's max connection age: the server sends GOAWAY, "
+        "the client reconnects and re-resolves its target, so clients of a headless Service spread onto replicas "
+        "added since). StreamKL streams end at the same age from their start, after answering what they read; "
+        "the client reopens them and resends what was not answered. 0: never.",
+    )
+    max_connection_age_grace_seconds: float = config_field(
+        60.0,
+        "After --max-connection-age-seconds: how long calls already running on the old connection may take to "
+        "finish before it is closed.",
+    )
     log_level: str = config_field("INFO", "Logging level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     @property
@@ -165,6 +177,17 @@ class ServerConfig:
                 socket.getaddrinfo(bare_host(host), None)
             except (socket.gaierror, UnicodeError) as error:
                 raise ValueError(f"{flag} {host!r}: not an address this host can listen on ({error})") from None
+
+    def connection_options(self) -> list[tuple[str, int]]:
+        """gRPC server options of the connection age (none when it is off); a negative value fails naming its flag."""
+        for flag, value in (("--max-connection-age-seconds", self.max_connection_age_seconds),
+                            ("--max-connection-age-grace-seconds", self.max_connection_age_grace_seconds)):
+            if not value >= 0:
+                raise ValueError(f"{flag} {value}: expected a number of seconds >= 0")
+        if not self.max_connection_age_seconds:
+            return []
+        return [("grpc.max_connection_age_ms", max(1, round(self.max_connection_age_seconds * 1000))),
+                ("grpc.max_connection_age_grace_ms", round(self.max_connection_age_grace_seconds * 1000))]
 
     def check_tls(self) -> None:
         """Raise ValueError naming the flag when the TLS flags do not go together."""

@@ -54,6 +54,7 @@ class Server:
         self.metrics = Metrics(self.registry, max_jobs=config.max_jobs)
         self._backend = backend  # preloaded backend (tests, embedding); else loaded from config
         config.check_tls()
+        config.connection_options()  # a negative age fails here, naming the flag
         config.check_hosts()  # a host that does not resolve fails here, naming the flag
         self._credentials = _server_credentials(config)  # unreadable files fail the start, before listening
         self.service = ReferenceService(config, self.metrics)  # so does a bad --auth-file
@@ -110,6 +111,7 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                *self.config.connection_options(),
             ]
         )
         add_to_server(ReferenceServicer(self.service), self._grpc)

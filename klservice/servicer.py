@@ -157,6 +157,10 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
         already used on this stream) is answered by an error item with an empty request_id. The
         caller is authenticated again whenever the auth file is reloaded, so a revoked token's
         open stream gets UNAUTHENTICATED error items from then on.
+
+        With --max-connection-age-seconds the stream ends (OK) at that age from its start: it stops
+        reading, answers every request it has read, and returns. The client reopens it (on a new
+        connection, so possibly another replica) and resends the requests that had no answer.
         """
         try:
             job = self._job(context)
@@ -170,11 +174,18 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
         pending: set[asyncio.Task] = set()
         requests = aiter(request_iterator)
         reading = asyncio.ensure_future(anext(requests, None))
+        age = self._service.config.max_connection_age_seconds
+        aging = asyncio.ensure_future(asyncio.sleep(age)) if age else None
         try:
             while reading is not None or pending:
-                waiting = pending | ({reading} if reading is not None else set())
+                waiting = pending | ({reading} if reading is not None else set()) | ({aging} if aging else set())
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if reading in done:
+                if aging in done:  # the stream's age: answer what was read, read no more
+                    aging = None
+                    if reading is not None and not reading.done():
+                        reading.cancel()
+                        reading = None
+                if reading is not None and reading in done:
                     request = reading.result()  # raises a transport error of the request stream
                     if request is None:
                         reading = None
@@ -186,13 +197,13 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
                             except Exception as error:  # noqa: BLE001 - answered as this and later items' error
                                 job = error
                         pending.add(asyncio.ensure_future(self._stream_item(request, job, deadline, seen)))
-                        reading = asyncio.ensure_future(anext(requests, None))
-                for task in done - {reading}:
+                        reading = asyncio.ensure_future(anext(requests, None)) if aging or not age else None
+                for task in done:
                     if task in pending:
                         pending.discard(task)
                         yield task.result()
         finally:
-            for task in pending | ({reading} if reading is not None else set()):
+            for task in pending | {task for task in (reading, aging) if task is not None}:
                 task.cancel()
 
     async def _stream_item(

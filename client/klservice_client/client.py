@@ -29,10 +29,12 @@ batch concurrently).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import queue
 import threading
 import time
@@ -47,13 +49,15 @@ from klservice_client._requests import (
 )
 from klservice_client.credentials import PEM, bearer_metadata, channel_credentials, open_channel, resolve_token
 from klservice_client.errors import (
-    InvalidArgument, KLServiceError, RevisionMismatch, ServerError, TokenizerMismatch, from_rpc_error, from_status,
+    DeadlineExceeded, InvalidArgument, KLServiceError, RevisionMismatch, ServerError, TokenizerMismatch, from_rpc_error, from_status,
     is_overload,
 )
 from klservice_client.results import KLItem, KLOutput, KLStreamResult, ScoreOutput
 from klservice_client.wire import JOB_METADATA_KEY, ModelInfo, model_info_from_proto, pb, pb_grpc
 
 __all__ = ["AsyncKLClient", "KLClient", "KLItem", "KLOutput", "KLStreamResult", "ModelInfo", "ScoreOutput", "tokenizer_fingerprint"]
+
+log = logging.getLogger(__name__)
 
 #: While waiting for a server to become ready, these mean "not yet" rather than failure.
 NOT_READY_YET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -101,6 +105,7 @@ class _StreamAssembly:
         self._resolve = resolve  # KLItem -> (model name, revision to pin or "")
         self._lock = threading.Lock()
         self._items: dict[int, _StreamItem] = {}
+        self._answered = 0
 
     def requests(self, number: int, item: KLItem) -> list[pb.KLRequest] | KLStreamResult:
         """The requests of item `number`, or its result when it fails before anything is sent."""
@@ -118,7 +123,7 @@ class _StreamAssembly:
         except (ValueError, TypeError) as error:  # e.g. an unknown preset, token ids that are not numbers
             return KLStreamResult(key=key, error=InvalidArgument(f"stream item {number}: {error}"))
         with self._lock:
-            self._items[number] = _StreamItem(key, prepared, item.as_torch, len(requests))
+            self._items[number] = _StreamItem(key, prepared, item.as_torch, requests)
         return requests
 
     def feed(self, items, put, start: int = 0) -> Iterator[pb.KLRequest]:
@@ -135,8 +140,14 @@ class _StreamAssembly:
             put(_Raise(error))
 
     def answer(self, message: pb.StreamKLResponse) -> KLStreamResult | None:
-        """The item result an answer completes, if any."""
+        """The item result an answer completes, if any.
+
+        An UNAVAILABLE error item (the server is draining) leaves its part unanswered: it is sent
+        again when the stream is reopened, on the replica the channel then picks.
+        """
         failed = message.WhichOneof("result") == "error"
+        if failed and message.error.code == grpc.StatusCode.UNAVAILABLE.value[0] and message.request_id:
+            return None
         if failed and not message.request_id:  # a request the server could not identify: not one of ours
             error = message.error
             raise from_status(error.code, f"StreamKL item without an id: {error.message}", error.retry_after_ms)
@@ -146,6 +157,7 @@ class _StreamAssembly:
             if entry is None:
                 raise ServerError(f"StreamKL answered a request id this client did not send: {message.request_id!r}")
             entry.answers[int(part)] = None if failed else message.response
+            self._answered += 1
             finished = len(entry.answers) == entry.parts
             if finished:
                 del self._items[int(number)]
@@ -164,6 +176,32 @@ class _StreamAssembly:
         except KLServiceError as error:
             return KLStreamResult(key=entry.key, error=error)
 
+    def unanswered(self) -> list[pb.KLRequest]:
+        """After a stream closed: the requests sent but not answered, to send again on the next stream.
+
+        An item already reported as failed is dropped instead (its other answers would be dropped anyway).
+        """
+        resend = []
+        with self._lock:
+            for number in sorted(self._items):
+                entry = self._items[number]
+                if entry.reported:
+                    del self._items[number]
+                else:
+                    resend += [request for part, request in enumerate(entry.requests) if part not in entry.answers]
+        return resend
+
+    @property
+    def answered(self) -> int:
+        """Answers received so far (a stream that closes after some made progress)."""
+        return self._answered
+
+    @property
+    def pending(self) -> int:
+        """Items sent and not yet fully answered."""
+        with self._lock:
+            return len(self._items)
+
     def check_all_answered(self) -> None:
         """At the end of the stream: every item sent has had its answer."""
         with self._lock:
@@ -177,9 +215,84 @@ class _StreamItem:
     key: Any
     prepared: Prepared
     as_torch: bool
-    parts: int
+    requests: list[pb.KLRequest]  # its parts, in order (kept to resend those a closed stream left unanswered)
     answers: dict[int, pb.KLResponse | None] = dataclasses.field(default_factory=dict)  # None: that part failed
     reported: bool = False  # its result has been returned (it failed before all its parts were in)
+
+    @property
+    def parts(self) -> int:
+        return len(self.requests)
+
+
+class _Outbox:
+    """The requests of one stream_kl call, handed to one StreamKL stream after another.
+
+    The caller's items are read by a feeder of their own (a thread, or a task) that `put`s their
+    requests here; each stream takes them with its attempt number. `reopen` ends the current
+    attempt: a request its stream took but never had answered is queued again, first.
+    Thread-safe (the blocking client's streams take from gRPC's sending thread).
+    """
+
+    def __init__(self, wake=None):
+        self._lock = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._ended = False  # the caller's items are all in
+        self._attempt = 0
+        self._wake = wake  # called after each change (the asyncio client sets an event)
+
+    def put(self, request) -> None:
+        with self._lock:
+            self._queue.append(request)
+            self._lock.notify_all()
+        if self._wake:
+            self._wake()
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+            self._lock.notify_all()
+        if self._wake:
+            self._wake()
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    @property
+    def drained(self) -> bool:
+        """Every item has been read and every request taken."""
+        with self._lock:
+            return self._ended and not self._queue
+
+    def take_nowait(self, attempt: int):
+        """The next request for stream `attempt`; None when that stream is to send no more; _WAIT when none yet."""
+        with self._lock:
+            if attempt != self._attempt:
+                return None
+            if self._queue:
+                return self._queue.popleft()
+            return None if self._ended else _WAIT
+
+    def take(self, attempt: int):
+        """`take_nowait`, waiting (blocking) while there is nothing yet."""
+        with self._lock:
+            while (request := self.take_nowait(attempt)) is _WAIT:
+                self._lock.wait()
+            return request
+
+    def reopen(self, unanswered: list) -> int:
+        """End the current attempt; `unanswered` (the assembly's) go first on the next. Returns its number."""
+        with self._lock:
+            queued = {id(request) for request in self._queue}
+            self._queue.extendleft(reversed([request for request in unanswered if id(request) not in queued]))
+            self._attempt += 1
+            self._lock.notify_all()
+        if self._wake:
+            self._wake()
+        return self._attempt
+
+
+_WAIT = object()  # _Outbox.take_nowait: nothing to take yet
 
 
 def _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs) -> Prepared:
@@ -249,6 +362,8 @@ class _ClientCore:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        if load_balancing is None and target.startswith("dns:"):
+            load_balancing = "round_robin"  # every address the name resolves to (a headless Service's pods)
         if load_balancing:
             options.append(("grpc.lb_policy_name", load_balancing))
         self._channel = open_channel(
@@ -270,6 +385,35 @@ class _ClientCore:
         if retryable and attempt < options.max_retries:
             return backoff(attempt, options.initial_backoff, options.max_backoff, error)
         raise from_rpc_error(error) from error
+
+    def _stream_closed(self, event, assembly: _StreamAssembly, outbox: _Outbox, progress: tuple[int, int],
+                       deadline: float) -> tuple[float, tuple[int, int]] | None:
+        """A StreamKL stream ended (`event`: _END, or its grpc.RpcError): None when the call is complete;
+        else (seconds to wait, the new progress mark) before reopening it, resending what had no answer.
+
+        A stream is reopened when it ended at the server's connection age (OK, work left) or became
+        UNAVAILABLE (connection closed, replica gone); `max_retries` bounds reopenings in a row
+        without an answer between them. Any other failure is raised.
+        """
+        if event is _END and outbox.drained and not assembly.pending:
+            return None
+        failures = 0 if assembly.answered > progress[0] else progress[1] + 1
+        if isinstance(event, grpc.RpcError):
+            if event.code() != grpc.StatusCode.UNAVAILABLE or failures > self._options.max_retries:
+                raise from_rpc_error(event) from event
+            delay = backoff(failures, self._options.initial_backoff, self._options.max_backoff, event)
+        elif failures > self._options.max_retries:
+            raise ServerError(f"StreamKL ended {failures} times in a row without answering; "
+                              f"{assembly.pending} item(s) unanswered")
+        else:
+            delay = 0.0
+        if time.monotonic() + delay >= deadline:
+            raise DeadlineExceeded(f"StreamKL: the stream's timeout passed with {assembly.pending} item(s) unanswered")
+        resend = assembly.unanswered()
+        outbox.reopen(resend)
+        log.debug("StreamKL reopened after %s: %d request(s) sent again, %d item(s) unanswered",
+                  "its end" if event is _END else event.code().name, len(resend), assembly.pending)
+        return delay, (assembly.answered, failures)
 
     @staticmethod
     def _ready_timeout(deadline: float) -> float:
@@ -389,8 +533,10 @@ class KLClient(_ClientCore):
     """Blocking client. Thread-safe; one per process is enough.
 
     Args:
-        target: ``host:port``, or any gRPC target (``dns:///klservice.ns.svc:50051`` with
-            ``load_balancing="round_robin"`` to spread work over replicas).
+        target: ``host:port``, or any gRPC target. A ``dns:`` target (on Kubernetes the headless
+            Service, ``dns:///klservice-headless.NAMESPACE.svc:50051``) is balanced round-robin over
+            every address the name resolves to, re-resolved whenever a connection closes (the
+            server's ``--max-connection-age-seconds``), unless ``load_balancing`` says otherwise.
         job_id: sent as ``x-job-id`` metadata: the server's fairness and metric label (with authentication,
             a job within the token's tenant).
         token: bearer token for a server with ``--auth-file`` (default: the KLSERVICE_TOKEN environment
@@ -557,15 +703,29 @@ class KLClient(_ClientCore):
         an item that fails (bad input, ...) gives a result whose `error` is the typed
         exception and the stream goes on. Items larger than one request are split and
         reassembled like `compute_kl`'s. `timeout` (default: the client's) bounds the whole
-        stream; a failure of the stream itself (unreachable server, deadline) is raised, and
-        it is not retried: results already yielded stand.
+        call. A stream that the server ends at its connection age, or that becomes
+        UNAVAILABLE (connection closed, replica gone), is reopened (for a headless-Service
+        target, possibly on another replica) and the requests it left unanswered are sent
+        again, so no item is lost; `max_retries` bounds reopenings in a row without an
+        answer. Any other failure of the stream itself is raised: results already yielded stand.
         """
         assembly = self._stream_assembly(self.model_info())
         events: queue.Queue = queue.Queue()
-        requests = assembly.feed(items, events.put)
-        call = self._stub.StreamKL(requests, timeout=self._stream_timeout(timeout), metadata=self._options.metadata())
+        outbox = _Outbox()
+        stop = threading.Event()  # the caller left: the feeder reads no more items
 
-        def read():
+        def feed():
+            for request in assembly.feed(items, events.put):
+                if stop.is_set():
+                    return
+                outbox.put(request)
+            outbox.end()
+
+        def requests(attempt: int):
+            while (request := outbox.take(attempt)) is not None:
+                yield request
+
+        def read(call):
             try:
                 for message in call:
                     events.put(message)
@@ -573,15 +733,29 @@ class KLClient(_ClientCore):
             except grpc.RpcError as error:
                 events.put(error)
 
-        threading.Thread(target=read, name="klservice-stream-kl", daemon=True).start()
+        threading.Thread(target=feed, name="klservice-stream-kl-items", daemon=True).start()
+        deadline = time.monotonic() + self._stream_timeout(timeout)
+        progress, call = (0, 0), None
         try:
-            while (event := events.get()) is not _END:
-                result = _stream_event(assembly, event)
-                if result is not None:
-                    yield result
+            while True:
+                call = self._stub.StreamKL(requests(outbox.attempt), timeout=max(0.001, deadline - time.monotonic()),
+                                           metadata=self._options.metadata())
+                threading.Thread(target=read, args=(call,), name="klservice-stream-kl", daemon=True).start()
+                while not ((event := events.get()) is _END or isinstance(event, grpc.RpcError)):
+                    result = _stream_event(assembly, event)
+                    if result is not None:
+                        yield result
+                closed = self._stream_closed(event, assembly, outbox, progress, deadline)
+                if closed is None:
+                    break
+                delay, progress = closed
+                time.sleep(delay)
             assembly.check_all_answered()
         finally:
-            call.cancel()
+            stop.set()
+            outbox.reopen([])  # a stream still open sends no more
+            if call is not None:
+                call.cancel()
 
 
 class AsyncKLClient(_ClientCore):
@@ -707,20 +881,32 @@ class AsyncKLClient(_ClientCore):
         or a plain iterable, which is read on the event loop and so must not block."""
         assembly = self._stream_assembly(await self.model_info())
         events: asyncio.Queue = asyncio.Queue()
+        wake = asyncio.Event()
+        outbox = _Outbox(wake=wake.set)
 
-        async def requests():  # each item through the same feeder as the blocking client's
+        async def feed():  # each item through the same feeder as the blocking client's
             number = 0
             try:
                 async for item in _aiter(items):
                     for request in assembly.feed([item], events.put_nowait, start=number):
-                        yield request
+                        outbox.put(request)
                     number += 1
             except Exception as error:  # noqa: BLE001 - the caller's iterator failed: re-raised to the caller
                 events.put_nowait(_Raise(error))
+            outbox.end()
 
-        call = self._stub.StreamKL(requests(), timeout=self._stream_timeout(timeout), metadata=self._options.metadata())
+        async def requests(attempt: int):
+            while (request := outbox.take_nowait(attempt)) is not None:
+                if request is _WAIT:
+                    wake.clear()
+                    if (request := outbox.take_nowait(attempt)) is _WAIT:
+                        await wake.wait()
+                        continue
+                    if request is None:
+                        return
+                yield request
 
-        async def read():
+        async def read(call):
             try:
                 async for message in call:
                     events.put_nowait(message)
@@ -728,16 +914,31 @@ class AsyncKLClient(_ClientCore):
             except grpc.RpcError as error:
                 events.put_nowait(error)
 
-        reader = asyncio.ensure_future(read())
+        feeder = asyncio.ensure_future(feed())
+        deadline = time.monotonic() + self._stream_timeout(timeout)
+        progress, call, reader = (0, 0), None, None
         try:
-            while (event := await events.get()) is not _END:
-                result = _stream_event(assembly, event)
-                if result is not None:
-                    yield result
+            while True:
+                call = self._stub.StreamKL(requests(outbox.attempt), timeout=max(0.001, deadline - time.monotonic()),
+                                           metadata=self._options.metadata())
+                reader = asyncio.ensure_future(read(call))
+                while not ((event := await events.get()) is _END or isinstance(event, grpc.RpcError)):
+                    result = _stream_event(assembly, event)
+                    if result is not None:
+                        yield result
+                closed = self._stream_closed(event, assembly, outbox, progress, deadline)
+                if closed is None:
+                    break
+                delay, progress = closed
+                await asyncio.sleep(delay)
             assembly.check_all_answered()
         finally:
-            call.cancel()
-            reader.cancel()
+            feeder.cancel()
+            outbox.reopen([])
+            if call is not None:
+                call.cancel()
+            if reader is not None:
+                reader.cancel()
 
 
 @dataclasses.dataclass(frozen=True)

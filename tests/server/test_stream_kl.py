@@ -7,7 +7,9 @@ StreamKL requests and reassembled by the client.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -180,3 +182,97 @@ def test_both_clients_refuse_the_same_inputs_with_the_same_messages(small_reques
     assert [kind for kind, _ in blocking] == [TokenizerMismatch, InvalidArgument, InvalidArgument]
     assert "logprobs: required" in blocking[1][1]
     assert asyncio.run(async_errors()) == blocking
+
+
+@pytest.fixture(scope="module")
+def aging_server(start_server):
+    """Connections (and StreamKL streams) closed after 0.4 s, splitting items as above."""
+    return start_server(max_request_tokens=MAX_REQUEST_TOKENS, max_connection_age_seconds=0.4,
+                        max_connection_age_grace_seconds=5.0)
+
+
+def slowly(items, seconds: float):
+    for item in items:
+        time.sleep(seconds)
+        yield item
+
+
+def reopenings(caplog) -> int:
+    return sum("StreamKL reopened" in record.getMessage() for record in caplog.records)
+
+
+def test_streams_ended_at_the_connection_age_are_reopened_without_losing_items(aging_server, caplog):
+    """Items arrive over ~2 s, the server ends each stream after 0.4 s: the client reopens it, resends
+    what was unanswered, and every item gets exactly one result equal to compute_kl's."""
+    caplog.set_level(logging.DEBUG, logger="klservice_client")
+    items = make_items(20, seed=11)
+    with KLClient(aging_server.target) as client:
+        results = list(client.stream_kl(slowly(items, 0.1)))
+        assert sorted(r.key for r in results) == sorted(item.key for item in items)
+        by_key = {r.key: r.result() for r in results}
+        for item in items:
+            assert_same_as_compute_kl(client, item, by_key[item.key])
+    assert reopenings(caplog) >= 2
+
+
+def test_async_streams_ended_at_the_connection_age_are_reopened_without_losing_items(aging_server, caplog):
+    caplog.set_level(logging.DEBUG, logger="klservice_client")
+    items = make_items(20, seed=12)
+
+    async def arriving():
+        for item in items:
+            await asyncio.sleep(0.1)
+            yield item
+
+    async def run():
+        async with AsyncKLClient(aging_server.target) as client:
+            return [r async for r in client.stream_kl(arriving())]
+
+    results = asyncio.run(run())
+    assert sorted(r.key for r in results) == sorted(item.key for item in items)
+    with KLClient(aging_server.target) as client:
+        for result, item in zip(sorted(results, key=lambda r: r.key), sorted(items, key=lambda i: i.key)):
+            assert_same_as_compute_kl(client, item, result.result())
+    assert reopenings(caplog) >= 2
+
+
+def test_a_negative_connection_age_fails_naming_its_flag(server_config):
+    import dataclasses
+
+    from klservice.server import Server
+
+    with pytest.raises(ValueError, match="--max-connection-age-seconds -1"):
+        Server(dataclasses.replace(server_config, max_connection_age_seconds=-1))
+
+
+def test_a_stream_whose_server_goes_away_is_reopened_on_another_and_loses_no_item(start_server, caplog):
+    """Two servers behind one round-robin target; the one holding the stream stops mid-stream (its queued
+    work answered UNAVAILABLE, the connection closed). The client reopens the stream on the other server,
+    resends what had no answer, and every item gets exactly one result equal to compute_kl's."""
+    caplog.set_level(logging.DEBUG, logger="klservice_client")
+    servers = [start_server(max_request_tokens=MAX_REQUEST_TOKENS) for _ in range(2)]
+    target = "ipv4:///" + ",".join(server.target for server in servers)
+    items = make_items(24, seed=13)
+    stopped = []
+
+    def produce():
+        for number, item in enumerate(items):
+            if number == len(items) // 2:
+                # The server holding the stream is the one that has answered StreamKL items.
+                holder = max(servers, key=lambda s: s.server.registry.get_sample_value(
+                    "klservice_requests_total", {"method": "StreamKL", "code": "OK"}) or 0)
+                holder.stop(grace=0.0)
+                stopped.append(holder)
+            time.sleep(0.05)
+            yield item
+
+    with KLClient(target, load_balancing="round_robin") as client:
+        results = list(client.stream_kl(produce()))
+    assert stopped
+    assert sorted(r.key for r in results) == sorted(item.key for item in items)
+    survivor = next(server for server in servers if server not in stopped)
+    with KLClient(survivor.target) as client:
+        for result in results:
+            item = next(i for i in items if i.key == result.key)
+            assert_same_as_compute_kl(client, item, result.result())
+    assert reopenings(caplog) >= 1
