@@ -3,15 +3,18 @@
 # - promtool and the Prometheus server (Debian's `prometheus` package), used by
 #   tests/test_deploy.py to check docker/prometheus.yml and its rules and to scrape a live
 #   server with them;
-# - node and npm, for the Node.js client of tests/server/test_tls.py.
+# - node and npm, for the Node.js client of tests/server/test_tls.py;
+# - dnsmasq (Debian's `dnsmasq-base`: the binary, no service), a real DNS server on loopback
+#   that gRPC's resolver is pointed at in tests/test_replicas.py, as a headless Service's DNS.
 # Idempotent: installs only what is not already on PATH.
 set -euo pipefail
 
 packages=()
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || packages+=(prometheus)
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
+PATH="$PATH:/usr/sbin" command -v dnsmasq >/dev/null 2>&1 || packages+=(dnsmasq-base)
 if [ ${#packages[@]} -eq 0 ]; then
-    echo "ci-system-deps: promtool, prometheus, node and npm already installed"
+    echo "ci-system-deps: promtool, prometheus, node, npm and dnsmasq already installed"
     exit 0
 fi
 
@@ -38,7 +41,7 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 # --no-install-recommends: the binaries, not Prometheus' web UI assets and exporters.
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
-for tool in promtool prometheus node npm; do
-    command -v "$tool" >/dev/null 2>&1 || { echo "ci-system-deps: $tool still not on PATH" >&2; exit 1; }
+for tool in promtool prometheus node npm dnsmasq; do
+    PATH="$PATH:/usr/sbin" command -v "$tool" >/dev/null 2>&1 || { echo "ci-system-deps: $tool still not on PATH" >&2; exit 1; }
 done
 echo "ci-system-deps: installed ${packages[*]} ($(promtool --version 2>&1 | head -n 1); node $(node --version))"

@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 #: While waiting for a server to become ready, these mean "not yet" rather than failure.
 NOT_READY_YET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 READY_POLL_SECONDS = 0.2
+#: For dns: targets, the shortest interval between two resolutions of the name.
+DNS_MIN_RESOLUTION_INTERVAL_MS = 1000
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -362,8 +364,12 @@ class _ClientCore:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        if load_balancing is None and target.startswith("dns:"):
-            load_balancing = "round_robin"  # every address the name resolves to (a headless Service's pods)
+        if target.startswith("dns:"):
+            if load_balancing is None:
+                load_balancing = "round_robin"  # every address the name resolves to (a headless Service's pods)
+            # Re-resolve as soon as a connection closes (gRPC's default waits 30 s between resolutions), so an
+            # added replica is found within the server's connection age.
+            options.append(("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RESOLUTION_INTERVAL_MS))
         if load_balancing:
             options.append(("grpc.lb_policy_name", load_balancing))
         self._channel = open_channel(
