@@ -76,6 +76,11 @@ class ServerConfig:
     )
     port: int = config_field(50051, "gRPC port (0 picks a free port and logs it).")
     metrics_port: int = config_field(9400, "Prometheus /metrics HTTP port (0 picks a free port, -1 disables).")
+    health_port: int = config_field(
+        -1,
+        "A second gRPC port on --host, always plain (no TLS, no authentication), that serves only grpc.health.v1: "
+        "for probes that cannot speak TLS, such as Kubernetes' grpc probes. -1: none (health is on --port).",
+    )
     metrics_host: str | None = config_field(
         None,
         "Address /metrics listens on (plain HTTP, no authentication). Default: 127.0.0.1 with --auth-file (tenant "
@@ -165,6 +170,12 @@ class ServerConfig:
         """The gRPC listening address: host:port, an IPv6 literal in brackets ([::1]:50051)."""
         host = bare_host(self.host)
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def health_address(self) -> str:
+        """The --health-port listening address (as grpc_address)."""
+        host = bare_host(self.host)
+        return f"[{host}]:{self.health_port}" if ":" in host else f"{host}:{self.health_port}"
 
     def check_hosts(self) -> None:
         """Raise ValueError naming the flag when --host or --metrics-host does not resolve to an address."""

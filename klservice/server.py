@@ -60,6 +60,8 @@ class Server:
         self.service = ReferenceService(config, self.metrics)  # so does a bad --auth-file
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None  # --health-port
+        self.health_port: int | None = None
         self._metrics_http = None
         self._loading: asyncio.Task | None = None
         self.port: int | None = None
@@ -131,17 +133,29 @@ class Server:
         if self.port == 0:
             raise OSError(f"could not bind gRPC to {address}")
         await self._grpc.start()
+        if self.config.health_port >= 0:
+            await self._start_health_port()
         if self.config.metrics_port >= 0:
             self._start_metrics_http()
         transport = "gRPC" if self._credentials is None else "gRPC over TLS"
         if self.config.tls_client_ca:
             transport += ", client certificates required"
-        log.info("listening on %s:%d (%s)%s", _url_host(bare_host(self.config.host)), self.port, transport,
+        log.info("listening on %s:%d (%s)%s%s", _url_host(bare_host(self.config.host)), self.port, transport,
                  f", metrics on {_url_host(self.config.metrics_address)}:{self.metrics_port}/metrics"
-                 if self.metrics_port else "")
+                 if self.metrics_port else "",
+                 f", health on {self.health_port} (plain gRPC)" if self.health_port else "")
         self._warn_if_exposed()
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="klservice-load")
         return self.port
+
+    async def _start_health_port(self) -> None:
+        """--health-port: grpc.health.v1 alone, plain, sharing the main port's health status."""
+        self._health_grpc = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
+        self.health_port = self._health_grpc.add_insecure_port(self.config.health_address)
+        if self.health_port == 0:
+            raise OSError(f"could not bind the health port to {self.config.health_address}")
+        await self._health_grpc.start()
 
     def _start_metrics_http(self) -> None:
         from prometheus_client import start_http_server
@@ -181,6 +195,8 @@ class Server:
             log.warning("work still running after the %.1f s grace: answered UNAVAILABLE", grace)
         if self._grpc is not None:
             await self._grpc.stop(FLUSH_SECONDS)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
         log.info("stopped in %.1f s", time.perf_counter() - started)
         if self._backend is not None:  # handed in: closed with the models if it was served; closing again is a no-op
             self._backend.close()

@@ -171,6 +171,32 @@ def test_klservice_health_and_info_speak_tls(tls_server, pki):
     assert result.returncode == 0 and "vocab_size" in result.stdout, result.stderr
 
 
+def test_the_health_port_answers_plain_grpc_health_for_a_tls_server_and_nothing_else(start_server, pki):
+    """--health-port: what Kubernetes' grpc probes (no TLS) can reach; the same status as the TLS port's, and
+    no ReferenceService on it."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from klservice_client.wire import pb, pb_grpc
+
+    cert, key = pki["server"]
+    mtls = start_server(wait=False, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(pki["ca"]), health_port=0)
+    port = mtls.server.health_port
+    assert port and port != mtls.server.port
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        mtls.wait_ready()
+        for service in ("", "klservice.v1.ReferenceService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.ReferenceServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        mtls.stop(grace=0.0)  # draining: the health port says so while it is open
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+
+
 def test_mtls_the_certificate_names_the_tenant(mtls_server, pki, auth, monkeypatch):
     no_token_in_the_environment(monkeypatch)
     _, tokens = auth
