@@ -219,7 +219,7 @@ def test_health_default_target_follows_klservice_port(monkeypatch):
 
 def test_compose_services_and_profiles():
     services = _compose()["services"]
-    assert set(services) == {*KLSERVICE_SERVICES, "prometheus"}
+    assert set(services) == {*KLSERVICE_SERVICES, "prometheus", "grafana"}  # grafana: tests/test_dashboard.py
     for name, profile in KLSERVICE_SERVICES.items():
         assert services[name]["profiles"] == [profile]
         assert services[name]["build"] == {"context": ".", "dockerfile": f"docker/Dockerfile.{profile}"}
@@ -635,9 +635,9 @@ def test_ci_system_deps_script():
 
 def test_deploy_doc_matches_the_files():
     text = README.read_text()
-    assert "\n## Deployment (Docker Compose)\n" in text
+    assert "\n## Deployment (Docker Compose, Kubernetes)\n" in text
     for needle in ("docker compose --profile cpu up", "docker compose --profile gpu up", "http://localhost:9090",
-                   "klservice health", 'load_balancing="round_robin"', "dns:///klservice:50051"):
+                   "http://localhost:3000", "klservice health", "dns:///klservice:50051", "deploy/kubernetes/"):
         assert needle in text, needle
     import inspect
 
