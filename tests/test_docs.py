@@ -35,3 +35,9 @@ def test_docs_link_to_pages_that_exist():
     for text, base in [(readme, DOCS.parent)] + [(p.read_text(), DOCS) for p in DOCS.glob("*.md")]:
         for target in re.findall(r"\]\(((?!https?:)[^)#]+)(?:#[^)]*)?\)", text):
             assert (base / target).exists(), target
+
+
+def test_the_readme_stays_short():
+    """The README is the front page: at most 320 lines; the details live in docs/."""
+    lines = (DOCS.parent / "README.md").read_text().splitlines()
+    assert len(lines) <= 320, f"README.md has {len(lines)} lines: move details to docs/"
