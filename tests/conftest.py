@@ -72,26 +72,9 @@ def default_model_dir(model_cache_dir) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, default_model_dir) -> pathlib.Path:
     """A tiny random Llama (fixed seed) with the SmolLM2 tokenizer: real transformers code, fast forwards."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tests.framework_support import build_tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,  # vLLM's CPU attention takes head sizes 32, 64, 80, ... (not 64 / 4 = 16)
-        vocab_size=49152,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(path)
-    return path
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
 
 
 class RunningServer:

@@ -64,7 +64,7 @@ def build_tiny_llama(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,
+        head_dim=32,  # vLLM's CPU attention takes head sizes 32, 64, 80, ... (not 64 / 4 = 16)
         vocab_size=49152,
         max_position_embeddings=512,
         tie_word_embeddings=False,
