@@ -307,6 +307,19 @@ def _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs) -> Prepared:
 _END = object()  # end of a StreamKL answer stream
 
 
+def _status_lost_to_a_late_write(error: grpc.RpcError) -> bool:
+    """True for grpc.aio's local INTERNAL that replaces the server's status when a request is written just as
+    the server ends the stream (grpc/grpc#36066): the write fails in Core, and `set_internal_error` overwrites
+    the status the server had already sent (OK at its connection age, or its own error). The real status is
+    unknown, so the stream is reopened: what had no answer is sent again, and a server error shows itself
+    on the new stream.
+    """
+    if error.code() != grpc.StatusCode.INTERNAL or error.details() != "Internal error from Core":
+        return False
+    debug = getattr(error, "debug_error_string", None)
+    return callable(debug) and "execute_batch" in (debug() or "")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Options:
     job_id: str | None
@@ -397,15 +410,17 @@ class _ClientCore:
         """A StreamKL stream ended (`event`: _END, or its grpc.RpcError): None when the call is complete;
         else (seconds to wait, the new progress mark) before reopening it, resending what had no answer.
 
-        A stream is reopened when it ended at the server's connection age (OK, work left) or became
-        UNAVAILABLE (connection closed, replica gone); `max_retries` bounds reopenings in a row
+        A stream is reopened when it ended at the server's connection age (OK, work left), became
+        UNAVAILABLE (connection closed, replica gone) or lost the server's status to a request written
+        as the stream ended (`_status_lost_to_a_late_write`); `max_retries` bounds reopenings in a row
         without an answer between them. Any other failure is raised.
         """
         if event is _END and outbox.drained and not assembly.pending:
             return None
         failures = 0 if assembly.answered > progress[0] else progress[1] + 1
         if isinstance(event, grpc.RpcError):
-            if event.code() != grpc.StatusCode.UNAVAILABLE or failures > self._options.max_retries:
+            reopenable = event.code() == grpc.StatusCode.UNAVAILABLE or _status_lost_to_a_late_write(event)
+            if not reopenable or failures > self._options.max_retries:
                 raise from_rpc_error(event) from event
             delay = backoff(failures, self._options.initial_backoff, self._options.max_backoff, event)
         elif failures > self._options.max_retries:

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ from klservice_client import (
     InvalidArgument,
     KLClient,
     KLItem,
+    ServerError,
     TokenizerMismatch,
     kl,
 )
@@ -234,6 +236,39 @@ def test_async_streams_ended_at_the_connection_age_are_reopened_without_losing_i
         for result, item in zip(sorted(results, key=lambda r: r.key), sorted(items, key=lambda i: i.key)):
             assert_same_as_compute_kl(client, item, result.result())
     assert reopenings(caplog) >= 2
+
+
+def test_a_status_lost_to_a_late_write_reopens_the_stream_and_a_server_internal_does_not():
+    """grpc.aio replaces the server's status with a local INTERNAL when a request is written just as the
+    server ends the stream (grpc/grpc#36066; seen once at the connection age). The race cannot be forced
+    from outside, so the error is built as grpc.aio builds it: the client reopens the stream on it and
+    resends what had no answer, while an INTERNAL the server sent is raised."""
+    from grpc.aio import AioRpcError, Metadata
+
+    from klservice_client.client import _Outbox, _StreamAssembly
+
+    def error(details: str, debug: str) -> AioRpcError:
+        return AioRpcError(grpc.StatusCode.INTERNAL, Metadata(), Metadata(), details=details, debug_error_string=debug)
+
+    late_write = error("Internal error from Core",
+                       'Failed "execute_batch": (<grpc._cython.cygrpc.SendMessageOperation object at 0x7f30>,)')
+    from_server = error("internal error", "grpc_status:13, grpc_message:\"internal error\"")
+    client = KLClient("localhost:1", max_retries=2, initial_backoff=0.01)
+    try:
+        assembly = _StreamAssembly(lambda prepared: [slice(0, len(prepared.tokens))], lambda item: ("", ""))
+        outbox = _Outbox()
+        item = make_items(1, seed=3)[0]
+        sent = assembly.requests(0, item)
+        deadline = time.monotonic() + 60
+        closed = client._stream_closed(late_write, assembly, outbox, (0, 0), deadline)
+        assert closed is not None and closed[1] == (0, 1)
+        assert outbox.attempt == 1 and outbox.take_nowait(1) is sent[0]  # resent on the new stream
+        with pytest.raises(ServerError, match="internal error"):
+            client._stream_closed(from_server, assembly, outbox, (0, 0), deadline)
+        with pytest.raises(ServerError, match="Internal error from Core"):  # bounded like UNAVAILABLE
+            client._stream_closed(late_write, assembly, outbox, (0, 2), deadline)
+    finally:
+        client.close()
 
 
 def test_a_negative_connection_age_fails_naming_its_flag(server_config):
