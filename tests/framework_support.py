@@ -19,7 +19,31 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+# --- fixtures both suites' conftests import (pytest registers the fixtures a conftest's namespace holds) ---
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory) -> pathlib.Path:
+    """Where the embedded model is converted: $KLSERVICE_CACHE_DIR, or a folder of the session."""
+    configured = os.environ.get("KLSERVICE_CACHE_DIR")
+    return pathlib.Path(configured) if configured else tmp_path_factory.mktemp("klservice-cache")
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(model_cache_dir) -> pathlib.Path:
+    """The embedded SmolLM2-135M as a transformers folder (converted by the server's environment)."""
+    return embedded_model_dir(model_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, embedded_dir) -> pathlib.Path:
+    """A tiny random Llama (seed 0, float32) with the SmolLM2 tokenizer: the reference of most tests."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), embedded_dir, seed=0)
 
 
 def server_python() -> str:

@@ -34,6 +34,14 @@ if os.environ.get("CI") == "true":
 else:
     pytest.importorskip("openrlhf", reason="OpenRLHF is not installed (make install-openrlhf)")
 
+from tests.framework_support import (  # noqa: E402,F401 - the fixtures both framework suites share
+    build_tiny_llama,
+    embedded_dir,
+    model_cache_dir,
+    served,
+    tiny_dir,
+)
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def _stub(module: str, names: list[str]) -> str:
@@ -91,40 +99,14 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> pathlib.Path:
-    configured = os.environ.get("KLSERVICE_CACHE_DIR")
-    return pathlib.Path(configured) if configured else tmp_path_factory.mktemp("klservice-cache")
-
-
-@pytest.fixture(scope="session")
-def embedded_dir(cache_dir) -> pathlib.Path:
-    """The embedded SmolLM2-135M as a transformers folder (converted by the server's environment)."""
-    from tests.framework_support import embedded_model_dir
-
-    return embedded_model_dir(cache_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, embedded_dir) -> pathlib.Path:
-    """The reference of most tests: a tiny random Llama (seed 0) with the SmolLM2 tokenizer."""
-    from tests.framework_support import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), embedded_dir, seed=0)
-
-
-@pytest.fixture(scope="session")
 def policy_dir(tmp_path_factory, embedded_dir) -> pathlib.Path:
     """The policy of the experience maker: the same architecture, other weights (seed 1), so KL is not 0."""
-    from tests.framework_support import build_tiny_llama
-
     return build_tiny_llama(tmp_path_factory.mktemp("policy-llama"), embedded_dir, seed=1)
 
 
 @pytest.fixture(scope="session")
 def server(tiny_dir, embedded_dir) -> str:
     """One real klservice server (float32, CPU) serving "tiny" (the default) and "smol" (the embedded model)."""
-    from tests.framework_support import served
-
     with served({"tiny": tiny_dir, "smol": embedded_dir}) as target:
         yield target
 

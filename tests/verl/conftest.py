@@ -69,9 +69,10 @@ def _load_framework_support():
 
 
 framework_support = _load_framework_support()
-build_tiny_llama = framework_support.build_tiny_llama
-embedded_model_dir = framework_support.embedded_model_dir
 served = framework_support.served
+model_cache_dir = framework_support.model_cache_dir  # the fixtures both framework suites share
+embedded_dir = framework_support.embedded_dir
+tiny_dir = framework_support.tiny_dir
 
 
 class _CPUDeviceModule:
@@ -197,24 +198,6 @@ def process_group():
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
-
-
-@pytest.fixture(scope="session")
-def model_cache_dir(tmp_path_factory) -> pathlib.Path:
-    configured = os.environ.get("KLSERVICE_CACHE_DIR")
-    return pathlib.Path(configured) if configured else tmp_path_factory.mktemp("klservice-cache")
-
-
-@pytest.fixture(scope="session")
-def embedded_dir(model_cache_dir) -> pathlib.Path:
-    """The embedded SmolLM2-135M model as a transformers folder (converted by the server's environment)."""
-    return embedded_model_dir(model_cache_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, embedded_dir) -> pathlib.Path:
-    """A tiny random Llama built here (fixed seed, float32), with the SmolLM2 tokenizer."""
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
 
 
 @pytest.fixture(scope="session")

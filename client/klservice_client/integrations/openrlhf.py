@@ -75,6 +75,7 @@ from typing import Any
 import numpy as np
 
 from klservice_client.client import KLClient
+from klservice_client.integrations._connection import ServerConnection
 
 __all__ = [
     "KLServiceOptions", "ServedReferenceGroup", "group_for_arguments", "main", "served_reference", "served_reference_log_probs",
@@ -91,47 +92,18 @@ _NO_OP_METHODS = ("empty_cache", "offload_states", "reload_states")
 
 
 @dataclasses.dataclass(frozen=True)
-class KLServiceOptions:
+class KLServiceOptions(ServerConnection):
     """How to reach the server, and what to ask it: everything a `ServedReferenceGroup` carries.
 
     `temperature`: OpenRLHF's ``--rollout.temperature`` (its reference divides logits by it).
     """
 
-    target: str
-    job_id: str | None = None
-    model: str = ""
     temperature: float = 1.0
-    token: str | None = dataclasses.field(default=None, repr=False)  # a credential: never in a repr
-    tls: bool = False
-    root_certificates: str | None = None
-    client_cert: str | None = None
-    client_key: str | None = None
-    tls_server_name: str | None = None
-    timeout: float = 300.0
 
     def __post_init__(self):
-        if not self.target:
-            raise ValueError("klservice.target: the server's address is required (host:port)")
-        if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError("klservice.client_cert and klservice.client_key: give both (mutual TLS) or neither")
+        super().__post_init__()
         if not self.temperature > 0:
             raise ValueError(f"rollout.temperature: {self.temperature} (must be > 0)")
-        if not self.timeout > 0:
-            raise ValueError(f"klservice.timeout: {self.timeout} (must be > 0)")
-
-    def make_client(self) -> KLClient:
-        """A new client for these options."""
-        return KLClient(
-                self.target,
-                job_id=self.job_id,
-                model=self.model,
-                token=self.token,
-                tls=self.tls,
-                root_certificates=self.root_certificates,
-                client_cert=(self.client_cert, self.client_key) if self.client_cert else None,
-                tls_server_name=self.tls_server_name,
-                timeout=self.timeout,
-            )
 
 
 def _rows(sequences, attention_mask, action_mask, where: str):
@@ -241,7 +213,7 @@ class ServedReferenceGroup:
     def client(self) -> KLClient:
         """This process's client (made on first use, then reused)."""
         if self._client is None:
-            self._client = self.options.make_client()
+            self._client = self.options.client()
         return self._client
 
     def __repr__(self) -> str:

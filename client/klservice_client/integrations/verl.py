@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 
 from klservice_client.client import KLClient
+from klservice_client.integrations._connection import ServerConnection
 
 __all__ = [
     "KLServiceSettings",
@@ -85,19 +86,10 @@ class MultimodalInputsRefused(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class KLServiceSettings:
-    """The ``klservice`` config group: where the reference is served and how to reach it."""
+class KLServiceSettings(ServerConnection):
+    """The ``klservice`` config group: where the reference is served, how to reach it, and whether the
+    tokenizer is checked against the served model at start."""
 
-    target: str
-    job_id: str | None = None
-    model: str = ""
-    token: str | None = dataclasses.field(default=None, repr=False)  # a credential: never in a repr or a log
-    tls: bool = False
-    root_certificates: str | None = None
-    client_cert: str | None = None
-    client_key: str | None = None
-    tls_server_name: str | None = None
-    timeout: float = 300.0
     check_tokenizer: bool = True
 
     @classmethod
@@ -119,9 +111,6 @@ class KLServiceSettings:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{CONFIG_GROUP}.{unknown[0]}: unknown key; the keys are {', '.join(sorted(known))}")
-        target = values.get("target")
-        if not isinstance(target, str) or not target.strip():
-            raise ValueError(f"{CONFIG_GROUP}.target: required, a gRPC target such as HOST:PORT (got {target!r})")
         for key in ("job_id", "model", "token", "root_certificates", "client_cert", "client_key", "tls_server_name"):
             value = values.get(key)
             if value is not None and not isinstance(value, str):
@@ -129,31 +118,9 @@ class KLServiceSettings:
         for key in ("tls", "check_tokenizer"):
             if key in values and not isinstance(values[key], bool):
                 raise ValueError(f"{CONFIG_GROUP}.{key}: expected true or false, got {values[key]!r}")
-        if "timeout" in values:
-            timeout = values["timeout"]
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-                raise ValueError(f"{CONFIG_GROUP}.timeout: expected a number of seconds > 0, got {timeout!r}")
-            values["timeout"] = float(timeout)
-        if bool(values.get("client_cert")) != bool(values.get("client_key")):
-            missing = "client_key" if values.get("client_cert") else "client_cert"
-            raise ValueError(f"{CONFIG_GROUP}.{missing}: client_cert and client_key go together (mutual TLS)")
+        values["target"] = values.get("target")
         values["model"] = values.get("model") or ""
         return cls(**values)
-
-    def client(self, default_job_id: str | None = None) -> KLClient:
-        """A `KLClient` for these settings; its job id is ``job_id``, else `default_job_id`."""
-        client_cert = (self.client_cert, self.client_key) if self.client_cert else None
-        return KLClient(
-            self.target,
-            job_id=self.job_id or default_job_id,
-            timeout=self.timeout,
-            token=self.token,
-            tls=self.tls,
-            root_certificates=self.root_certificates,
-            client_cert=client_cert,
-            tls_server_name=self.tls_server_name,
-            model=self.model,
-        )
 
 
 def _has_media(value: Any) -> bool:
