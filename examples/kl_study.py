@@ -22,7 +22,7 @@ start. Output in OUT: study.json (every number), study.png (the curves) and tabl
 claims, with what was observed).
 
     python examples/kl_study.py OUT            # the full study (about 16 minutes on 2 CPU cores)
-    python examples/kl_study.py OUT --quick    # two steps per setting (CI)
+    python examples/kl_study.py OUT --quick    # two steps of one group per setting (CI)
 
 A server is started for the run (``klservice serve`` on the embedded model, free ports), or
 pass ``--target HOST:PORT`` of one already serving the embedded model.
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("out", type=pathlib.Path, help="output directory (study.json, study.png, table.md)")
-    parser.add_argument("--quick", action="store_true", help="two steps per setting (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="two steps of one prompt's group per setting (a smoke run)")
     parser.add_argument("--steps", type=int, default=20, help="optimisation steps per setting (default 20)")
     parser.add_argument("--target", help="a running server on the embedded model (default: start one)")
     parser.add_argument("--only", help="comma-separated setting names to run (default: all)")
@@ -325,8 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=pathlib.Path, default=None, help="where the embedded model is converted")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_every = 2, 1
+    if args.quick:  # two steps of one GRPO group per setting: every claim's quantity is computed, none settled
+        args.steps, args.eval_every, args.prompts_per_step = 2, 1, 1
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
