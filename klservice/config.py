@@ -105,6 +105,13 @@ class ServerConfig:
     max_message_mb: int = config_field(256, "Largest gRPC message accepted or sent, in MiB.")
     max_batch_tokens: int = config_field(16_384, "Token budget of one forward batch (padded tokens).")
     max_wait_ms: float = config_field(2.0, "How long the scheduler waits for more requests before starting a forward batch.")
+    max_step_seconds: float = config_field(
+        2.0,
+        "Longest forward step the scheduler forms, in seconds of model time: a step takes at most the padded "
+        "tokens per second measured over recent calls times this (and at most --max-batch-tokens), so a request "
+        "of a job with nothing queued waits about one such step behind other jobs' work. A GRPO group is split "
+        "across steps only when it alone exceeds the bound. 0: steps are sized by --max-batch-tokens only.",
+    )
     call_padding: float = config_field(
         0.25,
         "Most padding one forward call may carry, as a share of its real tokens, before the scheduler splits it "

@@ -375,6 +375,7 @@ class ModelRegistry:
             max_batch_tokens=config.max_batch_tokens,
             max_queue=config.max_queue,
             max_wait_s=config.max_wait_ms / 1000.0,
+            max_step_s=config.max_step_seconds,
             call_padding=config.call_padding,
             cache=cache,
             metrics=model_metrics,

@@ -23,6 +23,12 @@ How:
   expired when a step is formed is answered DEADLINE_EXCEEDED unrun.
 - A job is held only while it has work queued: an idle job is forgotten, so the table of
   jobs is bounded by the queue (``max_queue`` requests), whatever job ids callers send.
+- A step is bounded in time as well as in tokens (``max_step_s``): its token budget is the
+  smaller of ``max_batch_tokens`` and the padded tokens per second measured over recent calls ×
+  ``max_step_s`` (from the first call measured on), so a request
+  of an idle job waits about one bounded step, not one step of the whole budget. A GRPO group (the
+  sequences of one request with the same prompt) is chosen whole: it is split across steps only
+  when it alone exceeds the budget.
 - `plan_calls` packs the chosen sequences into backend calls: sequences with the same
   prompt stay together and are handed to the backend as a group (it computes their prompt
   once), units are sorted by length and packed so count × longest stays within the budget.
@@ -55,6 +61,8 @@ DEFAULT_CALL_PADDING = ServerConfig.call_padding
 """Most padding a backend call carries, as a share of its real tokens, before it is split (`plan_calls`)."""
 MAX_DEBTS = 1024
 """Most forgotten shares whose debt (negative deficit) is remembered until they come back."""
+MIN_STEP_TOKENS = 64
+"""Smallest token budget a time-bounded step gets, whatever the measured throughput."""
 STOP_WAIT_S = 30.0
 """On stop, the longest wait for the worker thread's forward to return (hf: it stops within one layer)."""
 
@@ -163,12 +171,16 @@ class _Share:
     def head(self) -> "_Item":
         return self.jobs[next(iter(self.jobs))][0]
 
-    def pop(self) -> "_Item":
-        """The next item, from the job whose turn it is; that job goes to the back of the line."""
+    def pop(self, rotate: bool = True) -> "_Item":
+        """The next item, from the job whose turn it is; that job goes to the back of the line (`rotate`), or
+        keeps its turn."""
         job = next(iter(self.jobs))
-        queue = self.jobs.pop(job)
+        queue = self.jobs[job]
         item = queue.popleft()
-        if queue:
+        if not queue:
+            del self.jobs[job]
+        elif rotate:
+            del self.jobs[job]
             self.jobs[job] = queue
         self.tokens -= item.cost
         return item
@@ -187,11 +199,16 @@ class TokenBudgetScheduler:
         max_batch_tokens: int,
         max_queue: int,
         max_wait_s: float = 0.002,
+        max_step_s: float = 0.0,
         call_padding: float = DEFAULT_CALL_PADDING,
         cache=None,
         metrics=None,
     ):
+        if not max_step_s >= 0:
+            raise ValueError(f"--max-step-seconds {max_step_s}: expected a number of seconds >= 0 (0: no bound)")
         self._backend = backend
+        self._max_step_s = max_step_s
+        self._padded_per_second = 0.0  # smoothed padded tokens per second of the model's calls (the step bound)
         self._call_padding = call_padding
         self._max_batch_tokens = max_batch_tokens
         self._max_queue = max_queue
@@ -417,7 +434,7 @@ class TokenBudgetScheduler:
         loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
-            if self._waiting_tokens < self._max_batch_tokens and self._max_wait_s > 0:
+            if self._waiting_tokens < self.step_budget() and self._max_wait_s > 0:
                 await asyncio.sleep(self._max_wait_s)  # let concurrent requests join this step
             chosen = self._select()
             if not any(self._rotation):
@@ -459,28 +476,46 @@ class TokenBudgetScheduler:
         rate = tokens / max(elapsed, 1e-6)
         self._tokens_per_second = rate if self._tokens_per_second == 0 else 0.8 * self._tokens_per_second + 0.2 * rate
 
+    def step_budget(self) -> int:
+        """Tokens the next step may choose: --max-batch-tokens, or less where --max-step-seconds bounds the step
+        (the measured padded tokens per second × the bound; from the first measured call on)."""
+        if self._max_step_s <= 0:
+            return self._max_batch_tokens
+        if self._padded_per_second <= 0:  # nothing measured yet (the first step after the model loaded)
+            return self._max_batch_tokens
+        return int(min(self._max_batch_tokens, max(MIN_STEP_TOKENS, self._padded_per_second * self._max_step_s)))
+
     def _select(self) -> list[_Item]:
-        """Deficit round-robin over shares, weighted, until the token budget is chosen; within a share, its
-        jobs take turns item by item."""
+        """Deficit round-robin over shares, weighted, until the step's token budget is chosen; within a share,
+        its jobs take turns. A GRPO group is taken whole (`_group_cost`), so it is split across steps only when
+        it alone exceeds the budget."""
         chosen: list[_Item] = []
         used = 0
+        budget = self.step_budget()
         total_weight = sum(share.weight for share in self._rotation if share)
         if total_weight == 0:
             return chosen
-        while self._rotation and used < self._max_batch_tokens:
+        while self._rotation and used < budget:
             job = self._rotation[0]
             if not job:
                 self._forget(job)
                 continue
-            job.deficit += max(1.0, self._max_batch_tokens * job.weight / total_weight)
+            quantum = max(1.0, budget * job.weight / total_weight)
+            size, cost = _group_cost(job.jobs[next(iter(job.jobs))])
+            # A credit carried over is at most one quantum (or the head group's cost, which may need several
+            # visits): a credit earned under a larger budget must not let one share fill every bounded step.
+            job.deficit = min(job.deficit, max(quantum, cost)) + quantum
             full = False
-            while job and job.head().cost <= job.deficit:
-                item = job.head()
-                if chosen and used + item.cost > self._max_batch_tokens:
+            while job and cost <= job.deficit:
+                if chosen and used + cost > budget:
                     full = True
                     break
-                chosen.append(self._take(job))
-                used += item.cost
+                for number in range(size):  # the group's items in order; then the share's next job has its turn
+                    taken = self._take(job, rotate=number == size - 1)
+                    chosen.append(taken)
+                    used += taken.cost
+                if job:
+                    size, cost = _group_cost(job.jobs[next(iter(job.jobs))])
             if full:
                 break
             self._rotation.rotate(-1)
@@ -490,10 +525,11 @@ class TokenBudgetScheduler:
         self._publish_depth()
         return chosen
 
-    def _take(self, share: _Share) -> _Item:
+    def _take(self, share: _Share, rotate: bool = True) -> _Item:
         """The share's next item, out of the queue: its cost charged to the share's deficit, its request no longer
-        waiting once its last item is taken (the caller accounts the tokens)."""
-        item = share.pop()
+        waiting once its last item is taken (the caller accounts the tokens). `rotate` False: the job keeps its
+        turn (the rest of its group follows)."""
+        item = share.pop(rotate)
         share.deficit -= item.cost
         item.request.queued -= 1
         if item.request.queued == 0:
@@ -520,7 +556,8 @@ class TokenBudgetScheduler:
         step (jobs that were idle when it was formed) joins it as the next call (`_take_joiners`): a small
         request arriving during a long step waits for one call, not for the rest of the step and the next."""
         joined = {item.request.share for item in items}
-        calls = plan_calls([item.tokens for item in items], [item.start for item in items], self._max_batch_tokens,
+        budget = max(self.step_budget(), max(item.cost for item in items))  # the step was chosen within it
+        calls = plan_calls([item.tokens for item in items], [item.start for item in items], budget,
                            self._call_padding)
         for number, call in enumerate(calls):
             if self._closing:  # stopping: no further call of this step starts (a backend may not be interruptible)
@@ -555,11 +592,11 @@ class TokenBudgetScheduler:
 
     async def _take_joiners(self, joined: set[str], temperature: float) -> list[_Item]:
         """Queued work of the shares not in this step (`joined`), at its temperature, up to --max-batch-tokens / 8
-        tokens per share and in all: taken out of the queue (each share's deficit is charged, as `_select` does)
+        tokens (or the step budget, if smaller) per share and in all: taken out of the queue (each share's deficit is charged, as `_select` does)
         and counted as running. A share joins a step once, so a step grows by a bounded amount."""
         if self._closing:
             return []
-        budget, used, taken = max(1, self._max_batch_tokens // 8), 0, []
+        budget, used, taken = max(1, min(self._max_batch_tokens // 8, self.step_budget())), 0, []
         for share in list(self._rotation):
             if share.name in joined or not share:
                 continue
@@ -582,11 +619,14 @@ class TokenBudgetScheduler:
         batch = [item.tokens for item in items]
         started = time.perf_counter()
         scored = self._backend.score(batch, [item.start for item in items], temperature, prompt_groups)
+        elapsed = time.perf_counter() - started
         if len(scored.values) != len(batch):
             raise BackendFault(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
+        rate = len(batch) * max(len(tokens) for tokens in batch) / max(elapsed, 1e-6)
+        self._padded_per_second = rate if self._padded_per_second == 0 else 0.7 * self._padded_per_second + 0.3 * rate
         if self._metrics is not None:
             metrics = self._metrics
-            metrics.forward_seconds.observe(time.perf_counter() - started)
+            metrics.forward_seconds.observe(elapsed)
             metrics.batch_sequences.observe(len(batch))
             metrics.batch_tokens.observe(len(batch) * max(len(tokens) for tokens in batch))
             metrics.tokens_forwarded.inc(sum(len(tokens) for tokens in batch))
@@ -609,6 +649,20 @@ class TokenBudgetScheduler:
             request.remaining -= 1
             if request.remaining == 0:
                 request.future.set_result(_concatenate(request.results))
+
+
+def _group_cost(queue: collections.deque) -> tuple[int, int]:
+    """(items, tokens) of the GRPO group at the head of a job's queue: the head and the items after it of the same
+    request with the same prompt (a lone sequence is a group of one)."""
+    head = queue[0]
+    prompt = head.tokens[: head.start]
+    size, cost = 0, 0
+    for item in queue:
+        if item.request is not head.request or item.start != head.start or not np.array_equal(item.tokens[: item.start], prompt):
+            break
+        size += 1
+        cost += item.cost
+    return size, cost
 
 
 def _checked(output, expected: int) -> np.ndarray:

@@ -55,6 +55,8 @@ class Server:
         self._backend = backend  # preloaded backend (tests, embedding); else loaded from config
         config.check_tls()
         config.connection_options()  # a negative age fails here, naming the flag
+        if not config.max_step_seconds >= 0:
+            raise ValueError(f"--max-step-seconds {config.max_step_seconds}: expected a number of seconds >= 0 (0: no bound)")
         config.check_hosts()  # a host that does not resolve fails here, naming the flag
         self._credentials = _server_credentials(config)  # unreadable files fail the start, before listening
         self.service = ReferenceService(config, self.metrics)  # so does a bad --auth-file

@@ -188,7 +188,8 @@ def test_answers_leave_per_forward_call_and_a_late_small_request_joins_the_runni
     the short request is answered once its call is done, and a small request of an idle job sent during the first
     call runs as the step's next call, answered before the long call, not after the step and the one after it."""
     backend = PermittedBackend(hf_backend)
-    server = start_server(backend=backend, cache_mb=0, max_batch_tokens=100, max_wait_ms=300)
+    server = start_server(backend=backend, cache_mb=0, max_batch_tokens=100, max_wait_ms=300,
+                          max_step_seconds=0)  # steps sized by tokens only (the time bound is test_scheduler.py's)
     pool = concurrent.futures.ThreadPoolExecutor(3)
 
     def score(job, length):

@@ -183,7 +183,8 @@ def test_backlogged_jobs_share_steps_equally():
         tasks = []
         for job, value in (("a", 1), ("b", 2)):
             for _ in range(20):
-                tasks.append(asyncio.ensure_future(scheduler.score(make_batch([[value] * 40] * 2, [1, 1]), 1.0, job)))
+                # Prompts of 1 and 2 tokens: two lone sequences, not a GRPO group (a group is chosen whole).
+                tasks.append(asyncio.ensure_future(scheduler.score(make_batch([[value] * 40] * 2, [1, 2]), 1.0, job)))
         await asyncio.sleep(0.05)
         backend.gate.set()
         await asyncio.gather(first, *tasks)
@@ -453,3 +454,95 @@ def test_a_request_arriving_during_a_step_joins_its_next_call():
         return value
 
     np.testing.assert_array_equal(run(scenario()), flat_expected([list(range(200, 208))], [1]))
+
+
+class TimedBackend(RecordingBackend):
+    """A call takes `seconds_per_token` per padded token (count × longest), as a forward roughly does; records
+    the first token of each sequence of each call."""
+
+    def __init__(self, seconds_per_token: float):
+        super().__init__()
+        self.seconds_per_token = seconds_per_token
+        self.firsts: list[list[int]] = []
+
+    def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
+        time.sleep(len(sequences) * max(len(s) for s in sequences) * self.seconds_per_token)
+        self.firsts.append([int(s[0]) for s in sequences])
+        return super().score(sequences, starts, temperature, prompt_groups)
+
+
+def flood_then_small(max_step_s: float) -> tuple[TimedBackend, int]:
+    """One job floods (40 sequences of 50 tokens: 2,000 tokens, 0.2 s of model time); once its first step runs,
+    an idle job sends one sequence. Returns the backend and how many flood sequences were scored before the
+    small one."""
+    backend = TimedBackend(seconds_per_token=1e-4)
+    flood = [[1000 + n] + list(range(1, 50)) for n in range(40)]
+    small = [[7] + list(range(1, 10))]
+
+    async def scenario():
+        scheduler = await started(backend, max_batch_tokens=4096, max_wait_s=0.0, max_step_s=max_step_s)
+        warm_up = [[5] + list(range(1, 50))] * 4  # a first call, so that the step bound has a measured rate
+        await scheduler.score(make_batch(warm_up, [1] * 4), 1.0, "job-warm-up")
+        while scheduler._running:  # its step has ended
+            await asyncio.sleep(0.001)
+        flooding = asyncio.ensure_future(scheduler.score(make_batch(flood, [1] * 40), 1.0, "job-flood"))
+        while not scheduler._running:  # the flood's first step has been formed
+            await asyncio.sleep(0.001)
+        value = await asyncio.wait_for(scheduler.score(make_batch(small, [1]), 1.0, "job-small"), 30)
+        np.testing.assert_array_equal(value, flat_expected(small, [1]))
+        np.testing.assert_array_equal(await asyncio.wait_for(flooding, 30), flat_expected(flood, [1] * 40))
+        await scheduler.stop()
+
+    run(scenario())
+    calls = backend.firsts = backend.firsts[1:]  # after the warm-up call
+    small_call = next(number for number, firsts in enumerate(calls) if 7 in firsts)
+    return backend, sum(len(firsts) for firsts in calls[:small_call] if 7 not in firsts)
+
+
+def test_a_small_request_of_an_idle_job_waits_one_bounded_step_not_the_whole_flood():
+    """--max-step-seconds: with a 20 ms bound a step takes ~200 of the flood's tokens (the rate measured on a
+    warm-up call), so the small request is scored after a few flood sequences; without it, the flood is one step of
+    all 40 sequences and the small request waits for all of them."""
+    bounded, before_bounded = flood_then_small(max_step_s=0.02)
+    unbounded, before_unbounded = flood_then_small(max_step_s=0.0)
+    assert before_unbounded == 40 and len(unbounded.firsts) == 2
+    assert before_bounded < 10, bounded.firsts
+    assert max(len(firsts) for firsts in bounded.firsts) < 10, bounded.firsts  # steps of ~4 sequences
+
+
+def test_a_grpo_group_is_never_split_across_steps_unless_it_alone_exceeds_the_budget():
+    """Requests of one job, each a group of 4 sequences with one prompt (4 × 30 = 120 tokens): a 200-token budget
+    holds one group per step, never 1.67 groups; a group of 8 (240 tokens) alone exceeds it and is split."""
+    backend = RecordingBackend()
+    groups = [[[g * 100] + list(range(1, 20)) + [g * 100 + 1 + m] * 10 for m in range(size)]
+              for g, size in enumerate([4, 4, 4, 8, 4], start=1)]
+
+    async def scenario():
+        scheduler = await started(backend, max_batch_tokens=200, max_wait_s=0.05)
+        answers = await asyncio.gather(*(scheduler.score(make_batch(group, [20] * len(group)), 1.0, "job-grpo")
+                                         for group in groups))
+        for group, answer in zip(groups, answers):
+            np.testing.assert_array_equal(answer, flat_expected(group, [20] * len(group)))
+        await scheduler.stop()
+
+    backend.firsts = []
+    original = backend.score
+
+    def recording(sequences, starts, temperature=1.0, prompt_groups=None):
+        backend.firsts.append([int(s[0]) for s in sequences])
+        return original(sequences, starts, temperature, prompt_groups)
+
+    backend.score = recording
+    run(scenario())
+    calls_of = {g: [n for n, firsts in enumerate(backend.firsts) if g * 100 in firsts] for g in range(1, 6)}
+    assert all(len(calls_of[g]) == 1 for g in (1, 2, 3, 5)), backend.firsts
+    assert len(calls_of[4]) == 2, backend.firsts  # 8 × 30 tokens: over the budget alone
+
+
+def test_a_negative_step_bound_fails_naming_its_flag(server_config):
+    import dataclasses
+
+    from klservice.server import Server
+
+    with pytest.raises(ValueError, match="--max-step-seconds -1"):
+        Server(dataclasses.replace(server_config, max_step_seconds=-1.0))
