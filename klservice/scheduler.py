@@ -171,6 +171,20 @@ class _Share:
     def head(self) -> "_Item":
         return self.jobs[next(iter(self.jobs))][0]
 
+    def head_group(self) -> tuple[int, int]:
+        """(items, tokens) of the GRPO group at the head of the job whose turn it is: the head item and those after
+        it of the same request with the same prompt (a lone sequence is a group of one)."""
+        queue = self.jobs[next(iter(self.jobs))]
+        head = queue[0]
+        prompt = head.tokens[: head.start]
+        size, cost = 0, 0
+        for item in queue:
+            if item.request is not head.request or item.start != head.start or not np.array_equal(item.tokens[: item.start], prompt):
+                break
+            size += 1
+            cost += item.cost
+        return size, cost
+
     def pop(self, rotate: bool = True) -> "_Item":
         """The next item, from the job whose turn it is; that job goes to the back of the line (`rotate`), or
         keeps its turn."""
@@ -434,9 +448,10 @@ class TokenBudgetScheduler:
         loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
-            if self._waiting_tokens < self.step_budget() and self._max_wait_s > 0:
+            budget = self.step_budget()  # no call runs meanwhile: the measured rate holds until the step starts
+            if self._waiting_tokens < budget and self._max_wait_s > 0:
                 await asyncio.sleep(self._max_wait_s)  # let concurrent requests join this step
-            chosen = self._select()
+            chosen = self._select(budget)
             if not any(self._rotation):
                 self._wakeup.clear()
             chosen = self._drop_dead(chosen)
@@ -448,7 +463,7 @@ class TokenBudgetScheduler:
             self._running = chosen
             try:
                 for temperature, items in by_temperature.items():
-                    await self._run_step(loop, items, temperature)
+                    await self._run_step(loop, items, temperature, budget)
             except Exception as error:  # noqa: BLE001 - a bug here must fail this step's requests, not the worker
                 log.exception("scheduler step failed")
                 for item in chosen:
@@ -456,12 +471,12 @@ class TokenBudgetScheduler:
             finally:
                 self._running = []
 
-    async def _run_step(self, loop, items: list[_Item], temperature: float) -> None:
+    async def _run_step(self, loop, items: list[_Item], temperature: float, budget: int) -> None:
         """One forward step in the worker thread; its results (or its failure) go back to the requests."""
         started = time.perf_counter()
         self._joiners = []
         try:
-            await loop.run_in_executor(self._executor, self._forward, items, temperature, loop)
+            await loop.run_in_executor(self._executor, self._forward, items, temperature, budget, loop)
         except Interrupted:
             for item in items + self._joiners:
                 _fail(item.request, NotReady("server is shutting down"))
@@ -479,19 +494,16 @@ class TokenBudgetScheduler:
     def step_budget(self) -> int:
         """Tokens the next step may choose: --max-batch-tokens, or less where --max-step-seconds bounds the step
         (the measured padded tokens per second × the bound; from the first measured call on)."""
-        if self._max_step_s <= 0:
-            return self._max_batch_tokens
-        if self._padded_per_second <= 0:  # nothing measured yet (the first step after the model loaded)
+        if self._max_step_s <= 0 or self._padded_per_second <= 0:  # no bound, or nothing measured yet
             return self._max_batch_tokens
         return int(min(self._max_batch_tokens, max(MIN_STEP_TOKENS, self._padded_per_second * self._max_step_s)))
 
-    def _select(self) -> list[_Item]:
+    def _select(self, budget: int) -> list[_Item]:
         """Deficit round-robin over shares, weighted, until the step's token budget is chosen; within a share,
-        its jobs take turns. A GRPO group is taken whole (`_group_cost`), so it is split across steps only when
+        its jobs take turns. A GRPO group is taken whole (`_Share.head_group`), so it is split across steps only when
         it alone exceeds the budget."""
         chosen: list[_Item] = []
         used = 0
-        budget = self.step_budget()
         total_weight = sum(share.weight for share in self._rotation if share)
         if total_weight == 0:
             return chosen
@@ -501,7 +513,7 @@ class TokenBudgetScheduler:
                 self._forget(job)
                 continue
             quantum = max(1.0, budget * job.weight / total_weight)
-            size, cost = _group_cost(job.jobs[next(iter(job.jobs))])
+            size, cost = job.head_group()
             # A credit carried over is at most one quantum (or the head group's cost, which may need several
             # visits): a credit earned under a larger budget must not let one share fill every bounded step.
             job.deficit = min(job.deficit, max(quantum, cost)) + quantum
@@ -515,7 +527,7 @@ class TokenBudgetScheduler:
                     chosen.append(taken)
                     used += taken.cost
                 if job:
-                    size, cost = _group_cost(job.jobs[next(iter(job.jobs))])
+                    size, cost = job.head_group()
             if full:
                 break
             self._rotation.rotate(-1)
@@ -549,14 +561,13 @@ class TokenBudgetScheduler:
             live.append(item)
         return live
 
-    def _forward(self, items: list[_Item], temperature: float, loop: asyncio.AbstractEventLoop) -> None:
+    def _forward(self, items: list[_Item], temperature: float, budget: int, loop: asyncio.AbstractEventLoop) -> None:
         """Runs in the worker thread: plan the backend calls and run them. Each call's values go back to the event
         loop as soon as that call is done, so a request whose sequences are all in an early call of the step is
         answered then, not when the whole step is. Between two calls, work of shares that have nothing in this
         step (jobs that were idle when it was formed) joins it as the next call (`_take_joiners`): a small
         request arriving during a long step waits for one call, not for the rest of the step and the next."""
         joined = {item.request.share for item in items}
-        budget = max(self.step_budget(), max(item.cost for item in items))  # the step was chosen within it
         calls = plan_calls([item.tokens for item in items], [item.start for item in items], budget,
                            self._call_padding)
         for number, call in enumerate(calls):
@@ -649,20 +660,6 @@ class TokenBudgetScheduler:
             request.remaining -= 1
             if request.remaining == 0:
                 request.future.set_result(_concatenate(request.results))
-
-
-def _group_cost(queue: collections.deque) -> tuple[int, int]:
-    """(items, tokens) of the GRPO group at the head of a job's queue: the head and the items after it of the same
-    request with the same prompt (a lone sequence is a group of one)."""
-    head = queue[0]
-    prompt = head.tokens[: head.start]
-    size, cost = 0, 0
-    for item in queue:
-        if item.request is not head.request or item.start != head.start or not np.array_equal(item.tokens[: item.start], prompt):
-            break
-        size += 1
-        cost += item.cost
-    return size, cost
 
 
 def _checked(output, expected: int) -> np.ndarray:

@@ -59,6 +59,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory) -> pathlib.Path:
+    # tests/framework_support.py has its twin: this conftest also loads in the verl suite, where verl's own
+    # top-level `tests` package hides this repository's, so it cannot import it at module level.
     configured = os.environ.get("KLSERVICE_CACHE_DIR")
     return pathlib.Path(configured) if configured else tmp_path_factory.mktemp("klservice-cache")
 
