@@ -112,6 +112,12 @@ class ServerConfig:
         "of a job with nothing queued waits about one such step behind other jobs' work. A GRPO group is split "
         "across steps only when it alone exceeds the bound. 0: steps are sized by --max-batch-tokens only.",
     )
+    share_prompts: bool = config_field(
+        True,
+        "Compute a prompt shared by several sequences of a forward call once (GRPO's group of responses to one "
+        "prompt): hf runs all such prompts of a call in one forward and all their continuations in a second, on "
+        "the prompts' KV cache; vllm uses its prefix cache. --no-share-prompts forwards every sequence whole.",
+    )
     call_padding: float = config_field(
         0.25,
         "Most padding one forward call may carry, as a share of its real tokens, before the scheduler splits it "

@@ -91,10 +91,11 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "tokens_forwarded", Counter, "klservice_tokens_forwarded",
-        "Tokens run through the model (prompts included, padding excluded).", M,
+        "Tokens run through the model: prompts included (a shared prompt once, where the backend says so), padding "
+        "excluded.", M,
     ),
     MetricSpec("batch_sequences", Histogram, "klservice_batch_sequences", "Sequences per forward batch.", M, SIZE_BUCKETS),
-    MetricSpec("batch_tokens", Histogram, "klservice_batch_tokens", "Padded tokens per forward batch.", M, TOKEN_BUCKETS),
+    MetricSpec("batch_tokens", Histogram, "klservice_batch_tokens", "Token positions the model computed per forward call, padding included (a packed call has none).", M, TOKEN_BUCKETS),
     MetricSpec(
         "forward_seconds", Histogram, "klservice_forward_seconds", "Time of one backend forward batch.", M, LATENCY_BUCKETS
     ),

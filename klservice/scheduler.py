@@ -24,8 +24,8 @@ How:
 - A job is held only while it has work queued: an idle job is forgotten, so the table of
   jobs is bounded by the queue (``max_queue`` requests), whatever job ids callers send.
 - A step is bounded in time as well as in tokens (``max_step_s``): its token budget is the
-  smaller of ``max_batch_tokens`` and the padded tokens per second measured over recent calls ×
-  ``max_step_s`` (from the first call measured on), so a request
+  smaller of ``max_batch_tokens`` and the budget tokens per second (padded, or real where the
+  backend packs) measured over recent calls × ``max_step_s`` (from the first call measured on), so a request
   of an idle job waits about one bounded step, not one step of the whole budget. A GRPO group (the
   sequences of one request with the same prompt) is chosen whole: it is split across steps only
   when it alone exceeds the budget.
@@ -80,6 +80,7 @@ def plan_calls(
     starts: Sequence[int],
     max_batch_tokens: int,
     max_padding: float = DEFAULT_CALL_PADDING,
+    packed: bool = False,
 ) -> list[PlannedCall]:
     """The backend calls for `sequences`, each with the prompt groups the backend may share.
 
@@ -89,7 +90,8 @@ def plan_calls(
     max_batch_tokens / 8 real tokens is closed rather than padded beyond `max_padding` × its
     real tokens (mixed lengths would otherwise pad short sequences to the longest; the floor
     keeps calls from getting small). A unit that alone exceeds the budget is split into
-    budget-sized runs of its own.
+    budget-sized runs of its own. `packed` (a backend that runs sequences without padding,
+    `ReferenceBackend.packs`): a call costs its real tokens, and nothing is split for padding.
     """
     units = sorted(group_by_prompt(sequences, starts), key=lambda unit: max(len(sequences[i]) for i in unit))
     min_call_tokens = max_batch_tokens // 8
@@ -99,12 +101,12 @@ def plan_calls(
     for unit in units:
         unit_longest = max(len(sequences[i]) for i in unit)
         unit_real = sum(len(sequences[i]) for i in unit)
-        padded = (size + len(unit)) * max(longest, unit_longest)
-        too_padded = real >= min_call_tokens and padded > (1 + max_padding) * (real + unit_real)
+        padded = real + unit_real if packed else (size + len(unit)) * max(longest, unit_longest)
+        too_padded = not packed and real >= min_call_tokens and padded > (1 + max_padding) * (real + unit_real)
         if current and (padded > max_batch_tokens or too_padded):
             calls.append(current)
             current, size, longest, real = [], 0, 0, 0
-        if len(unit) * unit_longest > max_batch_tokens:
+        if (unit_real if packed else len(unit) * unit_longest) > max_batch_tokens:
             per_call = max(1, max_batch_tokens // unit_longest)
             unit = sorted(unit, key=lambda i: len(sequences[i]))
             for begin in range(0, len(unit), per_call):
@@ -222,7 +224,7 @@ class TokenBudgetScheduler:
             raise ValueError(f"--max-step-seconds {max_step_s}: expected a number of seconds >= 0 (0: no bound)")
         self._backend = backend
         self._max_step_s = max_step_s
-        self._padded_per_second = 0.0  # smoothed padded tokens per second of the model's calls (the step bound)
+        self._budget_tokens_per_second = 0.0  # smoothed budget tokens (count × longest, or real if packed) per second
         self._call_padding = call_padding
         self._max_batch_tokens = max_batch_tokens
         self._max_queue = max_queue
@@ -263,7 +265,9 @@ class TokenBudgetScheduler:
         stops it within one step: `ReferenceBackend.interrupt`), release the worker thread."""
         self._closing = True
         running, self._running = self._running, []
-        if running:  # the backend is not used again after an interrupt (the server closes it next)
+        # Interrupt a forward only while someone waits on it: a step whose requests were all answered (its last call
+        # returned, the worker not yet back) has nothing left to stop, and its backend may serve on elsewhere.
+        if any(not item.request.future.done() for item in running):
             self._backend.interrupt()
         if self._worker is not None:
             self._worker.cancel()
@@ -493,10 +497,10 @@ class TokenBudgetScheduler:
 
     def step_budget(self) -> int:
         """Tokens the next step may choose: --max-batch-tokens, or less where --max-step-seconds bounds the step
-        (the measured padded tokens per second × the bound; from the first measured call on)."""
-        if self._max_step_s <= 0 or self._padded_per_second <= 0:  # no bound, or nothing measured yet
+        (the measured budget tokens per second × the bound; from the first measured call on)."""
+        if self._max_step_s <= 0 or self._budget_tokens_per_second <= 0:  # no bound, or nothing measured yet
             return self._max_batch_tokens
-        return int(min(self._max_batch_tokens, max(MIN_STEP_TOKENS, self._padded_per_second * self._max_step_s)))
+        return int(min(self._max_batch_tokens, max(MIN_STEP_TOKENS, self._budget_tokens_per_second * self._max_step_s)))
 
     def _select(self, budget: int) -> list[_Item]:
         """Deficit round-robin over shares, weighted, until the step's token budget is chosen; within a share,
@@ -569,7 +573,7 @@ class TokenBudgetScheduler:
         request arriving during a long step waits for one call, not for the rest of the step and the next."""
         joined = {item.request.share for item in items}
         calls = plan_calls([item.tokens for item in items], [item.start for item in items], budget,
-                           self._call_padding)
+                           self._call_padding, self._backend.packs)
         for number, call in enumerate(calls):
             if self._closing:  # stopping: no further call of this step starts (a backend may not be interruptible)
                 raise Interrupted("the server is stopping")
@@ -581,7 +585,7 @@ class TokenBudgetScheduler:
                 joined.update(item.request.share for item in joiners)
                 sequences = [item.tokens for item in joiners]
                 for extra in plan_calls(sequences, [item.start for item in joiners], self._max_batch_tokens,
-                                        self._call_padding):
+                                        self._call_padding, self._backend.packs):
                     self._call(loop, [joiners[i] for i in extra.indices], extra.prompt_groups, temperature)
 
     def _joiners_from_worker(self, loop, joined: set[str], temperature: float) -> list[_Item]:
@@ -633,14 +637,18 @@ class TokenBudgetScheduler:
         elapsed = time.perf_counter() - started
         if len(scored.values) != len(batch):
             raise BackendFault(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
-        rate = len(batch) * max(len(tokens) for tokens in batch) / max(elapsed, 1e-6)
-        self._padded_per_second = rate if self._padded_per_second == 0 else 0.7 * self._padded_per_second + 0.3 * rate
+        # The call's cost in the budget's terms: its real tokens for a packing backend, else count × longest.
+        cost = sum(len(tokens) for tokens in batch) if self._backend.packs else len(batch) * max(len(t) for t in batch)
+        rate = cost / max(elapsed, 1e-6)
+        self._budget_tokens_per_second = rate if self._budget_tokens_per_second == 0 else 0.7 * self._budget_tokens_per_second + 0.3 * rate
         if self._metrics is not None:
             metrics = self._metrics
             metrics.forward_seconds.observe(elapsed)
             metrics.batch_sequences.observe(len(batch))
-            metrics.batch_tokens.observe(len(batch) * max(len(tokens) for tokens in batch))
-            metrics.tokens_forwarded.inc(sum(len(tokens) for tokens in batch))
+            padded = len(batch) * max(len(tokens) for tokens in batch)
+            metrics.batch_tokens.observe(padded if scored.positions is None else scored.positions)
+            real = sum(len(tokens) for tokens in batch) if scored.real_positions is None else scored.real_positions
+            metrics.tokens_forwarded.inc(real)
             metrics.tokens_saved.inc(scored.tokens_saved)
         values = [_checked(output, len(item.tokens) - item.start) for item, output in zip(items, scored.values)]
         loop.call_soon_threadsafe(self._scatter, items, values)

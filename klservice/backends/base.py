@@ -59,6 +59,12 @@ class Scored:
     """Per sequence, float32 log-probs of its tokens from its start on."""
     tokens_saved: int = 0
     """Prompt tokens this call did not compute thanks to prefix sharing (the `klservice_tokens_saved` metric)."""
+    positions: int | None = None
+    """Token positions the model computed in this call, padding included (the `klservice_batch_tokens` metric);
+    None: not reported, taken as (sequences) × (longest sequence)."""
+    real_positions: int | None = None
+    """Of `positions`, those holding real tokens (a shared prompt counted once; the `klservice_tokens_forwarded`
+    metric); None: not reported, taken as the sequences' tokens."""
 
 
 class ReferenceBackend(abc.ABC):
@@ -87,6 +93,12 @@ class ReferenceBackend(abc.ABC):
         (the scheduler has, to keep groups in one call); a backend that shares prompts computes it
         otherwise. A backend may share any group's prompt, or none.
         """
+
+    @property
+    def packs(self) -> bool:
+        """Whether `score()` runs sequences without padding, so a call costs its real tokens rather than (sequences)
+        × (longest): the scheduler then sizes calls by real tokens (`plan_calls`)."""
+        return False
 
     def check_temperature(self, temperature: float) -> None:
         """Raise klservice.errors.FailedPrecondition if this backend cannot score at `temperature`.

@@ -7,23 +7,30 @@ hidden states, applies the output embedding only at the scored positions, a bloc
 rows at a time, and combines per-block logsumexps in float32; the target token's logit is
 picked out of the block that holds it, so numerator and denominator use the same number.
 
-Batches are right-padded without an attention mask: under causal attention a token never
-sees later positions, so padding placed after every real token cannot change a real
-token's value, and leaving the mask out keeps SDPA on its fused ``is_causal`` kernel
-(measured 1.5× faster at 4k tokens on this CPU than the masked path, which also builds an
-[L × L] mask). Position ids are passed explicitly.
+Sequences that share no prompt are packed (the default on CPU): their real tokens
+concatenated into one row, each at its own position ids, with attention kept within each
+sequence by `packed_attention` (causal SDPA per sequence, no [T × T] mask), so the
+linear layers, most of the compute, see no padding. Otherwise (``pack=False``, the default
+on CUDA, where a per-sequence attention loop would be launch-bound) they are right-padded
+without an attention mask: under causal attention a token never sees later positions, so
+padding placed after every real token cannot change a real token's value, and leaving the
+mask out keeps SDPA on its fused ``is_causal`` kernel (measured 1.5× faster at 4k tokens on
+this CPU than the masked path, which also builds an [L × L] mask). Position ids are passed
+explicitly.
 
 Sequences of one call that share their prompt (the tokens before their start, at least
 `min_shared_prompt` of them; GRPO's group of responses to one prompt) are run as the
-prompt once, then all continuations on copies of its KV cache
-(``batch_repeat_interleave``): the prompt's compute is paid once per group instead of
-once per sequence (2× faster on GRPO-shaped work on this 2-core CPU: 2 prompts × 8
-responses of 256 + 128 tokens, SmolLM2), with the same values.
+prompt once, then all continuations on copies of its KV cache: the prompt's compute is
+paid once per group instead of once per sequence, with the same values. All groups of a
+call go together: one forward over all their prompts (right-padded), one over all their
+continuations (each member on its group's cache rows, ``batch_select_indices``; an
+attention mask hides a shorter prompt's padding), so the number of forwards does not
+grow with the number of groups, which matters where a forward is launch-bound (GPUs).
 
 At load time the backend checks on a short probe that "body, then head" reproduces the
 model's own logits (this covers logit soft-capping and scaling, which it applies itself
-for Gemma 2/3, Cohere and Granite) and that the shared-prompt path reproduces the plain
-one; an architecture that fails a check is served without that optimisation (through its
+for Gemma 2/3, Cohere and Granite) and that the shared-prompt and packed paths reproduce
+the plain one; an architecture that fails a check is served without that optimisation (through its
 full forward, exact but without the memory saving; or without prompt sharing), with a
 warning.
 """
@@ -53,6 +60,10 @@ TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 # Signature of a function giving float32 logits / temperature for a block of rows and vocab ids [v0, v1).
 LogitsFn = Callable[[torch.Tensor, int, int, float], torch.Tensor]
+
+PACKED_ATTENTION = "klservice_packed"
+"""The attention implementation a packing backend sets on its model (`packed_attention`, registered with
+transformers' AttentionInterface under this name)."""
 
 
 @contextlib.contextmanager
@@ -92,14 +103,20 @@ class HFBackend(ReferenceBackend):
     `vocab_chunk` rows of the LM head and `token_chunk` scored positions are processed at a
     time, so the logits scratch is at most token_chunk × vocab_chunk float32 values (64 MiB
     with the defaults) whatever the vocabulary and batch size. `score()` runs the sequences
-    it is given as one padded forward (plus two per group sharing a prompt): the caller
+    it is given as one padded forward (plus two for all groups sharing a prompt): the caller
     bounds the batch (the engine packs length-sorted sequences under a token budget).
 
-    `share_prompts` defaults to on for CPU and off for CUDA: each group costs two extra
-    forwards, and on a GPU a small model's forward is bound by kernel launches, not by
-    tokens (SmolLM2-sized on an H100: ~30 ms per forward whether 256 or 12k tokens; sharing
-    made GRPO-shaped work 5× slower there, while on this CPU it made it 2× faster). Paying
-    off on GPUs needs all groups batched into two forwards, which this does not do yet.
+    `pack` (default: on CPU) runs the sequences of a call that share no prompt as one row of their
+    real tokens (`packed_attention`) instead of a padded batch; off on CUDA by default, where its
+    per-sequence attention calls would be launch-bound (a varlen kernel is the way there).
+
+    `share_prompts` (default on) computes each group's shared prompt once: all prompts of a
+    call in one forward, all continuations in a second on copies of their KV cache, so a call
+    costs at most three forwards (its unshared sequences, the prompts, the continuations)
+    whatever its number of groups. On this 2-core CPU that made GRPO-shaped work 2× faster
+    than the plain forward; one pair of forwards per group, as before, was 5× slower than
+    the plain forward on an H100 for a SmolLM2-sized model, whose forwards are bound by
+    kernel launches there.
     """
 
     def __init__(
@@ -113,8 +130,9 @@ class HFBackend(ReferenceBackend):
         progress: bool = True,
         vocab_chunk: int = 8192,
         token_chunk: int = 2048,
-        share_prompts: bool | None = None,
+        share_prompts: bool = True,
         min_shared_prompt: int = 16,
+        pack: bool | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,6 +161,7 @@ class HFBackend(ReferenceBackend):
         self._body = model.base_model
         self._interrupted = threading.Event()
         self._watch_layers(model)
+        self._positions = self._real = 0  # token positions fed to the model in this call: all, and not padding
         # transformers 5 renamed the KV cache argument and output from past_key_values to cache.
         parameters = inspect.signature(self._body.forward).parameters
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
@@ -154,10 +173,12 @@ class HFBackend(ReferenceBackend):
         self._softcap = getattr(config, "final_logit_softcapping", None)
         scale, scaling = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
         self._logit_multiplier = float(scale or 1.0) / float(scaling or 1.0)
+        self._sliding_window = _sliding_window(config)
         self._head_on_hidden = self._head_matches_model()
-        if share_prompts is None:  # see the class docstring
-            share_prompts = self._device.type == "cpu"
         self._share_prompts = share_prompts and self._head_on_hidden and self._prompt_sharing_matches()
+        if pack is None:  # see the class docstring
+            pack = self._device.type == "cpu"
+        self._pack = pack and self._packing_matches()
         self._info = describe_model(
             name=name or str(folder),
             revision=revision,
@@ -203,11 +224,16 @@ class HFBackend(ReferenceBackend):
         shared = [[i for i in group if i in scored] for group in shared]
         alone = [i for i in alone if i in scored]
         batch = [np.asarray(seq, dtype=np.int64) for seq in sequences]
+        self._positions = self._real = 0
         with torch.inference_mode():
             values, saved = self._score_batch(batch, [int(s) for s in starts], shared, alone, temperature)
         for i, value in values.items():
             results[i] = value
-        return Scored(results, saved)
+        return Scored(results, saved, positions=self._positions, real_positions=self._real)
+
+    @property
+    def packs(self) -> bool:
+        return self._pack and self._head_on_hidden
 
     def interrupt(self) -> None:
         self._interrupted.set()
@@ -228,6 +254,11 @@ class HFBackend(ReferenceBackend):
         for layer in layers:
             layer.register_forward_pre_hook(lambda module, args: self._check_interrupted())
 
+    def _count(self, ids: np.ndarray, lengths: Sequence[int]) -> None:
+        """Count a forward's input (`ids`, padding included) and its real tokens (`lengths`, per row)."""
+        self._positions += ids.size
+        self._real += int(sum(lengths))
+
     def _check_interrupted(self) -> None:
         if self._interrupted.is_set():
             raise Interrupted("the forward was interrupted: the server is stopping")
@@ -240,14 +271,16 @@ class HFBackend(ReferenceBackend):
         once) and `alone`: hidden states (or logits) at their scored positions, then one pass of the head."""
         rows: dict[int, torch.Tensor] = {}
         if alone:
-            for i, value in zip(alone, self._padded_rows([sequences[i] for i in alone], [starts[i] for i in alone])):
+            rows_of = self._packed_rows if self.packs else self._padded_rows
+            for i, value in zip(alone, rows_of([sequences[i] for i in alone], [starts[i] for i in alone])):
                 rows[i] = value
-        saved = 0
-        for group in (group for group in shared if group):
-            prompt = sequences[group[0]][: starts[group[0]]]
-            saved += (len(group) - 1) * len(prompt)
-            for i, value in zip(group, self._shared_prompt_rows(prompt, [sequences[i] for i in group])):
-                rows[i] = value
+        shared = [group for group in shared if group]
+        saved = sum((len(group) - 1) * starts[group[0]] for group in shared)
+        for together in self._sharing_batches(shared, sequences, starts):
+            prompts = [sequences[group[0]][: starts[group[0]]] for group in together]
+            members = [[sequences[i] for i in group] for group in together]
+            for group, values in zip(together, self._shared_prompt_rows(prompts, members)):
+                rows.update(zip(group, values))
         order = list(rows)
         for i in order:
             assert 1 <= starts[i] < len(sequences[i])
@@ -267,6 +300,7 @@ class HFBackend(ReferenceBackend):
         ids = np.zeros((len(sequences), width), dtype=np.int64)  # padding id 0: any valid id will do
         for b, seq in enumerate(sequences):
             ids[b, : len(seq) - 1] = seq[:-1]
+        self._count(ids, [len(seq) - 1 for seq in sequences])
         input_ids = torch.from_numpy(ids).to(self._device)
         position_ids = torch.arange(width, device=self._device).expand(len(sequences), width)
         if self._head_on_hidden:
@@ -275,30 +309,95 @@ class HFBackend(ReferenceBackend):
             out = self._model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
         return [out[b, start - 1 : len(seq) - 1] for b, (seq, start) in enumerate(zip(sequences, starts))]
 
-    def _shared_prompt_rows(self, prompt: np.ndarray, sequences: list[np.ndarray]) -> list[torch.Tensor]:
-        """Like `_padded_rows` for sequences that all start with `prompt` and are scored from its end.
+    def _packed_rows(self, sequences: list[np.ndarray], starts: list[int]) -> list[torch.Tensor]:
+        """Like `_padded_rows`, without padding: the sequences' inputs concatenated into one row, each at its own
+        positions, with attention kept within each sequence (`packed_attention`). The model's linear layers see
+        only real tokens."""
+        inputs = [seq[:-1] for seq in sequences]
+        lengths = [len(x) for x in inputs]
+        device = self._device
+        flat = np.concatenate(inputs)
+        self._count(flat, lengths)
+        ids = torch.from_numpy(flat).to(device).unsqueeze(0)
+        positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths])).to(device).unsqueeze(0)
+        bounds = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)).to(device)
+        out = self._body(
+            input_ids=ids, position_ids=positions, use_cache=False,
+            # A prepared 4D mask is taken as is, so transformers builds no [T × T] mask for the packed row;
+            # `packed_attention` ignores it and keeps attention within the bounds.
+            attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),
+            cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths),
+        ).last_hidden_state[0]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        return [out[offset + start - 1 : offset + len(seq) - 1] for offset, seq, start in zip(offsets, sequences, starts)]
 
-        The prompt runs once; its last hidden state scores every sequence's first target, and
-        the continuations (right-padded) run together on copies of the prompt's KV cache.
+    def _sharing_batches(
+        self, shared: list[list[int]], sequences: list[np.ndarray], starts: list[int]
+    ) -> list[list[list[int]]]:
+        """The shared-prompt groups, in sets whose prompts run together (`_shared_prompt_rows`): all of them in one,
+        unless a sliding window could reach across a shorter prompt's padding. Sliding-window masks count cache
+        slots, and padding puts a shorter prompt's continuation further from its prompt in the cache than in the
+        sequence; so when the padded length reaches the window, groups run together only with groups whose prompts
+        have their length (no padding, slots are positions)."""
+        if not shared:
+            return []
+        longest_prompt = max(starts[group[0]] for group in shared)
+        longest_continuation = max(len(sequences[i]) - 1 - starts[i] for group in shared for i in group)
+        if self._sliding_window is None or longest_prompt + longest_continuation <= self._sliding_window:
+            return [shared]
+        by_length: dict[int, list[list[int]]] = {}
+        for group in shared:
+            by_length.setdefault(starts[group[0]], []).append(group)
+        return list(by_length.values())
+
+    def _shared_prompt_rows(
+        self, prompts: list[np.ndarray], groups: list[list[np.ndarray]]
+    ) -> list[list[torch.Tensor]]:
+        """Like `_padded_rows` for groups of sequences, group g's all starting with `prompts[g]` and scored from its
+        end: two forwards for all groups together, whatever their number.
+
+        1. The prompts, right-padded to the longest, in one forward with a KV cache. Each prompt's last hidden state
+           scores its sequences' first targets (padding after a prompt cannot change it: causal attention).
+        2. The cache rows are copied to the groups' members (`batch_select_indices`), and all continuations,
+           right-padded, run in one forward on it at their own positions (a member of group g continues at position
+           len(prompts[g])). The attention mask hides the cache slots of a shorter prompt's padding.
         """
-        length = len(prompt)
-        prompt_ids = torch.from_numpy(prompt).to(self._device).unsqueeze(0)
-        positions = torch.arange(length, device=self._device).unsqueeze(0)
-        out = self._body(input_ids=prompt_ids, position_ids=positions, use_cache=True)
-        first = out.last_hidden_state[0, length - 1 :]
-        width = max(len(seq) for seq in sequences) - 1 - length  # inputs at positions length .. L-2
-        if width == 0:
-            return [first] * len(sequences)
+        device = self._device
+        lengths = [len(prompt) for prompt in prompts]
+        longest = max(lengths)
+        ids = np.zeros((len(prompts), longest), dtype=np.int64)
+        for g, prompt in enumerate(prompts):
+            ids[g, : lengths[g]] = prompt
+        self._count(ids, lengths)
+        positions = torch.arange(longest, device=device).expand(len(prompts), longest)
+        out = self._body(input_ids=torch.from_numpy(ids).to(device), position_ids=positions, use_cache=True)
+        firsts = [out.last_hidden_state[g, length - 1 : length] for g, length in enumerate(lengths)]
+        rows: list[list[torch.Tensor]] = [[firsts[g]] * len(group) for g, group in enumerate(groups)]
+        # Members with a continuation to run (a one-token response is scored by its prompt's last state alone).
+        members = [(g, m, seq) for g, group in enumerate(groups) for m, seq in enumerate(group) if len(seq) - 1 > lengths[g]]
+        if not members:
+            return rows
+        width = max(len(seq) - 1 - lengths[g] for g, _, seq in members)  # continuation inputs: positions len .. L-2
         cache = out[self._cache_kwarg]
-        cache.batch_repeat_interleave(len(sequences))
-        ids = np.zeros((len(sequences), width), dtype=np.int64)
-        for b, seq in enumerate(sequences):
-            ids[b, : len(seq) - 1 - length] = seq[length:-1]
-        input_ids = torch.from_numpy(ids).to(self._device)
-        position_ids = torch.arange(length, length + width, device=self._device).expand(len(sequences), width)
+        cache.batch_select_indices(torch.tensor([g for g, _, _ in members], device=device))
+        ids = np.zeros((len(members), width), dtype=np.int64)
+        position_ids = np.zeros((len(members), width), dtype=np.int64)
+        mask = np.ones((len(members), longest + width), dtype=np.int64)
+        for b, (g, _, seq) in enumerate(members):
+            ids[b, : len(seq) - 1 - lengths[g]] = seq[lengths[g] : -1]
+            position_ids[b] = np.arange(lengths[g], lengths[g] + width)
+            mask[b, lengths[g] : longest] = 0  # the padding after a shorter prompt, in the cache
+        self._count(ids, [len(seq) - 1 - lengths[g] for g, _, seq in members])
         on_cache = {self._cache_kwarg: cache, "use_cache": True}
-        hidden = self._body(input_ids=input_ids, position_ids=position_ids, **on_cache).last_hidden_state
-        return [torch.cat([first, hidden[b, : len(seq) - 1 - length]]) for b, seq in enumerate(sequences)]
+        if min(lengths) < longest:  # prompts of one length leave no hole: SDPA keeps its plain causal kernel
+            on_cache["attention_mask"] = torch.from_numpy(mask).to(device)
+        hidden = self._body(
+            input_ids=torch.from_numpy(ids).to(device), position_ids=torch.from_numpy(position_ids).to(device),
+            **on_cache,
+        ).last_hidden_state
+        for b, (g, m, seq) in enumerate(members):
+            rows[g][m] = torch.cat([firsts[g], hidden[b, : len(seq) - 1 - lengths[g]]])
+        return rows
 
     def _head_logits(self, hidden: torch.Tensor, v0: int, v1: int, temperature: float) -> torch.Tensor:
         """float32 logits / temperature of vocab ids [v0, v1) at the given hidden states.
@@ -366,16 +465,52 @@ class HFBackend(ReferenceBackend):
         """Whether prompt once + continuations on its KV cache gives the plain forward's hidden states."""
         name = type(self._model).__name__
         probe = self._probe()
-        sequences, starts = [probe, probe[:9]], [6, 6]
+        # Two groups with prompts of different lengths (the masked path), one of them with members of two lengths.
+        groups = [[probe, probe[:9]], [probe[:8], probe[:11]]]
+        starts = [6, 6, 4, 4]
         try:
             with torch.inference_mode():
-                expected = torch.cat(self._padded_rows(sequences, starts))
-                actual = torch.cat(self._shared_prompt_rows(probe[:6], sequences))
+                expected = torch.cat(self._padded_rows([seq for group in groups for seq in group], starts))
+                rows = self._shared_prompt_rows([probe[:6], probe[:4]], groups)
+                actual = torch.cat([row for group in rows for row in group])
         except Exception:
             log.warning("%s: KV-cache continuation failed; prompts are not shared", name, exc_info=True)
             return False
         if not self._agree(actual, expected):
             log.warning("%s: KV-cache continuation differs from the plain forward; prompts are not shared", name)
+            return False
+        return True
+
+    def _packing_matches(self) -> bool:
+        """Whether packed sequences (`_packed_rows`) give the padded forward's hidden states. Switches the model to
+        `PACKED_ATTENTION` (which runs SDPA as before on every other path), and back if the check fails."""
+        name = type(self._model).__name__
+        if not self._head_on_hidden or self._model.config._attn_implementation != "sdpa":
+            log.info("%s: attention is not SDPA; sequences are padded, not packed", name)
+            return False
+        if self._sliding_window is not None:
+            log.info("%s: sliding-window attention; sequences are padded, not packed", name)
+            return False
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+        probe = self._probe()
+        sequences, starts = [probe, probe[:5], probe[:9]], [1, 2, 4]
+        try:
+            with torch.inference_mode():
+                expected = torch.cat(self._padded_rows(sequences, starts))
+                self._model.set_attn_implementation(PACKED_ATTENTION)
+                actual = torch.cat(self._packed_rows(sequences, starts))
+                again = torch.cat(self._padded_rows(sequences, starts))  # the other paths are unchanged
+        except Exception:
+            log.warning("%s: packed forward failed; sequences are padded", name, exc_info=True)
+            self._model.set_attn_implementation("sdpa")
+            return False
+        if not (self._agree(actual, expected) and self._agree(again, expected)):
+            log.warning("%s: packed forward differs from the padded one; sequences are padded", name)
+            self._model.set_attn_implementation("sdpa")
             return False
         return True
 
@@ -388,6 +523,43 @@ class HFBackend(ReferenceBackend):
         actual, expected = actual.float(), expected.float()
         relative = 1e-4 if self._head_weight.dtype == torch.float32 else 2e-2
         return (actual - expected).abs().max().item() <= relative * max(1.0, expected.abs().max().item())
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """A transformers attention function (`PACKED_ATTENTION`): for a packed row (``cu_seq_lens_q`` given: the
+    sequences' bounds in it), causal SDPA within each sequence, so no position attends across a bound and no
+    [T × T] mask or score matrix is built; for any other call, transformers' own SDPA attention.
+
+    query [1, heads, T, d]; key and value [1, kv_heads, T, d]. Returns ([1, T, heads, d], None), as SDPA's does.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = torch.empty_like(query)
+    bounds = bounds.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        out[:, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], is_causal=True, scale=scaling
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _sliding_window(config) -> int | None:
+    """The attention window of the model's sliding-window layers, None if it has none (Qwen2 declares a window but
+    uses it only with `use_sliding_window`; `layer_types`, where given, says which layers slide)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and not any("sliding" in str(kind) for kind in layer_types):
+        return None
+    return int(window)
+
 
 def _slice_logits(logits: torch.Tensor, v0: int, v1: int, temperature: float) -> torch.Tensor:
     """LogitsFn over logits the model already computed (the full-forward fallback)."""

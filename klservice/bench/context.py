@@ -129,8 +129,8 @@ class BenchContext:
     def _backend_shares_prompts(self) -> bool:
         """Whether the in-process backend computes a shared prompt once (its `Scored.tokens_saved` on a probe).
 
-        The backend decides at load time (on by default on CPU, off on CUDA, off where its
-        self-check fails); the FLOP model counts a shared prompt once only where it is.
+        The backend decides at load time (on by default, off where its self-check fails); the FLOP model counts a
+        shared prompt once only where it is.
         """
         prompt = np.arange(1, self.min_shared_prompt + 1, dtype=np.int64) % self.info.vocab_size
         pair = [np.append(prompt, token) for token in (0, 1)]

@@ -53,3 +53,21 @@ def test_no_model_means_the_embedded_one(default_model_dir):
     info = backend.info()
     assert info.name == "SmolLM2-135M-Instruct (embedded)"
     assert (info.vocab_size, info.max_length, info.eos_token_id) == (49152, 8192, 2)
+
+
+def test_no_share_prompts_reaches_the_backend(tiny_llama_dir):
+    """`klservice serve --no-share-prompts`: every sequence is forwarded whole (no tokens saved), same values."""
+    from klservice.cli import build_parser
+
+    parser = build_parser()
+    assert ServerConfig.from_cli_args(parser.parse_args(["serve"])).share_prompts
+    config = ServerConfig.from_cli_args(parser.parse_args(["serve", "--no-share-prompts", "--model", str(tiny_llama_dir)]))
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(0, 49152, size=20)
+    sequences = [np.concatenate([prompt, rng.integers(0, 49152, size=n)]) for n in (4, 9)]
+    scored = {}
+    for share, server_config in ((True, ServerConfig(model=str(tiny_llama_dir))), (False, config)):
+        scored[share] = load_backend(server_config, progress=False).score(sequences, [20, 20])
+    assert scored[True].tokens_saved == 20 and scored[False].tokens_saved == 0
+    for shared, whole in zip(scored[True].values, scored[False].values):
+        np.testing.assert_allclose(shared, whole, atol=1e-5, rtol=0)

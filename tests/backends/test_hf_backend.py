@@ -57,9 +57,33 @@ def test_shared_prompts_are_computed_once_with_the_same_values(tiny_backend, pla
     assert scored.tokens_saved == 3 * 20 + 2 * 40 + 1 * 16  # each group's prompt computed once, not per member
     for seq, start, values in zip(sequences, starts, got):
         np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
-    # One padded batch for the unrelated sequences, each prompt once, then the continuations of
-    # the two groups whose responses are longer than one token (4 and 3 of them).
-    assert sorted(shapes) == sorted([(5, 199), (1, 20), (1, 40), (1, 16), (4, 29), (3, 24)])
+    # Three forwards: the unrelated sequences packed into one row of their real inputs (the last token of each is
+    # only a target; the one with nothing to score is left out), the three prompts together (padded to the
+    # longest), then the continuations of every group together: the 6 responses longer than one token (a
+    # one-token response is scored by its prompt's last state alone).
+    assert sorted(shapes) == sorted([(1, 3 + 17 + 64 + 120 + 200 - 5), (3, 40), (6, 29)])
+
+
+def test_packed_and_padded_forwards_give_the_same_values(tiny_llama_dir, tiny_backend, plain_model, reference):
+    """Packing (the CPU default) runs the real tokens of all sequences in one row; padding runs a [count × longest]
+    batch. Same values, either way equal to the plain forward of each sequence alone."""
+    padded = HFBackend(tiny_llama_dir, progress=False, pack=False)
+    assert tiny_backend._pack and not padded._pack
+    sequences = ragged_sequences(49152, seed=3)
+    shapes = []
+    hooks = [backend._model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: shapes.append(tuple(args[0].shape))) for backend in (tiny_backend, padded)]
+    try:
+        packed_values = tiny_backend.score(sequences, STARTS, 0.7).values
+        padded_values = padded.score(sequences, STARTS, 0.7).values
+    finally:
+        for hook in hooks:
+            hook.remove()
+    inputs = [len(seq) - 1 for seq, start in zip(sequences, STARTS) if len(seq) > start]
+    assert shapes == [(1, sum(inputs)), (len(inputs), max(inputs))]
+    for seq, start, packed, plain in zip(sequences, STARTS, packed_values, padded_values):
+        np.testing.assert_allclose(packed, plain, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(packed, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
 
 
 def test_prompt_sharing_can_be_turned_off(tiny_llama_dir, tiny_backend):

@@ -205,7 +205,10 @@ def test_sighup_reloads_the_auth_file_without_a_restart(model_cache_dir, tmp_pat
             time.sleep(0.1)
         target = "127.0.0.1:" + re.search(r"listening on 127\.0\.0\.1:(\d+)", "".join(lines)).group(1)
         with KLClient(target, token=first) as client:
-            client.wait_ready(timeout=120)
+            try:
+                client.wait_ready(timeout=120)
+            except TimeoutError:
+                raise AssertionError(f"the server did not become ready (exit {process.poll()}):\n{''.join(lines)[-4000:]}")
             assert client.score([[1, 2, 3]], 1).ref_logprobs.shape == (2,)
         result = subprocess.run([KLSERVICE, "auth", "add-token", str(path), "team-a"], capture_output=True, text=True, timeout=60)
         second = result.stdout.strip()

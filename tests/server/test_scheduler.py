@@ -111,6 +111,30 @@ def test_plan_calls_splits_mixed_lengths_rather_than_pad_them():
     assert all(sum(len(sequences[i]) for i in c.indices) >= 16384 // 8 for c in packed[:-1])  # no tiny calls
 
 
+def test_plan_calls_for_a_packing_backend_sizes_calls_by_real_tokens():
+    """A backend that packs (no padding) gets calls of up to the budget in real tokens, whatever their lengths mix,
+    and prompt groups stay whole."""
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 1000, size=64)
+    group = [np.concatenate([prompt, rng.integers(0, 1000, size=int(n))]) for n in (5, 300, 40)]
+    sequences = [rng.integers(0, 1000, size=int(n)) for n in rng.integers(16, 2048, size=14)] + group
+    starts = [1] * 14 + [64] * 3
+    calls = plan_calls(sequences, starts, 4096, packed=True)
+    assert sorted(i for c in calls for i in c.indices) == list(range(len(sequences)))
+    real = [sum(len(sequences[i]) for i in c.indices) for c in calls]
+    assert all(tokens <= 4096 for tokens in real)
+    # Greedy over the length-sorted units: a call is closed only when the next unit would pass the budget.
+    units = sorted([[i] for i in range(14)] + [[14, 15, 16]], key=lambda u: max(len(sequences[i]) for i in u))
+    sizes = [sum(len(sequences[i]) for i in u) for u in units]
+    first_units = [[c.indices[p] for p in c.prompt_groups[0]] for c in calls[1:]]
+    closing = [sum(len(sequences[i]) for i in unit) for unit in first_units]
+    assert all(tokens + first > 4096 for tokens, first in zip(real, closing))
+    assert sum(sizes) == sum(real)
+    assert sum(1 for c in calls if {14, 15, 16} <= set(c.indices)) == 1  # the group in one call
+    # Padded planning of the same step needs more calls: count x longest is what it must keep within the budget.
+    assert len(plan_calls(sequences, starts, 4096)) > len(calls)
+
+
 def test_every_result_returns_to_its_request_in_order():
     backend = RecordingBackend()
     rng = np.random.default_rng(1)
