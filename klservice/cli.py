@@ -303,7 +303,8 @@ def _add_bench_command(commands) -> None:
         "bench",
         help="measure throughput, memory and FLOP utilisation against the performance targets",
         description="Benchmark the service against in-process baselines on the same sequences: (a) ragged full "
-        "scoring, (b) GRPO-shaped work, (c) concurrent jobs, (d) one long sequence, and (b) on vLLM: raw "
+        "scoring, (b) GRPO-shaped work, (c) concurrent jobs, (d) one long sequence, (e) a small request under another job's flood, with and "
+        "without the step bound (--max-step-seconds), and (b) on vLLM: raw "
         "prompt_logprobs against the service's vllm backend (when vLLM is installed). Starts its own servers "
         "(`klservice serve` subprocesses on 127.0.0.1, reference cache off) and prints a table; writes bench.json "
         "and bench.png into --out. Exits 0 if every target is met, 1 if one is missed.",

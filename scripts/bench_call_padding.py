@@ -1,13 +1,16 @@
-"""How much splitting padded calls buys on mixed lengths: the same scheduler steps packed two ways.
+"""Mixed lengths in one step: padded calls (unsplit, split) against packed calls, on the same scheduler steps.
 
 Each step holds sequences of random lengths (16 .. --max-len tokens) up to --budget tokens, as
-when many jobs' requests share a step. "unsplit" packs a step only by the token budget
-(count x longest <= budget); "split" also closes a call rather than pad it beyond
---call-padding of its real tokens (`klservice.scheduler.plan_calls`, the server's default).
-Both score the same steps on the same `hf` backend, interleaved, and the script prints tokens/s,
-the share of forwarded positions that were padding, and the ratio.
+when many jobs' requests share a step. "unsplit" packs a step into padded calls only by the token
+budget (count x longest <= budget); "split" also closes a call rather than pad it beyond
+--call-padding of its real tokens (`klservice.scheduler.plan_calls`); both on an `hf` backend that
+pads (``pack=False``). "packed" runs the step's calls on a backend that packs (no padding: each
+call is one row of real tokens, `plan_calls(packed=True)`), the default on CPU. All three score the
+same steps, interleaved; the script prints tokens/s, the share of the positions the model computed
+that were padding (from the backend's own count), the ratios, and the largest difference between
+the packed and padded values.
 
-    python scripts/bench_call_padding.py                 # embedded SmolLM2-135M, CPU (~1 min on 2 cores)
+    python scripts/bench_call_padding.py                 # embedded SmolLM2-135M, CPU (~2 min on 2 cores)
     python scripts/bench_call_padding.py --model DIR --device cuda --budget 65536
 """
 
@@ -34,8 +37,12 @@ def main() -> int:
     from klservice.scheduler import DEFAULT_CALL_PADDING, plan_calls
 
     padding = DEFAULT_CALL_PADDING if args.call_padding is None else args.call_padding
-    backend = HFBackend(args.model or ensure_default_model(None, progress=True), device=args.device, progress=False)
-    vocab = backend.info().vocab_size
+    folder = args.model or ensure_default_model(None, progress=True)
+    padded = HFBackend(folder, device=args.device, progress=False, pack=False)
+    packed = HFBackend(folder, device=args.device, progress=False, pack=True)
+    if not packed.packs:
+        raise SystemExit("this model cannot be packed (see the backend's log): nothing to compare")
+    vocab = padded.info().vocab_size
     rng = np.random.default_rng(0)
     steps = []
     for _ in range(args.steps):
@@ -47,22 +54,33 @@ def main() -> int:
             sequences.append(rng.integers(0, vocab, size=n))
             used += n
         steps.append(sequences)
-    backend.score([steps[0][0][:64]], [1])  # warm-up
-    totals = {"unsplit": [0.0, 0, 0], "split": [0.0, 0, 0]}
+    for backend in (padded, packed):
+        backend.score([steps[0][0][:64]], [1])  # warm-up
+    ways = {"unsplit": (padded, float("inf"), False), "split": (padded, padding, False), "packed": (packed, padding, True)}
+    totals = {name: [0.0, 0, 0] for name in ways}
+    largest_difference = 0.0
     for sequences in steps:
         starts = [1] * len(sequences)
-        for name in ("unsplit", "split", "split", "unsplit"):  # interleaved, so drift affects both alike
-            calls = plan_calls(sequences, starts, args.budget, float("inf") if name == "unsplit" else padding)
+        values: dict[str, dict[int, np.ndarray]] = {name: {} for name in ways}
+        for name in ("unsplit", "split", "packed", "packed", "split", "unsplit"):  # interleaved: drift hits all alike
+            backend, max_padding, packs = ways[name]
+            calls = plan_calls(sequences, starts, args.budget, max_padding, packs)
             started = time.perf_counter()
-            for call in calls:
-                backend.score([sequences[i] for i in call.indices], [1] * len(call.indices), 1.0, call.prompt_groups)
             total = totals[name]
+            for call in calls:
+                scored = backend.score([sequences[i] for i in call.indices], [1] * len(call.indices), 1.0,
+                                       call.prompt_groups)
+                total[2] += scored.positions
+                values[name].update(zip(call.indices, scored.values))
             total[0] += time.perf_counter() - started
-            total[1] += sum(len(s) for s in sequences)
-            total[2] += sum(len(call.indices) * max(len(sequences[i]) for i in call.indices) for call in calls)
-    for name, (seconds, real, padded) in totals.items():
-        print(f"{name:8s} {real / seconds:8.1f} tokens/s   padding {1 - real / padded:5.1%} of forwarded positions")
+            total[1] += sum(len(s) - 1 for s in sequences)  # the inputs: a sequence's last token is only a target
+        for i in range(len(sequences)):
+            largest_difference = max(largest_difference, float(np.abs(values["packed"][i] - values["split"][i]).max()))
+    for name, (seconds, real, positions) in totals.items():
+        print(f"{name:8s} {real / seconds:8.1f} tokens/s   padding {1 - real / positions:5.1%} of computed positions")
     print(f"split / unsplit: {totals['unsplit'][0] / totals['split'][0]:.2f}x (call padding {padding:g})")
+    print(f"packed / split: {totals['split'][0] / totals['packed'][0]:.2f}x; "
+          f"largest |packed - padded| log-prob {largest_difference:.2e}")
     return 0
 
 

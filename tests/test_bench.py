@@ -43,7 +43,7 @@ def test_quick_bench_writes_table_json_and_plot(quick_bench):
     for title in ("(a) ragged", "(b) GRPO", "(c) 4 jobs", "(d) one sequence of 256 tokens"):
         assert any(line.startswith(title) for line in stdout.splitlines()), title
     assert "-> service / naive" in stdout and "matmul peak" in stdout
-    assert set(results["workloads"]) == {"a", "b", "c", "d"} | ({"vllm"} if VLLM_INSTALLED else set())
+    assert set(results["workloads"]) == {"a", "b", "c", "d", "e"} | ({"vllm"} if VLLM_INSTALLED else set())
     assert results["matmul_peak_flops_per_s"] > 0
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["torch_threads"] >= 1
     assert results["config"]["server_cache_disabled"] in (True, False)
@@ -54,6 +54,8 @@ def test_quick_bench_numbers_are_consistent(quick_bench):
     _, stdout, results = quick_bench
     workloads = results["workloads"]
     for key, entry in workloads.items():
+        if key == "e":  # rows of latency and the server's forwarded tokens, checked below
+            continue
         assert entry["tokens"] > 0 and entry["paths"], key
         for path, row in entry["paths"].items():
             assert row["seconds"] > 0 and row["seconds"] == min(row["samples_s"]), (key, path)
@@ -100,6 +102,16 @@ def test_quick_bench_numbers_are_consistent(quick_bench):
     assert sum(job["tokens"] for job in jobs) == workloads["c"]["tokens"]
     worst = max(abs(job["share"] * 4 - 1) for job in jobs)
     assert targets["c", "largest job-share deviation from equal"]["value"] == pytest.approx(worst)
+
+    # (e): per server, the small request's latencies (median reported) and the tokens forwarded meanwhile.
+    e = workloads["e"]["paths"]
+    assert [(name, row["max_step_seconds"]) for name, row in e.items()] == [("bounded", 2.0), ("unbounded", 0.0)]
+    for row in e.values():
+        assert row["seconds"] == pytest.approx(float(np.median(row["samples_s"]))) and row["idle_seconds"] > 0
+        assert row["flood_tokens"] >= 0 and row["tokens_per_s"] == pytest.approx(row["flood_tokens"] / row["flood_window_s"])
+    wait = targets["e", "small request's wait, bounded / unbounded step"]
+    assert wait["value"] == pytest.approx(e["bounded"]["seconds"] / e["unbounded"]["seconds"])
+    assert "(e) flood: 2 threads x 2 x 64 tokens" in stdout
 
     d = workloads["d"]
     assert d["full_vocab_float32_logits_bytes"] == 256 * results["model"]["vocab_size"] * 4

@@ -9,6 +9,9 @@ module per workload (`--workloads` picks a subset):
   (b)-shaped work as one request per prompt group, against one job sending all of it.
 - (d) `long`: one 8k-token sequence, fully scored: time, and the peak extra memory of the
   in-process algorithm compared with full-vocabulary float32 logits.
+- (e) `flood`: one job floods the server while another sends small requests, on a server with
+  the step bound (``--max-step-seconds``) and one without (two servers of its own): the small
+  request's latency and the flood's throughput on each.
 - `cache`: (b) again on a server with the reference cache on (a second server), once to
   fill the cache and once timed.
 - `vllm`: (b) on vLLM engines, only when vLLM is installed: raw vLLM ``prompt_logprobs``

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from klservice.backends.base import DTYPES
 from klservice.config import config_field, scalar_type
 
-ALL_WORKLOADS = ("a", "b", "c", "d", "cache", "vllm")
+ALL_WORKLOADS = ("a", "b", "c", "d", "e", "cache", "vllm")
 """Workload keys in the order they run (`--workloads` picks a subset)."""
 
 
@@ -52,6 +52,15 @@ class BenchConfig:
     response_len: int = config_field(128, "(b) response tokens")
     long_len: int = config_field(8192, "(d) sequence length, capped at the model's context")
     jobs: int = config_field(4, "(c) concurrent client jobs")
+    flood_threads: int = config_field(4, "(e) threads of the flooding job")
+    flood_sequences: int = config_field(8, "(e) sequences per flood request")
+    flood_tokens: int = config_field(1024, "(e) tokens per flood sequence")
+    probe_tokens: int = config_field(32, "(e) tokens of the other job's small request")
+    flood_probes: int = config_field(3, "(e) small requests, one after the other; the median latency is reported")
+    flood_warmup: float = config_field(5.0, "(e) seconds of flood before the first small request")
+    max_step_seconds: float | None = config_field(
+        None, "(e) the bounded server's --max-step-seconds", shown="the server's"
+    )
     naive_batch: int = config_field(8, "batch size of the naive baseline")
     repeats: int = config_field(2, "timed rounds of (a), (b) and the cache hit; the best is reported")
     long_repeats: int = config_field(1, "timed rounds of (c) and (d)")
@@ -76,6 +85,11 @@ class BenchConfig:
         "prompt_len": 32,
         "response_len": 16,
         "long_len": 256,
+        "flood_threads": 2,
+        "flood_sequences": 2,
+        "flood_tokens": 64,
+        "flood_probes": 1,
+        "flood_warmup": 1.0,
         "repeats": 1,
         "long_repeats": 1,
         "matmul_size": 256,

@@ -57,6 +57,13 @@ def evaluate_targets(results: dict, config: BenchConfig) -> list[dict]:
     if d:
         add("service / in-process", "d", _ratio(results, "d", "service", "inprocess"), ">=", 0.95)
         add("extra memory / full-vocab fp32 logits", "d", d.get("extra_memory_fraction_of_logits"), "<=", 0.25, "%")
+    e = results["workloads"].get("e", {}).get("paths", {})
+    if "bounded" in e and "unbounded" in e:
+        if e["unbounded"]["tokens_per_s"] > 0:  # a window shorter than one step may see nothing forwarded
+            add("flood throughput, bounded / unbounded step", "e",
+                e["bounded"]["tokens_per_s"] / e["unbounded"]["tokens_per_s"], ">=", 0.9)
+        add("small request's wait, bounded / unbounded step", "e",
+            e["bounded"]["seconds"] / e["unbounded"]["seconds"], "<=", 1.0)
     add("service (vllm backend) / raw vLLM", "vllm", _ratio(results, "vllm", "service_vllm", "vllm_raw"), ">=", 2.0)
     return targets
 
@@ -104,6 +111,10 @@ def _workload_rows(results: dict, key: str, entry: dict, targets: list[dict]) ->
             "" if mfu is None else f"{mfu * 100:.0f}%",
             "", "", "",
         ])
+    if key == "e":
+        for row in entry["paths"].values():
+            rows.append([f"  -> {row['label']}: small request alone (idle)", "", f"{row['idle_seconds']:.2f}", "", "",
+                         "", "", ""])
     if key == "c":
         equal = 1.0 / max(1, len(entry.get("jobs", [])))
         for job in entry.get("jobs", []):
@@ -145,6 +156,9 @@ def _notes(results: dict) -> list[str]:
         "tokens/s; peak MiB: rise of the resident high-water mark (the server's for service rows); "
         "MFU: model FLOPs actually computed / matmul peak",
     ]
+    if "e" in results["workloads"]:
+        out.append("(e) tokens/s: what the server forwarded while the small requests waited (the flood's); seconds: "
+                   "the small request's median latency under the flood")
     c = results["workloads"].get("c")
     if c and c.get("jobs"):
         done = ", ".join(f"{job['progress_share_at_first_finish'] * 100:.0f}%" for job in c["jobs"])

@@ -59,6 +59,11 @@ class ServiceProcess:
 
     def forward_seconds(self) -> float | None:
         """Total seconds the server has spent in backend forwards so far (None if it does not say)."""
+        return self.metric_sum("klservice_forward_seconds_sum")
+
+    def metric_sum(self, name: str) -> float | None:
+        """The sum of the series of the metric `name` on the server's /metrics (one per served model, the `model`
+        label); None if it does not say."""
         if self._metrics_port is None:
             return None
         import urllib.request
@@ -68,9 +73,8 @@ class ServiceProcess:
                 text = reply.read().decode()
         except OSError:
             return None
-        # One series per served model (the `model` label): the server's time in the model is their sum.
-        sums = re.findall(r"^klservice_forward_seconds_sum(?:\{[^}]*\})?\s+(\S+)", text, re.M)
-        return sum(float(value) for value in sums) if sums else None
+        values = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})?\s+(\S+)", text, re.M)
+        return sum(float(value) for value in values) if values else None
 
     def log_tail(self, lines: int = 30) -> str:
         try:
