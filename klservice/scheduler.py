@@ -81,6 +81,7 @@ def plan_calls(
     max_batch_tokens: int,
     max_padding: float = DEFAULT_CALL_PADDING,
     packed: bool = False,
+    max_unit_tokens: int | None = None,
 ) -> list[PlannedCall]:
     """The backend calls for `sequences`, each with the prompt groups the backend may share.
 
@@ -90,9 +91,13 @@ def plan_calls(
     max_batch_tokens / 8 real tokens is closed rather than padded beyond `max_padding` × its
     real tokens (mixed lengths would otherwise pad short sequences to the longest; the floor
     keeps calls from getting small). A unit that alone exceeds the budget is split into
-    budget-sized runs of its own. `packed` (a backend that runs sequences without padding,
-    `ReferenceBackend.packs`): a call costs its real tokens, and nothing is split for padding.
+    budget-sized runs of its own, unless it fits `max_unit_tokens` (default: the budget): then it
+    is a call of its own, whole (the scheduler's time-bounded steps keep a GRPO group, and so its
+    shared prompt, in one call up to --max-batch-tokens). `packed` (a backend that runs sequences
+    without padding, `ReferenceBackend.packs`): a call costs its real tokens, and nothing is split
+    for padding.
     """
+    max_unit_tokens = max(max_batch_tokens, max_unit_tokens or 0)
     units = sorted(group_by_prompt(sequences, starts), key=lambda unit: max(len(sequences[i]) for i in unit))
     min_call_tokens = max_batch_tokens // 8
     calls: list[list[list[int]]] = []  # per call, its units
@@ -106,8 +111,12 @@ def plan_calls(
         if current and (padded > max_batch_tokens or too_padded):
             calls.append(current)
             current, size, longest, real = [], 0, 0, 0
-        if (unit_real if packed else len(unit) * unit_longest) > max_batch_tokens:
-            per_call = max(1, max_batch_tokens // unit_longest)
+        unit_cost = unit_real if packed else len(unit) * unit_longest
+        if max_batch_tokens < unit_cost <= max_unit_tokens:  # whole, alone (the call before it was closed above)
+            calls.append([unit])
+            continue
+        if unit_cost > max_unit_tokens:
+            per_call = max(1, max_unit_tokens // unit_longest)
             unit = sorted(unit, key=lambda i: len(sequences[i]))
             for begin in range(0, len(unit), per_call):
                 calls.append([unit[begin : begin + per_call]])
@@ -573,7 +582,7 @@ class TokenBudgetScheduler:
         request arriving during a long step waits for one call, not for the rest of the step and the next."""
         joined = {item.request.share for item in items}
         calls = plan_calls([item.tokens for item in items], [item.start for item in items], budget,
-                           self._call_padding, self._backend.packs)
+                           self._call_padding, self._backend.packs, self._max_batch_tokens)
         for number, call in enumerate(calls):
             if self._closing:  # stopping: no further call of this step starts (a backend may not be interruptible)
                 raise Interrupted("the server is stopping")

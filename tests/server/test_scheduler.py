@@ -570,3 +570,22 @@ def test_a_negative_step_bound_fails_naming_its_flag(server_config):
 
     with pytest.raises(ValueError, match="--max-step-seconds -1"):
         Server(dataclasses.replace(server_config, max_step_seconds=-1.0))
+
+
+def test_a_grpo_group_larger_than_a_bounded_step_stays_in_one_call():
+    """A step bounded in time may be smaller than a GRPO group; the group is then a call of its own, whole (its prompt
+    computed once), as long as it fits --max-batch-tokens; beyond that it is split into runs that do."""
+    rng = np.random.default_rng(4)
+    prompt = rng.integers(0, 1000, size=256)
+    group = [np.concatenate([prompt, rng.integers(0, 1000, size=128)]) for _ in range(8)]
+    singles = [rng.integers(0, 1000, size=100) for _ in range(3)]
+    sequences, starts = singles + group, [1, 1, 1] + [256] * 8
+    calls = plan_calls(sequences, starts, 1600, max_unit_tokens=16384)
+    assert [sorted(c.indices) for c in calls if 3 in c.indices] == [list(range(3, 11))]
+    assert all(len(c.indices) * max(len(sequences[i]) for i in c.indices) <= 1600 for c in calls if 3 not in c.indices)
+    # Without the allowance (or beyond it), the group is cut into budget-sized runs.
+    def group_calls(**allowance):
+        return [len(c.indices) for c in plan_calls(sequences, starts, 1600, **allowance) if 3 in c.indices or 10 in c.indices]
+
+    assert group_calls() == [4, 4]  # 1600 // 384 sequences a call
+    assert group_calls(max_unit_tokens=2000) == [5, 3]
