@@ -179,6 +179,52 @@ def test_bench_flags_parse_to_the_config():
     assert BenchConfig.from_cli_args(args) == BenchConfig(**expected)
 
 
+def test_the_gpu_preset_sets_gpu_sizes_and_given_flags_win():
+    from klservice.bench import BenchConfig
+    from klservice.cli import build_parser
+
+    parser = build_parser()
+    config = BenchConfig.from_cli_args(parser.parse_args(["bench", "--preset", "gpu", "--model-shape", "llama-7b",
+                                                           "--response-len", "512"]))
+    assert (config.device, config.dtype, config.model_shape) == ("cuda", "bfloat16", "llama-7b")
+    assert (config.grpo_prompts, config.group_size, config.prompt_len, config.response_len) == (64, 8, 512, 512)
+    assert config.max_batch_tokens == 65536 and config.matmul_size == 8192
+    result = subprocess.run([KLSERVICE, "bench", "--model", "/x", "--model-shape", "llama-7b"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "--model and --model-shape" in result.stderr
+
+
+def test_model_shapes_have_the_real_models_parameter_counts():
+    """The shapes' configs, built on the meta device (no memory), count SmolLM2-1.7B's and Llama-2-7B's parameters."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from klservice.bench.shapes import PARAMETERS, SHAPES, shape_config
+
+    for name in SHAPES:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(shape_config(name))
+        assert sum(p.numel() for p in model.parameters()) == PARAMETERS[name], name
+    with pytest.raises(ValueError, match="expected one of smollm2-1.7b, llama-7b"):
+        shape_config("gpt-5")
+
+
+def test_a_shaped_model_is_written_once_and_loads(model_cache_dir, default_model_dir):
+    """`shaped_model` writes a loadable folder (here the 1.7B shape cut to one narrow layer) and reuses it."""
+    from klservice.backends.hf import HFBackend
+    from klservice.bench.shapes import shaped_model
+
+    small = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+             "num_key_value_heads": 2}
+    folder = shaped_model("smollm2-1.7b", model_cache_dir, "float32", progress=False, **small)
+    assert folder.parent == model_cache_dir / "shapes"
+    assert shaped_model("smollm2-1.7b", model_cache_dir, "float32", progress=False, **small) == folder
+    backend = HFBackend(folder, device="cpu", progress=False)
+    assert backend.info().vocab_size == 49152 and backend.info().max_length == 8192
+    (values,) = backend.score([np.arange(1, 40)], [1]).values
+    assert values.shape == (38,) and np.isfinite(values).all() and (values < 0).all()
+
+
 def test_every_workload_has_a_module():
     from klservice.bench import ALL_WORKLOADS, BenchConfig
     from klservice.bench.run import WORKLOADS

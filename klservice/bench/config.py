@@ -32,6 +32,18 @@ class BenchConfig:
     model: str | None = config_field(
         None, "Hugging Face folder", shown="the embedded SmolLM2-135M-Instruct"
     )
+    model_shape: str | None = config_field(
+        None,
+        "instead of --model: random weights in the shape of smollm2-1.7b or llama-7b (written once under "
+        "--cache-dir in --dtype; GPU figures at real sizes)",
+        choices=("smollm2-1.7b", "llama-7b"), shown="none",
+    )
+    preset: str | None = config_field(
+        None,
+        "gpu: sizes for one GPU (bfloat16 on cuda, 64 prompts x 8 of 512 + 1024 tokens, 256 ragged sequences of "
+        "256-2048, 8192-token steps of floods, an 8192 matmul); flags given explicitly win",
+        choices=("gpu",), shown="none",
+    )
     dtype: str = config_field("float32", "compute dtype", choices=DTYPES)
     device: str = config_field("auto", "torch device for the server and the in-process paths")
     cache_dir: str | None = config_field(None, "cache directory of the embedded model", shown="as klservice serve")
@@ -96,6 +108,27 @@ class BenchConfig:
     }
     """Sizes --quick uses for fields not given explicitly: a smoke run of every phase in seconds."""
 
+    GPU: ClassVar[dict[str, object]] = {
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "grpo_prompts": 64,
+        "group_size": 8,
+        "prompt_len": 512,
+        "response_len": 1024,
+        "ragged_sequences": 256,
+        "ragged_min": 256,
+        "ragged_max": 2048,
+        "max_batch_tokens": 65536,
+        "flood_threads": 4,
+        "flood_sequences": 16,
+        "flood_tokens": 2048,
+        "matmul_size": 8192,
+        "repeats": 2,
+    }
+    """Sizes --preset gpu uses for fields not given explicitly: the GRPO workload of docs/benchmarks.md's GPU table
+    (64 prompts x 8 completions, prompt 512, completion 1024), each path taking seconds rather than the
+    milliseconds the CPU sizes take on a GPU."""
+
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         """Add one flag per field; a flag not given leaves no attribute in the namespace."""
@@ -123,8 +156,12 @@ class BenchConfig:
     @classmethod
     def from_options(cls, **given: Any) -> "BenchConfig":
         """Build from explicitly given options; with ``quick=True`` the QUICK sizes fill the rest."""
-        values = dict(cls.QUICK) if given.get("quick") else {}
+        values = dict(cls.GPU) if given.get("preset") == "gpu" else {}
+        if given.get("quick"):
+            values.update(cls.QUICK)
         values.update(given)
+        if values.get("model") and values.get("model_shape"):
+            raise ValueError("--model and --model-shape: give one of them")
         return cls(**values)
 
     @property

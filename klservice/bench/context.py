@@ -84,7 +84,7 @@ class BenchContext:
             self.env["KLSERVICE_CACHE_DIR"] = str(config.cache_dir)
         self.server_args = ["--dtype", config.dtype, "--device", config.device,
                             "--max-batch-tokens", str(self.max_batch_tokens)]
-        if config.model is not None:
+        if config.model is not None or config.model_shape is not None:
             self.server_args += ["--model", str(self.folder)]
         with self.bar("start server, load model"):
             self.server, self.client = self.start_service(self.server_args + NO_CACHE, "server.log", "bench")
@@ -109,6 +109,11 @@ class BenchContext:
         from klservice.default_model import EMBEDDED_MODEL_NAME, ensure_default_model
 
         config = self.config
+        if config.model_shape is not None:
+            from klservice.bench.shapes import shaped_model
+
+            folder = shaped_model(config.model_shape, config.cache_dir, config.dtype, progress=config.progress)
+            return folder, f"random {config.model_shape}"
         if config.model is None:
             return ensure_default_model(config.cache_dir, progress=config.progress), EMBEDDED_MODEL_NAME
         return resolve_model_dir(config.model), config.model
