@@ -103,14 +103,19 @@ class ServerConfig:
     )
     max_request_tokens: int = config_field(262_144, "Most tokens in one request; clients split larger batches.")
     max_message_mb: int = config_field(256, "Largest gRPC message accepted or sent, in MiB.")
-    max_batch_tokens: int = config_field(16_384, "Token budget of one forward batch (padded tokens).")
+    max_batch_tokens: int = config_field(
+        16_384,
+        "Token budget of one forward batch: sequences × the longest of them where the backend pads (and for prompt "
+        "groups), real tokens where it packs (hf on CPU).",
+    )
     max_wait_ms: float = config_field(2.0, "How long the scheduler waits for more requests before starting a forward batch.")
     max_step_seconds: float = config_field(
         2.0,
-        "Longest forward step the scheduler forms, in seconds of model time: a step takes at most the padded "
-        "tokens per second measured over recent calls times this (and at most --max-batch-tokens), so a request "
-        "of a job with nothing queued waits about one such step behind other jobs' work. A GRPO group is split "
-        "across steps only when it alone exceeds the bound. 0: steps are sized by --max-batch-tokens only.",
+        "Longest forward step the scheduler forms, in seconds of model time: a step takes at most the budget "
+        "tokens (as --max-batch-tokens counts them) per second measured over recent calls times this (and at most "
+        "--max-batch-tokens), so a request of a job with nothing queued waits about one such step behind other "
+        "jobs' work. A GRPO group larger than that is still taken whole, as one call (its prompt computed once), "
+        "up to --max-batch-tokens: such a step takes longer. 0: steps are sized by --max-batch-tokens only.",
     )
     share_prompts: bool = config_field(
         True,

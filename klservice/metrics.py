@@ -91,8 +91,8 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "tokens_forwarded", Counter, "klservice_tokens_forwarded",
-        "Tokens run through the model: prompts included (a shared prompt once, where the backend says so), padding "
-        "excluded.", M,
+        "Token positions run through the model, padding excluded: each sequence's tokens but its last (only a "
+        "target), a prompt shared by a group once.", M,
     ),
     MetricSpec("batch_sequences", Histogram, "klservice_batch_sequences", "Sequences per forward batch.", M, SIZE_BUCKETS),
     MetricSpec("batch_tokens", Histogram, "klservice_batch_tokens", "Token positions the model computed per forward call, padding included (a packed call has none).", M, TOKEN_BUCKETS),

@@ -27,8 +27,8 @@ How:
   smaller of ``max_batch_tokens`` and the budget tokens per second (padded, or real where the
   backend packs) measured over recent calls × ``max_step_s`` (from the first call measured on), so a request
   of an idle job waits about one bounded step, not one step of the whole budget. A GRPO group (the
-  sequences of one request with the same prompt) is chosen whole: it is split across steps only
-  when it alone exceeds the budget.
+  sequences of one request with the same prompt) is chosen whole and run as one call even when it
+  alone exceeds a bounded step; only a group beyond ``max_batch_tokens`` is split.
 - `plan_calls` packs the chosen sequences into backend calls: sequences with the same
   prompt stay together and are handed to the backend as a group (it computes their prompt
   once), units are sorted by length and packed so count × longest stays within the budget.
@@ -45,6 +45,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 from typing import Sequence
 
@@ -94,24 +95,32 @@ def plan_calls(
     budget-sized runs of its own, unless it fits `max_unit_tokens` (default: the budget): then it
     is a call of its own, whole (the scheduler's time-bounded steps keep a GRPO group, and so its
     shared prompt, in one call up to --max-batch-tokens). `packed` (a backend that runs sequences
-    without padding, `ReferenceBackend.packs`): a call costs its real tokens, and nothing is split
-    for padding.
+    without padding, `ReferenceBackend.packs`): a lone sequence costs its real tokens and is never
+    split off for padding; prompt groups, which run padded, are costed as above.
     """
     max_unit_tokens = max(max_batch_tokens, max_unit_tokens or 0)
     units = sorted(group_by_prompt(sequences, starts), key=lambda unit: max(len(sequences[i]) for i in unit))
     min_call_tokens = max_batch_tokens // 8
     calls: list[list[list[int]]] = []  # per call, its units
     current: list[list[int]] = []
-    size = longest = real = 0
+    lone = 0  # real tokens of the call's packed sequences (packed: units of one sequence)
+    size = longest = real = 0  # the call's padded part: sequences, the longest, real tokens
     for unit in units:
         unit_longest = max(len(sequences[i]) for i in unit)
         unit_real = sum(len(sequences[i]) for i in unit)
-        padded = real + unit_real if packed else (size + len(unit)) * max(longest, unit_longest)
-        too_padded = not packed and real >= min_call_tokens and padded > (1 + max_padding) * (real + unit_real)
-        if current and (padded > max_batch_tokens or too_padded):
+        # Packed, a lone sequence costs its real tokens; a group still runs padded (its prompts together, then its
+        # continuations together), so it is costed as count × longest with the rest of the call's groups.
+        padded_unit = not packed or len(unit) > 1
+        if padded_unit:
+            part = (size + len(unit)) * max(longest, unit_longest)
+            cost = lone + part
+            too_padded = lone + real >= min_call_tokens and part > (1 + max_padding) * (real + unit_real)
+        else:
+            cost, too_padded = lone + unit_real + size * longest, False
+        if current and (cost > max_batch_tokens or too_padded):
             calls.append(current)
-            current, size, longest, real = [], 0, 0, 0
-        unit_cost = unit_real if packed else len(unit) * unit_longest
+            current, lone, size, longest, real = [], 0, 0, 0, 0
+        unit_cost = len(unit) * unit_longest if padded_unit else unit_real
         if max_batch_tokens < unit_cost <= max_unit_tokens:  # whole, alone (the call before it was closed above)
             calls.append([unit])
             continue
@@ -122,9 +131,12 @@ def plan_calls(
                 calls.append([unit[begin : begin + per_call]])
             continue
         current.append(unit)
-        size += len(unit)
-        longest = max(longest, unit_longest)
-        real += unit_real
+        if padded_unit:
+            size += len(unit)
+            longest = max(longest, unit_longest)
+            real += unit_real
+        else:
+            lone += unit_real
     if current:
         calls.append(current)
     planned = []
@@ -235,6 +247,7 @@ class TokenBudgetScheduler:
         self._max_step_s = max_step_s
         self._budget_tokens_per_second = 0.0  # smoothed budget tokens (count × longest, or real if packed) per second
         self._call_padding = call_padding
+        self._in_call = threading.Event()  # set while the worker thread is inside the backend's score()
         self._max_batch_tokens = max_batch_tokens
         self._max_queue = max_queue
         self._max_wait_s = max_wait_s
@@ -274,9 +287,9 @@ class TokenBudgetScheduler:
         stops it within one step: `ReferenceBackend.interrupt`), release the worker thread."""
         self._closing = True
         running, self._running = self._running, []
-        # Interrupt a forward only while someone waits on it: a step whose requests were all answered (its last call
-        # returned, the worker not yet back) has nothing left to stop, and its backend may serve on elsewhere.
-        if any(not item.request.future.done() for item in running):
+        # Interrupt only a backend call in flight: between calls the worker stops by itself (`_closing`), and a
+        # backend that was not interrupted may serve on elsewhere (a test's shared backend, say).
+        if self._in_call.is_set():
             self._backend.interrupt()
         if self._worker is not None:
             self._worker.cancel()
@@ -642,7 +655,11 @@ class TokenBudgetScheduler:
         """One backend call (in the worker thread); its checked values go to the event loop at once."""
         batch = [item.tokens for item in items]
         started = time.perf_counter()
-        scored = self._backend.score(batch, [item.start for item in items], temperature, prompt_groups)
+        self._in_call.set()
+        try:
+            scored = self._backend.score(batch, [item.start for item in items], temperature, prompt_groups)
+        finally:
+            self._in_call.clear()
         elapsed = time.perf_counter() - started
         if len(scored.values) != len(batch):
             raise BackendFault(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
@@ -656,8 +673,8 @@ class TokenBudgetScheduler:
             metrics.batch_sequences.observe(len(batch))
             padded = len(batch) * max(len(tokens) for tokens in batch)
             metrics.batch_tokens.observe(padded if scored.positions is None else scored.positions)
-            real = sum(len(tokens) for tokens in batch) if scored.real_positions is None else scored.real_positions
-            metrics.tokens_forwarded.inc(real)
+            # Real positions: each sequence's inputs (its last token is only a target), a shared prompt once.
+            metrics.tokens_forwarded.inc(sum(len(tokens) - 1 for tokens in batch) - scored.tokens_saved)
             metrics.tokens_saved.inc(scored.tokens_saved)
         values = [_checked(output, len(item.tokens) - item.start) for item, output in zip(items, scored.values)]
         loop.call_soon_threadsafe(self._scatter, items, values)

@@ -192,6 +192,8 @@ def test_the_gpu_preset_sets_gpu_sizes_and_given_flags_win():
     result = subprocess.run([KLSERVICE, "bench", "--model", "/x", "--model-shape", "llama-7b"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "--model and --model-shape" in result.stderr
+    with pytest.raises(ValueError, match="--flood-probes 0: expected at least 1"):
+        BenchConfig.from_options(flood_probes=0)
 
 
 def test_model_shapes_have_the_real_models_parameter_counts():

@@ -62,9 +62,6 @@ class Scored:
     positions: int | None = None
     """Token positions the model computed in this call, padding included (the `klservice_batch_tokens` metric);
     None: not reported, taken as (sequences) × (longest sequence)."""
-    real_positions: int | None = None
-    """Of `positions`, those holding real tokens (a shared prompt counted once; the `klservice_tokens_forwarded`
-    metric); None: not reported, taken as the sequences' tokens."""
 
 
 class ReferenceBackend(abc.ABC):

@@ -113,7 +113,8 @@ class HFBackend(ReferenceBackend):
     `share_prompts` (default on) computes each group's shared prompt once: all prompts of a
     call in one forward, all continuations in a second on copies of their KV cache, so a call
     costs at most three forwards (its unshared sequences, the prompts, the continuations)
-    whatever its number of groups. On this 2-core CPU that made GRPO-shaped work 2× faster
+    whatever its number of groups (a sliding-window model past its window: two per distinct
+    prompt length). On this 2-core CPU that made GRPO-shaped work 2× faster
     than the plain forward; one pair of forwards per group, as before, was 5× slower than
     the plain forward on an H100 for a SmolLM2-sized model, whose forwards are bound by
     kernel launches there.
@@ -161,7 +162,7 @@ class HFBackend(ReferenceBackend):
         self._body = model.base_model
         self._interrupted = threading.Event()
         self._watch_layers(model)
-        self._positions = self._real = 0  # token positions fed to the model in this call: all, and not padding
+        self._positions = 0  # token positions fed to the model in this call, padding included (one caller at a time)
         # transformers 5 renamed the KV cache argument and output from past_key_values to cache.
         parameters = inspect.signature(self._body.forward).parameters
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
@@ -175,10 +176,10 @@ class HFBackend(ReferenceBackend):
         self._logit_multiplier = float(scale or 1.0) / float(scaling or 1.0)
         self._sliding_window = _sliding_window(config)
         self._head_on_hidden = self._head_matches_model()
-        self._share_prompts = share_prompts and self._head_on_hidden and self._prompt_sharing_matches()
         if pack is None:  # see the class docstring
             pack = self._device.type == "cpu"
-        self._pack = pack and self._packing_matches()
+        self._pack = pack and self._packing_matches()  # first: sharing is then checked as it will be served
+        self._share_prompts = share_prompts and self._head_on_hidden and self._prompt_sharing_matches()
         self._info = describe_model(
             name=name or str(folder),
             revision=revision,
@@ -214,7 +215,7 @@ class HFBackend(ReferenceBackend):
         results = [np.zeros(0, dtype=np.float32) for _ in sequences]
         todo = [i for i, (seq, start) in enumerate(zip(sequences, starts)) if len(seq) > start]
         if not todo:
-            return Scored(results)
+            return Scored(results, positions=0)
         if self._share_prompts:
             groups = prompt_groups if prompt_groups is not None else group_by_prompt(sequences, starts)
             shared, alone = split_shared(groups, starts, self._min_shared_prompt)
@@ -224,12 +225,12 @@ class HFBackend(ReferenceBackend):
         shared = [[i for i in group if i in scored] for group in shared]
         alone = [i for i in alone if i in scored]
         batch = [np.asarray(seq, dtype=np.int64) for seq in sequences]
-        self._positions = self._real = 0
+        self._positions = 0
         with torch.inference_mode():
             values, saved = self._score_batch(batch, [int(s) for s in starts], shared, alone, temperature)
         for i, value in values.items():
             results[i] = value
-        return Scored(results, saved, positions=self._positions, real_positions=self._real)
+        return Scored(results, saved, positions=self._positions)
 
     @property
     def packs(self) -> bool:
@@ -254,10 +255,9 @@ class HFBackend(ReferenceBackend):
         for layer in layers:
             layer.register_forward_pre_hook(lambda module, args: self._check_interrupted())
 
-    def _count(self, ids: np.ndarray, lengths: Sequence[int]) -> None:
-        """Count a forward's input (`ids`, padding included) and its real tokens (`lengths`, per row)."""
+    def _count(self, ids: np.ndarray) -> None:
+        """Count a forward's input positions (`ids`, padding included)."""
         self._positions += ids.size
-        self._real += int(sum(lengths))
 
     def _check_interrupted(self) -> None:
         if self._interrupted.is_set():
@@ -300,7 +300,7 @@ class HFBackend(ReferenceBackend):
         ids = np.zeros((len(sequences), width), dtype=np.int64)  # padding id 0: any valid id will do
         for b, seq in enumerate(sequences):
             ids[b, : len(seq) - 1] = seq[:-1]
-        self._count(ids, [len(seq) - 1 for seq in sequences])
+        self._count(ids)
         input_ids = torch.from_numpy(ids).to(self._device)
         position_ids = torch.arange(width, device=self._device).expand(len(sequences), width)
         if self._head_on_hidden:
@@ -317,7 +317,7 @@ class HFBackend(ReferenceBackend):
         lengths = [len(x) for x in inputs]
         device = self._device
         flat = np.concatenate(inputs)
-        self._count(flat, lengths)
+        self._count(flat)
         ids = torch.from_numpy(flat).to(device).unsqueeze(0)
         positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths])).to(device).unsqueeze(0)
         bounds = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)).to(device)
@@ -343,7 +343,8 @@ class HFBackend(ReferenceBackend):
             return []
         longest_prompt = max(starts[group[0]] for group in shared)
         longest_continuation = max(len(sequences[i]) - 1 - starts[i] for group in shared for i in group)
-        if self._sliding_window is None or longest_prompt + longest_continuation <= self._sliding_window:
+        window = self._sliding_window
+        if window is None or (window and longest_prompt + longest_continuation <= window):
             return [shared]
         by_length: dict[int, list[list[int]]] = {}
         for group in shared:
@@ -368,7 +369,7 @@ class HFBackend(ReferenceBackend):
         ids = np.zeros((len(prompts), longest), dtype=np.int64)
         for g, prompt in enumerate(prompts):
             ids[g, : lengths[g]] = prompt
-        self._count(ids, lengths)
+        self._count(ids)
         positions = torch.arange(longest, device=device).expand(len(prompts), longest)
         out = self._body(input_ids=torch.from_numpy(ids).to(device), position_ids=positions, use_cache=True)
         firsts = [out.last_hidden_state[g, length - 1 : length] for g, length in enumerate(lengths)]
@@ -387,7 +388,7 @@ class HFBackend(ReferenceBackend):
             ids[b, : len(seq) - 1 - lengths[g]] = seq[lengths[g] : -1]
             position_ids[b] = np.arange(lengths[g], lengths[g] + width)
             mask[b, lengths[g] : longest] = 0  # the padding after a shorter prompt, in the cache
-        self._count(ids, [len(seq) - 1 - lengths[g] for g, _, seq in members])
+        self._count(ids)
         on_cache = {self._cache_kwarg: cache, "use_cache": True}
         if min(lengths) < longest:  # prompts of one length leave no hole: SDPA keeps its plain causal kernel
             on_cache["attention_mask"] = torch.from_numpy(mask).to(device)
@@ -489,7 +490,7 @@ class HFBackend(ReferenceBackend):
             log.info("%s: attention is not SDPA; sequences are padded, not packed", name)
             return False
         if self._sliding_window is not None:
-            log.info("%s: sliding-window attention; sequences are padded, not packed", name)
+            log.info("%s: sliding-window or chunked attention; sequences are padded, not packed", name)
             return False
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import sdpa_mask
@@ -550,8 +551,15 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
 
 def _sliding_window(config) -> int | None:
     """The attention window of the model's sliding-window layers, None if it has none (Qwen2 declares a window but
-    uses it only with `use_sliding_window`; `layer_types`, where given, says which layers slide)."""
+    uses it only with `use_sliding_window`; `layer_types`, where given, says which layers slide). 0 for attention
+    that is neither full nor sliding (Llama 4's chunked attention, any layer type not known here): nothing is
+    packed then, and prompt groups run together only with prompts of their own length."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or ()
+    if getattr(text, "attention_chunk_size", None) or any(
+        str(kind) not in ("full_attention", "sliding_attention") for kind in layer_types
+    ):
+        return 0
     window = getattr(text, "sliding_window", None)
     if not window or getattr(text, "use_sliding_window", True) is False:
         return None

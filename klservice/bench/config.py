@@ -70,6 +70,10 @@ class BenchConfig:
     probe_tokens: int = config_field(32, "(e) tokens of the other job's small request")
     flood_probes: int = config_field(3, "(e) small requests, one after the other; the median latency is reported")
     flood_warmup: float = config_field(5.0, "(e) seconds of flood before the first small request")
+    flood_window: float = config_field(
+        20.0, "(e) seconds over which the flood's throughput is read, from the first small request (at least as long "
+        "as the small requests take)"
+    )
     max_step_seconds: float | None = config_field(
         None, "(e) the bounded server's --max-step-seconds", shown="the server's"
     )
@@ -102,6 +106,7 @@ class BenchConfig:
         "flood_tokens": 64,
         "flood_probes": 1,
         "flood_warmup": 1.0,
+        "flood_window": 2.0,
         "repeats": 1,
         "long_repeats": 1,
         "matmul_size": 256,
@@ -128,6 +133,14 @@ class BenchConfig:
     """Sizes --preset gpu uses for fields not given explicitly: the GRPO workload of docs/benchmarks.md's GPU table
     (64 prompts x 8 completions, prompt 512, completion 1024), each path taking seconds rather than the
     milliseconds the CPU sizes take on a GPU."""
+
+    def __post_init__(self) -> None:
+        for name, least in (("flood_threads", 1), ("flood_sequences", 1), ("flood_tokens", 2), ("flood_probes", 1),
+                            ("probe_tokens", 2)):
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected at least {least}")
+        if self.flood_warmup < 0 or self.flood_window < 0:
+            raise ValueError("--flood-warmup and --flood-window: expected seconds >= 0")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:

@@ -51,7 +51,7 @@ def run(ctx: "BenchContext") -> None:
     warm = Workload("d", "", [sequence[: min(WARM_TOKENS, len(sequence))]], [1])
     logits_bytes = len(sequence) * vocab * 4
     entry = ctx.new_entry(work, full_vocab_float32_logits_bytes=logits_bytes)
-    alg_flops = ctx.algorithm_flops(work, scheduler_calls(work, ctx.max_batch_tokens))
+    alg_flops = ctx.algorithm_flops(work, scheduler_calls(work, ctx.max_batch_tokens, ctx.backend.packs))
     with ctx.bar("(d) in-process"):
         spec = {"folder": str(ctx.folder), "name": ctx.model_name, "dtype": ctx.config.dtype,
                 "device": str(ctx.device), "threads": ctx.threads, "warm_len": len(warm.sequences[0]),

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from klservice.bench.context import BenchContext
 
 
-def scheduler_calls(workload: Workload, max_batch_tokens: int) -> list[PlannedCall]:
+def scheduler_calls(workload: Workload, max_batch_tokens: int, packed: bool = False) -> list[PlannedCall]:
     """Backend calls the server's scheduler makes for one request holding `workload` (one job).
 
     A scheduler step takes sequences in request order while they fit the token budget
@@ -37,7 +37,8 @@ def scheduler_calls(workload: Workload, max_batch_tokens: int) -> list[PlannedCa
             step.append(i)
             used += len(workload.sequences[i])
             i += 1
-        sub = plan_calls([workload.sequences[k] for k in step], [workload.starts[k] for k in step], max_batch_tokens)
+        sub = plan_calls([workload.sequences[k] for k in step], [workload.starts[k] for k in step], max_batch_tokens,
+                         packed=packed)
         calls.extend(PlannedCall([step[k] for k in call.indices], call.prompt_groups) for call in sub)
     return calls
 
@@ -83,9 +84,9 @@ def service_scorer(client) -> Callable[[Workload], np.ndarray]:
 def compare_paths(ctx: "BenchContext", work: Workload) -> np.ndarray:
     """(a) and (b): naive, in-process and service on `work`, taking turns round by round; records the rows
     and the largest differences between their log-probs. Returns the service's log-probs."""
-    calls = scheduler_calls(work, ctx.max_batch_tokens)
+    calls = scheduler_calls(work, ctx.max_batch_tokens, ctx.backend.packs)
     warm = ctx.warm_slice(work)
-    warm_calls = scheduler_calls(warm, ctx.max_batch_tokens)
+    warm_calls = scheduler_calls(warm, ctx.max_batch_tokens, ctx.backend.packs)
     entry = ctx.new_entry(work, backend_calls=[len(c.indices) for c in calls], planner="klservice.scheduler.plan_calls")
     alg_flops = ctx.algorithm_flops(work, calls)
 

@@ -17,7 +17,7 @@ import pytest
 
 from klservice.backends.base import ReferenceBackend, Scored
 from klservice.cache import ReferenceCache
-from klservice.errors import DeadlineExpired, Overloaded
+from klservice.errors import DeadlineExpired, NotReady, Overloaded
 from klservice.scheduler import TokenBudgetScheduler, plan_calls
 from klservice.validation import Batch
 
@@ -112,27 +112,36 @@ def test_plan_calls_splits_mixed_lengths_rather_than_pad_them():
 
 
 def test_plan_calls_for_a_packing_backend_sizes_calls_by_real_tokens():
-    """A backend that packs (no padding) gets calls of up to the budget in real tokens, whatever their lengths mix,
-    and prompt groups stay whole."""
+    """A backend that packs gets lone sequences costed by their real tokens, whatever their lengths mix; prompt
+    groups, which it still runs padded, are costed as (their sequences) x (the longest of them), so a group with one
+    long response cannot make a call many times the budget."""
     rng = np.random.default_rng(3)
-    prompt = rng.integers(0, 1000, size=64)
-    group = [np.concatenate([prompt, rng.integers(0, 1000, size=int(n))]) for n in (5, 300, 40)]
-    sequences = [rng.integers(0, 1000, size=int(n)) for n in rng.integers(16, 2048, size=14)] + group
-    starts = [1] * 14 + [64] * 3
-    calls = plan_calls(sequences, starts, 4096, packed=True)
+    lone = [rng.integers(0, 1000, size=int(n)) for n in rng.integers(16, 2048, size=14)]
+    prompt = rng.integers(0, 1000, size=32)
+    uneven = [np.concatenate([prompt, rng.integers(0, 1000, size=n)]) for n in [4000] + [50] * 63]
+    short_prompt = rng.integers(0, 1000, size=20)
+    small = [np.concatenate([short_prompt, rng.integers(0, 1000, size=n)]) for n in (5, 30, 12)]
+    sequences = lone + uneven + small
+    starts = [1] * 14 + [32] * 64 + [20] * 3
+    groups = [set(range(14, 78)), set(range(78, 81))]
+
+    def cost(call):
+        members = set(call.indices)
+        padded = [i for group in groups if group <= members for i in group]
+        return (sum(len(sequences[i]) for i in members - set(padded))
+                + (len(padded) * max(len(sequences[i]) for i in padded) if padded else 0))
+
+    calls = plan_calls(sequences, starts, 16384, packed=True, max_unit_tokens=16384)
     assert sorted(i for c in calls for i in c.indices) == list(range(len(sequences)))
-    real = [sum(len(sequences[i]) for i in c.indices) for c in calls]
-    assert all(tokens <= 4096 for tokens in real)
-    # Greedy over the length-sorted units: a call is closed only when the next unit would pass the budget.
-    units = sorted([[i] for i in range(14)] + [[14, 15, 16]], key=lambda u: max(len(sequences[i]) for i in u))
-    sizes = [sum(len(sequences[i]) for i in u) for u in units]
-    first_units = [[c.indices[p] for p in c.prompt_groups[0]] for c in calls[1:]]
-    closing = [sum(len(sequences[i]) for i in unit) for unit in first_units]
-    assert all(tokens + first > 4096 for tokens, first in zip(real, closing))
-    assert sum(sizes) == sum(real)
-    assert sum(1 for c in calls if {14, 15, 16} <= set(c.indices)) == 1  # the group in one call
-    # Padded planning of the same step needs more calls: count x longest is what it must keep within the budget.
-    assert len(plan_calls(sequences, starts, 4096)) > len(calls)
+    for group in groups:  # split only past max_unit_tokens: 64 x 4032 is, so the uneven group is cut
+        assert sum(1 for c in calls if group & set(c.indices)) == (1 if len(group) == 3 else 64 * 4032 // 16384 + 1)
+    assert all(cost(c) <= 16384 for c in calls if not groups[0] & set(c.indices)), [cost(c) for c in calls]
+    assert all(len(c.indices) * max(len(sequences[i]) for i in c.indices) <= 16384 for c in calls
+               if groups[0] & set(c.indices))
+    # Lone sequences alone: packed calls hold up to the budget in real tokens, fewer calls than padded planning.
+    packed, padded = plan_calls(lone, [1] * 14, 4096, packed=True), plan_calls(lone, [1] * 14, 4096)
+    assert all(sum(len(lone[i]) for i in c.indices) <= 4096 for c in packed)
+    assert len(packed) < len(padded)
 
 
 def test_every_result_returns_to_its_request_in_order():
@@ -589,3 +598,42 @@ def test_a_grpo_group_larger_than_a_bounded_step_stays_in_one_call():
 
     assert group_calls() == [4, 4]  # 1600 // 384 sequences a call
     assert group_calls(max_unit_tokens=2000) == [5, 3]
+
+
+def test_stop_interrupts_the_backend_only_during_a_call():
+    """A backend call in flight is interrupted on stop (its request fails UNAVAILABLE-style); a scheduler stopped
+    between calls leaves its backend alone, so a backend shared with another scheduler serves on."""
+
+    class Interruptible(SteppedBackend):
+        def __init__(self):
+            super().__init__()
+            self.interrupts = 0
+            self.entered = threading.Event()
+
+        def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
+            self.entered.set()
+            return super().score(sequences, starts, temperature, prompt_groups)
+
+        def interrupt(self):
+            self.interrupts += 1
+            self.permits.release()  # the waiting call returns (a real backend raises Interrupted instead)
+
+    backend = Interruptible()
+
+    async def main():
+        scheduler = await started(backend, max_wait_s=0.0)
+        backend.permits.release()
+        await scheduler.score(make_batch([[1, 2, 3]], [1]), 1.0, "a")  # answered: its call returned
+        await scheduler.stop()
+        assert backend.interrupts == 0
+        scheduler = await started(backend, max_wait_s=0.0)
+        backend.entered.clear()
+        waiting = asyncio.ensure_future(scheduler.score(make_batch([[4, 5, 6]], [1]), 1.0, "a"))
+        while not backend.entered.is_set():
+            await asyncio.sleep(0.01)
+        await scheduler.stop()
+        assert backend.interrupts == 1
+        with pytest.raises(NotReady):
+            await waiting
+
+    asyncio.run(main())
