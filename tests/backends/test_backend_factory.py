@@ -71,3 +71,14 @@ def test_no_share_prompts_reaches_the_backend(tiny_llama_dir):
     assert scored[True].tokens_saved == 20 and scored[False].tokens_saved == 0
     for shared, whole in zip(scored[True].values, scored[False].values):
         np.testing.assert_allclose(shared, whole, atol=1e-5, rtol=0)
+
+
+def test_pack_sequences_reaches_the_backend(tiny_llama_dir):
+    """`klservice serve --pack-sequences`: the hf backend packs (off by default)."""
+    from klservice.cli import build_parser
+
+    parser = build_parser()
+    assert not ServerConfig.from_cli_args(parser.parse_args(["serve"])).pack_sequences
+    config = ServerConfig.from_cli_args(parser.parse_args(["serve", "--pack-sequences", "--model", str(tiny_llama_dir)]))
+    assert load_backend(config, progress=False).packs
+    assert not load_backend(ServerConfig(model=str(tiny_llama_dir)), progress=False).packs

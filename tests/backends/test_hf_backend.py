@@ -57,24 +57,23 @@ def test_shared_prompts_are_computed_once_with_the_same_values(tiny_backend, pla
     assert scored.tokens_saved == 3 * 20 + 2 * 40 + 1 * 16  # each group's prompt computed once, not per member
     for seq, start, values in zip(sequences, starts, got):
         np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
-    # Three forwards: the unrelated sequences packed into one row of their real inputs (the last token of each is
-    # only a target; the one with nothing to score is left out), the three prompts together (padded to the
-    # longest), then the continuations of every group together: the 6 responses longer than one token (a
-    # one-token response is scored by its prompt's last state alone).
-    assert sorted(shapes) == sorted([(1, 3 + 17 + 64 + 120 + 200 - 5), (3, 40), (6, 29)])
+    # Three forwards: one padded batch for the unrelated sequences (the one with nothing to score is left out), the
+    # three prompts together (padded to the longest), then the continuations of every group together: the 6
+    # responses longer than one token (a one-token response is scored by its prompt's last state alone).
+    assert sorted(shapes) == sorted([(5, 199), (3, 40), (6, 29)])
 
 
 def test_packed_and_padded_forwards_give_the_same_values(tiny_llama_dir, tiny_backend, plain_model, reference):
-    """Packing (the CPU default) runs the real tokens of all sequences in one row; padding runs a [count × longest]
-    batch. Same values, either way equal to the plain forward of each sequence alone."""
-    padded = HFBackend(tiny_llama_dir, progress=False, pack=False)
-    assert tiny_backend._pack and not padded._pack
+    """Packing (--pack-sequences) runs the real tokens of all sequences in one row; padding (the default) runs a
+    [count × longest] batch. Same values, either way equal to the plain forward of each sequence alone."""
+    packing, padded = HFBackend(tiny_llama_dir, progress=False, pack=True), tiny_backend
+    assert packing.packs and not padded.packs
     sequences = ragged_sequences(49152, seed=3)
     shapes = []
     hooks = [backend._model.get_input_embeddings().register_forward_hook(
-        lambda m, args, out: shapes.append(tuple(args[0].shape))) for backend in (tiny_backend, padded)]
+        lambda m, args, out: shapes.append(tuple(args[0].shape))) for backend in (packing, padded)]
     try:
-        packed_values = tiny_backend.score(sequences, STARTS, 0.7).values
+        packed_values = packing.score(sequences, STARTS, 0.7).values
         padded_values = padded.score(sequences, STARTS, 0.7).values
     finally:
         for hook in hooks:

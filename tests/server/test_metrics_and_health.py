@@ -49,8 +49,9 @@ def test_metrics_endpoint_reports_requests_tokens_and_kl(start_server):
     assert samples["klservice_kl_batches_total", server.labels(spec="grpo_k3_as_loss", tenant="anonymous", trainer_job="job-a")] == 1
     assert samples["klservice_request_seconds_count", (("method", "ComputeKL"),)] == 1
     assert samples["klservice_forward_seconds_count", server.labels()] >= 1
-    # job-b's Score repeats job-a's sequences: answered from the reference cache, not forwarded again.
-    assert samples["klservice_tokens_forwarded_total", server.labels()] == 60
+    # job-b's Score repeats job-a's sequences: answered from the reference cache, not forwarded again. Forwarded:
+    # each sequence's 19 inputs (its last token is only a target).
+    assert samples["klservice_tokens_forwarded_total", server.labels()] == 3 * 19
     assert samples["klservice_cache_lookups_total", server.labels(result="hit")] == 3
     assert samples["klservice_cache_lookups_total", server.labels(result="miss")] == 3
     assert samples["klservice_ready", ()] == 1

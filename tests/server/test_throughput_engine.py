@@ -90,7 +90,7 @@ def test_many_concurrent_clients_with_mixed_sizes_get_exactly_their_results(star
 @pytest.mark.parametrize("packed", [True, False])
 def test_batch_metrics_count_the_positions_the_model_computed(start_server, tiny_model_dir, packed):
     """klservice_batch_tokens is what the model computed and klservice_tokens_forwarded the real tokens of it (each
-    sequence's inputs: its last token is only a target): equal on a packing backend (the CPU default), sequences x
+    sequence's inputs: its last token is only a target): equal on a packing backend (--pack-sequences), sequences x
     longest input per call on a padding one, so the padding share 1 - forwarded / batch tokens is what was padded."""
     from klservice.backends.hf import HFBackend
 
