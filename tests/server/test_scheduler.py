@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from klservice.backends.base import ReferenceBackend, Scored
+from klservice.backends.base import Interrupted, ReferenceBackend, Scored
 from klservice.cache import ReferenceCache
 from klservice.errors import DeadlineExpired, NotReady, Overloaded
 from klservice.scheduler import TokenBudgetScheduler, plan_calls
@@ -612,11 +612,14 @@ def test_stop_interrupts_the_backend_only_during_a_call():
 
         def score(self, sequences, starts, temperature=1.0, prompt_groups=None):
             self.entered.set()
-            return super().score(sequences, starts, temperature, prompt_groups)
+            assert self.permits.acquire(timeout=30)
+            if self.interrupts:  # as HFBackend: an interrupted call gives up
+                raise Interrupted("the forward was interrupted")
+            return RecordingBackend.score(self, sequences, starts, temperature, prompt_groups)
 
         def interrupt(self):
             self.interrupts += 1
-            self.permits.release()  # the waiting call returns (a real backend raises Interrupted instead)
+            self.permits.release()  # wakes the waiting call, which then gives up
 
     backend = Interruptible()
 
