@@ -664,14 +664,14 @@ class TokenBudgetScheduler:
         if len(scored.values) != len(batch):
             raise BackendFault(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
         # The call's cost in the budget's terms: its real tokens for a packing backend, else count × longest.
-        cost = sum(len(tokens) for tokens in batch) if self._backend.packs else len(batch) * max(len(t) for t in batch)
+        padded = len(batch) * max(len(tokens) for tokens in batch)
+        cost = sum(len(tokens) for tokens in batch) if self._backend.packs else padded
         rate = cost / max(elapsed, 1e-6)
         self._budget_tokens_per_second = rate if self._budget_tokens_per_second == 0 else 0.7 * self._budget_tokens_per_second + 0.3 * rate
         if self._metrics is not None:
             metrics = self._metrics
             metrics.forward_seconds.observe(elapsed)
             metrics.batch_sequences.observe(len(batch))
-            padded = len(batch) * max(len(tokens) for tokens in batch)
             metrics.batch_tokens.observe(padded if scored.positions is None else scored.positions)
             # Real positions: each sequence's inputs (its last token is only a target), a shared prompt once.
             metrics.tokens_forwarded.inc(sum(len(tokens) - 1 for tokens in batch) - scored.tokens_saved)
