@@ -99,8 +99,9 @@ class HFBackend(ReferenceBackend):
         backend.score([ids], starts=[5]).values  # → [array([-0.258...], dtype=float32)]
 
     `vocab_chunk` rows of the LM head and `token_chunk` scored positions are processed at a
-    time, so the logits scratch is at most token_chunk × vocab_chunk float32 values (64 MiB
-    with the defaults) whatever the vocabulary and batch size. `score()` runs the sequences
+    time, so the logits scratch is at most token_chunk × vocab_chunk float32 values whatever
+    the vocabulary and batch size; by default `head_chunks` sizes the block from the
+    vocabulary and the CPU's last-level cache (1-8 MiB; 64 MiB on a GPU). `score()` runs the sequences
     it is given as one padded forward (plus two for all groups sharing a prompt): the caller
     bounds the batch (the engine packs length-sorted sequences under a token budget).
 
@@ -110,8 +111,8 @@ class HFBackend(ReferenceBackend):
     each sequence's values then equal its forward alone exactly, and differ from a padded batch's
     by float32 rounding (up to 2e-5 on SmolLM2's log-probs), which is more than the 1e-5 the
     framework integrations are held to against their own padded references, so it is not the
-    default. On CUDA its per-sequence attention calls would be launch-bound (a varlen kernel is
-    the way there).
+    default. On CUDA in float16/bfloat16 the packed row is attended by one FlashAttention varlen
+    kernel (`flash_varlen`) instead of one SDPA call per sequence.
 
     `share_prompts` (default on) computes each group's shared prompt once: all prompts of a
     call in one forward, all continuations in a second on copies of their KV cache, so a call
@@ -132,8 +133,8 @@ class HFBackend(ReferenceBackend):
         device: str = "auto",
         max_length: int | None = None,
         progress: bool = True,
-        vocab_chunk: int = 8192,
-        token_chunk: int = 2048,
+        vocab_chunk: int | None = None,
+        token_chunk: int | None = None,
         share_prompts: bool = True,
         min_shared_prompt: int = 16,
         pack: bool = False,
@@ -142,12 +143,10 @@ class HFBackend(ReferenceBackend):
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        if vocab_chunk < 1 or token_chunk < 1:
+        if (vocab_chunk is not None and vocab_chunk < 1) or (token_chunk is not None and token_chunk < 1):
             raise ValueError("vocab_chunk and token_chunk must be positive")
         folder = Path(folder)
         self._device = resolve_device(device)
-        self._vocab_chunk = vocab_chunk
-        self._token_chunk = token_chunk
         self._min_shared_prompt = min_shared_prompt
         log.info("loading %s (%s on %s)", folder, dtype, self._device)
         # Hash the files (~0.4 s per GB) while transformers reads them; hashlib releases the GIL.
@@ -174,6 +173,9 @@ class HFBackend(ReferenceBackend):
         self._head_bias = None if head is None else getattr(head, "bias", None)
         config = model.config
         self._vocab_size = config.vocab_size if head is None else head.weight.shape[0]
+        auto_tokens, auto_vocab = head_chunks(self._vocab_size, self._device)
+        self._token_chunk, self._vocab_chunk = token_chunk or auto_tokens, vocab_chunk or auto_vocab
+        log.info("LM head in blocks of %d positions x %d vocab rows", self._token_chunk, self._vocab_chunk)
         self._softcap = getattr(config, "final_logit_softcapping", None)
         scale, scaling = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
         self._logit_multiplier = float(scale or 1.0) / float(scaling or 1.0)
@@ -528,26 +530,109 @@ class HFBackend(ReferenceBackend):
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """A transformers attention function (`PACKED_ATTENTION`): for a packed row (``cu_seq_lens_q`` given: the
-    sequences' bounds in it), causal SDPA within each sequence, so no position attends across a bound and no
-    [T × T] mask or score matrix is built; for any other call, transformers' own SDPA attention.
+    sequences' bounds in it), causal attention within each sequence, so no position attends across a bound and
+    no [T × T] mask or score matrix is built; for any other call, transformers' own SDPA attention.
+
+    The packed row is attended in the variable-length layout ([T, heads, d], bounds as cumulative lengths):
+    by PyTorch's FlashAttention varlen kernel (`torch.nn.attention.varlen`) on a CUDA device in float16 or
+    bfloat16, where one kernel covers every sequence; elsewhere by `varlen_sdpa`, causal SDPA per sequence.
 
     query [1, heads, T, d]; key and value [1, kv_heads, T, d]. Returns ([1, T, heads, d], None), as SDPA's does.
     """
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    query, key, value = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, d]
+    attend = flash_varlen if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else varlen_sdpa
+    out = attend(query, key, value, bounds, kwargs.get("max_length_q"), scaling)
+    return out.unsqueeze(0), None
+
+
+def varlen_sdpa(query, key, value, bounds: torch.Tensor, longest: int | None, scale: float | None) -> torch.Tensor:
+    """Causal attention within each sequence of a packed row: one SDPA call per sequence.
+
+    query [T, heads, d], key and value [T, kv_heads, d] (grouped-query heads are shared), `bounds` the
+    cumulative lengths [0, n1, n1 + n2, ...]; `longest` is unused (the signature is `flash_varlen`'s).
+    Returns [T, heads, d].
+    """
     groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     out = torch.empty_like(query)
-    bounds = bounds.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        out[:, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], is_causal=True, scale=scaling
-        )
-    return out.transpose(1, 2).contiguous(), None
+    edges = bounds.tolist()
+    for start, end in zip(edges[:-1], edges[1:]):
+        q, k, v = (x[start:end].transpose(0, 1) for x in (query, key, value))  # [heads, n, d]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def flash_varlen(query, key, value, bounds: torch.Tensor, longest: int | None, scale: float | None) -> torch.Tensor:
+    """`varlen_sdpa` as one FlashAttention varlen kernel (CUDA, float16/bfloat16): window (-1, 0) is causal.
+
+    A GPU or PyTorch build without the kernel raises here, which the backend's load-time packing check
+    turns into padded calls.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    bounds = bounds.to(device=query.device, dtype=torch.int32)
+    if longest is None:
+        longest = int((bounds[1:] - bounds[:-1]).max())
+    return varlen_attn(
+        query.contiguous(), key.contiguous(), value.contiguous(), bounds, bounds, longest, longest, scale=scale,
+        window_size=(-1, 0), enable_gqa=key.shape[1] != query.shape[1],
+    )
+
+
+HEAD_BLOCK_OF_CACHE = 8  # on a CPU, one head block is 1/8 of the last-level cache (2-8 MiB measured best)
+HEAD_BLOCK_BYTES = (1 << 20, 8 << 20)  # bounds of a CPU head block (float32 logits)
+HEAD_MIN_TOKENS = 512  # positions per CPU head block: fewer make the head's matmuls and the Python loop slower
+CUDA_HEAD_BLOCK = (2048, 8192)  # positions x vocab rows on a GPU: 64 MiB, large enough to keep kernels busy
+FALLBACK_CACHE_BYTES = 32 << 20
+
+
+def head_chunks(vocab_size: int, device: torch.device, cache_bytes: int | None = None) -> tuple[int, int]:
+    """(token_chunk, vocab_chunk) of the LM head's blocks, from the vocabulary and the CPU's cache.
+
+    On a CPU the head is bound by memory traffic: each [positions × vocab rows] float32 block of
+    logits is written by the matmul, then read twice by logsumexp (which also writes a temporary
+    of its size). A block that stays in the last-level cache is much faster: on a 2-core AMD EPYC
+    (32 MiB L3), SmolLM2-135M's head over 4,096 positions took 1.9-2.5 s with 2-8 MiB blocks and
+    3.0-3.2 s with the 64 MiB blocks used before, and a smaller block is also less memory on top
+    of the model. So a block is 1/8 of the cache (1-8 MiB), `HEAD_MIN_TOKENS` positions deep, and
+    the vocabulary is cut into equal pieces that fill it. On a GPU, blocks are `CUDA_HEAD_BLOCK`.
+    """
+    if device.type == "cpu":
+        cache = cache_bytes or last_level_cache_bytes() or FALLBACK_CACHE_BYTES
+        block = min(max(cache // HEAD_BLOCK_OF_CACHE, HEAD_BLOCK_BYTES[0]), HEAD_BLOCK_BYTES[1])
+        vocab_rows = max(1, block // (4 * HEAD_MIN_TOKENS))
+    else:
+        block, vocab_rows = CUDA_HEAD_BLOCK[0] * CUDA_HEAD_BLOCK[1] * 4, CUDA_HEAD_BLOCK[1]
+    pieces = -(-vocab_size // vocab_rows)
+    vocab_rows = -(-vocab_size // pieces)  # equal pieces: no small last piece
+    return max(1, block // (4 * vocab_rows)), vocab_rows
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest data cache of CPU 0 as Linux reports it (/sys/devices/system/cpu/cpu0/cache), or None."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            sizes.append(_cache_size((index / "size").read_text()))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=None)
+
+
+def _cache_size(text: str) -> int:
+    """Bytes of a sysfs cache size: "32768K", "1M", "512"."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
 
 
 def _sliding_window(config) -> int | None:

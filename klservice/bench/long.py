@@ -1,26 +1,27 @@
 """(d) one long sequence (8k tokens by default), fully scored: time, and the peak extra memory of the
 in-process algorithm compared with full-vocabulary float32 logits.
 
-The in-process path runs in a fresh Python process (`run_in_fresh_process`), so its memory
-rise is what the sequence needs on top of a loaded model, not blurred by what earlier phases
-left in this process's heap.
+The in-process path runs in a fresh Python process (`FreshProcessScorer`), so its memory rise is what
+the sequence needs on top of a loaded model, not blurred by what earlier phases left in this process's
+heap. That process stays up for the whole workload and takes turns with the service round by round
+(`BenchContext.measure`), so a drift of the machine hits both paths alike: one sample of each, taken
+one after the other, differed by up to 15% between runs on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from klservice.bench.config import BenchConfig
-from klservice.bench.measure import ForeignCpu, Measured, PeakMemory, TimedPath, max_abs_diff, sync
+from klservice.bench.measure import NotMeasured, PeakMemory, TimedPath, max_abs_diff, sync
 from klservice.bench.paths import scheduler_calls, service_scorer
 from klservice.bench.workload import Workload
 
@@ -41,7 +42,7 @@ def long_workload(config: BenchConfig, vocab: int, max_length: int, rng: np.rand
 
 
 def phase_count(config: BenchConfig) -> int:
-    return 2 + config.long_rounds
+    return 2 + 2 * config.long_rounds
 
 
 def run(ctx: "BenchContext") -> None:
@@ -52,48 +53,81 @@ def run(ctx: "BenchContext") -> None:
     logits_bytes = len(sequence) * vocab * 4
     entry = ctx.new_entry(work, full_vocab_float32_logits_bytes=logits_bytes)
     alg_flops = ctx.algorithm_flops(work, scheduler_calls(work, ctx.max_batch_tokens, ctx.backend.packs))
-    with ctx.bar("(d) in-process"):
-        spec = {"folder": str(ctx.folder), "name": ctx.model_name, "dtype": ctx.config.dtype,
-                "device": str(ctx.device), "threads": ctx.threads, "warm_len": len(warm.sequences[0]),
-                "repeats": ctx.config.long_rounds, "watch_pids": [os.getpid(), ctx.server.pid]}
-        inprocess = run_in_fresh_process(spec, sequence, ctx.out_dir)
-        ctx.record(entry, "inprocess", work, inprocess, alg_flops, ctx.local_memory_kind)
-    service = ctx.measure("d", [TimedPath("service", service_scorer(ctx.client), lambda: PeakMemory(ctx.server.pid))],
-                          work, warm, ctx.config.long_rounds)["service"]
+    spec = {"folder": str(ctx.folder), "name": ctx.model_name, "dtype": ctx.config.dtype,
+            "device": str(ctx.device), "threads": ctx.threads}
+    with ctx.bar("(d) in-process: loading a fresh process"):
+        fresh = FreshProcessScorer(spec, ctx.out_dir)
+    with fresh:
+        measured = ctx.measure("d", [
+            TimedPath("inprocess", fresh, NotMeasured),
+            TimedPath("service", service_scorer(ctx.client), lambda: PeakMemory(ctx.server.pid)),
+        ], work, warm, ctx.config.long_rounds)
+    inprocess, service = measured["inprocess"], measured["service"]
+    inprocess.memory_rise = max((r for r in fresh.rises[1:] if r is not None), default=None)  # timed rounds only
+    ctx.record(entry, "inprocess", work, inprocess, alg_flops, ctx.local_memory_kind)
     ctx.record(entry, "service", work, service, alg_flops, "server_rss_hwm")
     rise = inprocess.memory_rise
     entry["extra_memory_fraction_of_logits"] = None if rise is None else rise / logits_bytes
     entry["max_abs_diff"] = {"service_vs_inprocess": max_abs_diff(service.values, inprocess.values)}
 
 
-def run_in_fresh_process(spec: dict, sequence: np.ndarray, scratch: Path) -> Measured:
-    """Score one full sequence with the in-process algorithm in a new Python process (see `fresh_process_main`).
+class FreshProcessScorer:
+    """The in-process algorithm in a new Python process (`fresh_process_main`), called like a scoring path.
 
-    `spec`: the model (``folder``, ``name``, ``dtype``, ``device``), torch ``threads``, the warm-up
-    prefix length ``warm_len``, timed ``repeats`` and ``watch_pids`` (whose CPU time is not foreign).
+    `spec`: the model (``folder``, ``name``, ``dtype``, ``device``) and torch ``threads``. Each call
+    scores one workload there and returns its log-probs; the child measures the rise of its own
+    memory during the call (RSS high-water mark, or CUDA's allocated peak), kept in `rises`.
     """
-    tokens, values = scratch / ".bench-long-tokens.npy", scratch / ".bench-long-values.npy"
-    np.save(tokens, sequence)
-    spec = dict(spec, tokens=str(tokens), values=str(values))
-    try:
-        result = subprocess.run(
+
+    def __init__(self, spec: dict, scratch: Path):
+        self.rises: list[int | None] = []
+        self._dir = tempfile.TemporaryDirectory(prefix=".bench-long-", dir=scratch)
+        self._process = subprocess.Popen(
             [sys.executable, "-c", "import sys; from klservice.bench.long import fresh_process_main; "
              "sys.exit(fresh_process_main(sys.argv[1]))", json.dumps(spec)],
-            capture_output=True, text=True, check=False,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        if result.returncode != 0:
-            raise RuntimeError(f"the fresh in-process run failed:\n{result.stderr[-3000:]}")
-        report = json.loads(result.stdout.strip().splitlines()[-1])
-        return Measured(report["samples_s"], np.load(values), report["memory_rise"], report["foreign_cpu"])
-    finally:
-        for path in (tokens, values):
-            path.unlink(missing_ok=True)
+        self._reply()  # "ready": the model is loaded
+
+    def __enter__(self) -> "FreshProcessScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, work: Workload) -> np.ndarray:
+        tokens, values = Path(self._dir.name) / "tokens.npz", Path(self._dir.name) / "values.npy"
+        np.savez(tokens, *work.sequences, starts=np.asarray(work.starts))
+        self._process.stdin.write(json.dumps({"tokens": str(tokens), "values": str(values)}) + "\n")
+        self._process.stdin.flush()
+        self.rises.append(self._reply()["memory_rise"])
+        return np.load(values)
+
+    def _reply(self) -> dict:
+        line = self._process.stdout.readline()
+        if not line:
+            self._process.wait()
+            raise RuntimeError(f"the fresh in-process run failed:\n{self._process.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.stdin.close()  # end of input: the child exits
+            try:
+                self._process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        for stream in (self._process.stdout, self._process.stderr):
+            stream.close()
+        self._dir.cleanup()
 
 
 def fresh_process_main(spec_json: str) -> int:
-    """Child side of `run_in_fresh_process`: load the backend, warm up on a prefix, then time and watch memory.
+    """Child side of `FreshProcessScorer`: load the backend, then score what each input line names.
 
-    Prints one JSON line (``samples_s``, ``memory_rise``, ``foreign_cpu``) and saves the values.
+    Prints ``{"ready": true}`` once loaded, then per request (a JSON line naming the ``tokens`` .npz and the
+    ``values`` .npy to write) one JSON line with ``memory_rise``; exits at the end of its input.
     """
     spec = json.loads(spec_json)
     import torch
@@ -104,19 +138,15 @@ def fresh_process_main(spec_json: str) -> int:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     device = torch.device(spec["device"])
     backend = HFBackend(spec["folder"], name=spec["name"], dtype=spec["dtype"], device=str(device), progress=False)
-    sequence = np.load(spec["tokens"])
-    backend.score([sequence[: spec["warm_len"]]], [1])
-    samples, foreign, values = [], [], None
-    memory = PeakMemory(cuda_device=device if device.type == "cuda" else None)
-    with memory:
-        for _ in range(spec["repeats"]):
-            with ForeignCpu(["self", *spec["watch_pids"]]) as watch:
-                started = time.perf_counter()
-                values = backend.score([sequence], [1]).values[0]
-                sync(torch, device)
-                samples.append(time.perf_counter() - started)
-            foreign.append(watch.fraction)
-    np.save(spec["values"], values)
-    best = samples.index(min(samples))
-    print(json.dumps({"samples_s": samples, "memory_rise": memory.rise, "foreign_cpu": foreign[best]}))
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        with np.load(request["tokens"]) as saved:
+            starts = [int(x) for x in saved["starts"]]
+            sequences = [saved[f"arr_{i}"] for i in range(len(starts))]
+        with PeakMemory(cuda_device=device if device.type == "cuda" else None) as memory:
+            values = backend.score(sequences, starts).values
+            sync(torch, device)
+        np.save(request["values"], np.concatenate(values))
+        print(json.dumps({"memory_rise": memory.rise}), flush=True)
     return 0
