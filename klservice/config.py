@@ -128,8 +128,8 @@ class ServerConfig:
         "hf: run the sequences of a forward call that share no prompt as one row of their real tokens, without "
         "padding (attention kept within each sequence), and size such calls by real tokens. 1.07x faster on a "
         "2-core CPU on mixed lengths; values equal each sequence's forward alone, and differ from a padded batch's "
-        "by float32 rounding (~2e-5 on log-probs near -20). For CPUs; on CUDA its per-sequence attention is "
-        "launch-bound.",
+        "by float32 rounding (~2e-5 on log-probs near -20). On CUDA in float16/bfloat16 the packed row is attended "
+        "by FlashAttention's varlen kernel (not measured on a GPU yet).",
     )
     call_padding: float = config_field(
         0.25,
