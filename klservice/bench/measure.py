@@ -56,6 +56,13 @@ def _proc_status(pid: int | str = "self") -> dict[str, int]:
     return values
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand the heap's free memory back to the system, so that a resident size measured next
+    starts from what is live."""
+    gc.collect()
+    _malloc_trim()
+
+
 def _malloc_trim() -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -85,8 +92,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.cuda_device)
             return self
         if self.pid == "self":
-            gc.collect()
-            _malloc_trim()
+            release_freed_memory()
         try:
             with open(f"/proc/{self.pid}/clear_refs", "w") as refs:
                 refs.write("5")  # reset VmHWM to the current VmRSS
