@@ -105,8 +105,8 @@ class ServerConfig:
     max_message_mb: int = config_field(256, "Largest gRPC message accepted or sent, in MiB.")
     max_batch_tokens: int = config_field(
         16_384,
-        "Token budget of one forward batch: sequences × the longest of them where the backend pads (and for prompt "
-        "groups), real tokens where it packs (--pack-sequences).",
+        "Token budget of one forward batch: the tokens it computes where the backend packs (hf: no padding, a "
+        "group's prompt once), else sequences × the longest of them.",
     )
     max_wait_ms: float = config_field(2.0, "How long the scheduler waits for more requests before starting a forward batch.")
     max_step_seconds: float = config_field(
@@ -120,16 +120,17 @@ class ServerConfig:
     share_prompts: bool = config_field(
         True,
         "Compute a prompt shared by several sequences of a forward call once (GRPO's group of responses to one "
-        "prompt): hf runs all such prompts of a call in one forward and all their continuations in a second, on "
-        "the prompts' KV cache; vllm uses its prefix cache. --no-share-prompts forwards every sequence whole.",
+        "prompt): hf lays the group out as its prompt followed by each member's continuation in its one packed "
+        "forward; vllm uses its prefix cache. --no-share-prompts forwards every sequence whole.",
     )
-    pack_sequences: bool = config_field(
-        False,
-        "hf: run the sequences of a forward call that share no prompt as one row of their real tokens, without "
-        "padding (attention kept within each sequence), and size such calls by real tokens. 1.07x faster on a "
-        "2-core CPU on mixed lengths; values equal each sequence's forward alone, and differ from a padded batch's "
-        "by float32 rounding (~2e-5 on log-probs near -20). On CUDA in float16/bfloat16 the packed row is attended "
-        "by FlashAttention's varlen kernel (not measured on a GPU yet).",
+    attention_kernel: str = config_field(
+        "auto",
+        "hf: how a packed call is attended: sdpa (one SDPA call per sequence or continuation; any device), varlen "
+        "(two FlashAttention variable-length passes; CUDA, float16/bfloat16), flex (FlexAttention with a block mask, "
+        "compiled on CUDA), or auto: of those that run on the device and reproduce the model's own forward at load, "
+        "the fastest there (timed at load; on a CPU, sdpa); none: no packing, each call one padded batch without "
+        "prompt sharing.",
+        choices=("auto", "sdpa", "varlen", "flex", "none"),
     )
     call_padding: float = config_field(
         0.25,

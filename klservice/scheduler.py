@@ -31,7 +31,9 @@ How:
   alone exceeds a bounded step; only a group beyond ``max_batch_tokens`` is split.
 - `plan_calls` packs the chosen sequences into backend calls: sequences with the same
   prompt stay together and are handed to the backend as a group (it computes their prompt
-  once), units are sorted by length and packed so count × longest stays within the budget.
+  once), units are sorted by length and packed so that each call's cost stays within the
+  budget: the tokens it computes where the backend packs (no padding, a group's prompt once),
+  else count × longest.
 - The calls run in one worker thread (the event loop never blocks on the model); each call's
   results are scattered back to their requests as soon as that call is done (a request is
   answered when the call holding its last sequence is, not when the whole step is) and
@@ -76,6 +78,15 @@ class PlannedCall:
     prompt_groups: list[list[int]]
 
 
+def packed_tokens(sequences: Sequence[np.ndarray], starts: Sequence[int], unit: Sequence[int]) -> int:
+    """Tokens a packing backend computes for `unit` (indices of sequences with one prompt, `group_by_prompt`): a
+    group's prompt once, then each member's continuation; a sequence alone, its tokens."""
+    if len(unit) == 1:
+        return len(sequences[unit[0]])
+    start = starts[unit[0]]
+    return start + sum(len(sequences[i]) - start for i in unit)
+
+
 def plan_calls(
     sequences: Sequence[np.ndarray],
     starts: Sequence[int],
@@ -86,57 +97,55 @@ def plan_calls(
 ) -> list[PlannedCall]:
     """The backend calls for `sequences`, each with the prompt groups the backend may share.
 
-    Sequences with identical prompts (`group_by_prompt`) form one unit, kept in one call;
-    units are sorted by their longest sequence and packed greedily so that (sequences in
-    the call) × (longest in the call) <= max_batch_tokens, and so that a call of at least
-    max_batch_tokens / 8 real tokens is closed rather than padded beyond `max_padding` × its
-    real tokens (mixed lengths would otherwise pad short sequences to the longest; the floor
-    keeps calls from getting small). A unit that alone exceeds the budget is split into
-    budget-sized runs of its own, unless it fits `max_unit_tokens` (default: the budget): then it
-    is a call of its own, whole (the scheduler's time-bounded steps keep a GRPO group, and so its
-    shared prompt, in one call up to --max-batch-tokens). `packed` (a backend that runs sequences
-    without padding, `ReferenceBackend.packs`): a lone sequence costs its real tokens and is never
-    split off for padding; prompt groups, which run padded, are costed as above.
+    Sequences with identical prompts (`group_by_prompt`) form one unit, kept in one call; units
+    are sorted by their longest sequence and packed greedily under max_batch_tokens. A call's
+    cost depends on the backend: `packed` (`ReferenceBackend.packs`: no padding, a group's prompt
+    computed once) costs the tokens computed (`packed_tokens`); otherwise (sequences in the call)
+    × (longest in the call), and a call of at least max_batch_tokens / 8 real tokens is closed
+    rather than padded beyond `max_padding` × its real tokens (mixed lengths would otherwise pad
+    short sequences to the longest; the floor keeps calls from getting small). A unit that alone
+    exceeds the budget is split into budget-sized runs of its own, unless it fits
+    `max_unit_tokens` (default: the budget): then it is a call of its own, whole (the scheduler's
+    time-bounded steps keep a GRPO group, and so its shared prompt, in one call up to
+    --max-batch-tokens).
     """
     max_unit_tokens = max(max_batch_tokens, max_unit_tokens or 0)
     units = sorted(group_by_prompt(sequences, starts), key=lambda unit: max(len(sequences[i]) for i in unit))
     min_call_tokens = max_batch_tokens // 8
     calls: list[list[list[int]]] = []  # per call, its units
     current: list[list[int]] = []
-    lone = 0  # real tokens of the call's packed sequences (packed: units of one sequence)
-    size = longest = real = 0  # the call's padded part: sequences, the longest, real tokens
+    used = size = longest = real = 0  # the call's cost (packed); padded: its sequences, the longest, real tokens
     for unit in units:
         unit_longest = max(len(sequences[i]) for i in unit)
         unit_real = sum(len(sequences[i]) for i in unit)
-        # Packed, a lone sequence costs its real tokens; a group still runs padded (its prompts together, then its
-        # continuations together), so it is costed as count × longest with the rest of the call's groups.
-        padded_unit = not packed or len(unit) > 1
-        if padded_unit:
-            part = (size + len(unit)) * max(longest, unit_longest)
-            cost = lone + part
-            too_padded = lone + real >= min_call_tokens and part > (1 + max_padding) * (real + unit_real)
+        if packed:
+            unit_cost = packed_tokens(sequences, starts, unit)
+            cost, too_padded = used + unit_cost, False
         else:
-            cost, too_padded = lone + unit_real + size * longest, False
+            unit_cost = len(unit) * unit_longest
+            cost = (size + len(unit)) * max(longest, unit_longest)
+            too_padded = real >= min_call_tokens and cost > (1 + max_padding) * (real + unit_real)
         if current and (cost > max_batch_tokens or too_padded):
             calls.append(current)
-            current, lone, size, longest, real = [], 0, 0, 0, 0
-        unit_cost = len(unit) * unit_longest if padded_unit else unit_real
+            current, used, size, longest, real = [], 0, 0, 0, 0
         if max_batch_tokens < unit_cost <= max_unit_tokens:  # whole, alone (the call before it was closed above)
             calls.append([unit])
             continue
         if unit_cost > max_unit_tokens:
-            per_call = max(1, max_unit_tokens // unit_longest)
             unit = sorted(unit, key=lambda i: len(sequences[i]))
+            if packed:  # each run computes the prompt once, then its members' continuations
+                start = starts[unit[0]]
+                per_call = max(1, (max_unit_tokens - start) // max(1, unit_longest - start))
+            else:
+                per_call = max(1, max_unit_tokens // unit_longest)
             for begin in range(0, len(unit), per_call):
                 calls.append([unit[begin : begin + per_call]])
             continue
         current.append(unit)
-        if padded_unit:
-            size += len(unit)
-            longest = max(longest, unit_longest)
-            real += unit_real
-        else:
-            lone += unit_real
+        used += unit_cost
+        size += len(unit)
+        longest = max(longest, unit_longest)
+        real += unit_real
     if current:
         calls.append(current)
     planned = []
@@ -663,7 +672,8 @@ class TokenBudgetScheduler:
         elapsed = time.perf_counter() - started
         if len(scored.values) != len(batch):
             raise BackendFault(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
-        # The call's cost in the budget's terms: its real tokens for a packing backend, else count × longest.
+        # The call's cost in the step budget's terms: its real tokens for a packing backend (as steps are chosen),
+        # else count × longest.
         padded = len(batch) * max(len(tokens) for tokens in batch)
         cost = sum(len(tokens) for tokens in batch) if self._backend.packs else padded
         rate = cost / max(elapsed, 1e-6)

@@ -4,8 +4,8 @@ Each step holds sequences of random lengths (16 .. --max-len tokens) up to --bud
 when many jobs' requests share a step. "unsplit" packs a step into padded calls only by the token
 budget (count x longest <= budget); "split" also closes a call rather than pad it beyond
 --call-padding of its real tokens (`klservice.scheduler.plan_calls`); both on an `hf` backend that
-pads (``pack=False``). "packed" runs the step's calls on a backend that packs (no padding: each
-call is one row of real tokens, `plan_calls(packed=True)`), the default on CPU. All three score the
+pads (``kernel="none"``). "packed" runs the step's calls on a backend that packs (no padding: each
+call is one row of real tokens, `plan_calls(packed=True)`), the default. All three score the
 same steps, interleaved; the script prints tokens/s, the share of the positions the model computed
 that were padding (from the backend's own count), the ratios, and the largest difference between
 the packed and padded values.
@@ -38,8 +38,8 @@ def main() -> int:
 
     padding = DEFAULT_CALL_PADDING if args.call_padding is None else args.call_padding
     folder = args.model or ensure_default_model(None, progress=True)
-    padded = HFBackend(folder, device=args.device, progress=False, pack=False)
-    packed = HFBackend(folder, device=args.device, progress=False, pack=True)
+    padded = HFBackend(folder, device=args.device, progress=False, kernel="none")
+    packed = HFBackend(folder, device=args.device, progress=False)
     if not packed.packs:
         raise SystemExit("this model cannot be packed (see the backend's log): nothing to compare")
     vocab = padded.info().vocab_size

@@ -34,9 +34,9 @@ def load_backend(config: "ServerConfig", spec: "ModelSpec | None" = None, *, pro
     folder (a local Hugging Face folder, a hub id already in the local HF cache, or None for the
     embedded default model), the backend, `dtype`, `device` ("auto": CUDA if available, else CPU) and
     `max_length` (caps the model's own context length). From `config` come `cache_dir` (where the
-    embedded model is converted to, see `ensure_default_model`) and for the vllm backend
-    `tensor_parallel_size` and `gpu_memory_utilization`, `share_prompts` for both and `pack_sequences` for hf. `progress` shows conversion and loading
-    progress on stderr.
+    embedded model is converted to, see `ensure_default_model`), `share_prompts`, for the vllm backend
+    `tensor_parallel_size` and `gpu_memory_utilization`, and for hf `attention_kernel`. `progress`
+    shows conversion and loading progress on stderr.
     """
     spec = spec if spec is not None else config.model_specs()[0]
     backend = spec.backend
@@ -50,7 +50,8 @@ def load_backend(config: "ServerConfig", spec: "ModelSpec | None" = None, *, pro
 
         return HFBackend(
             folder, name=name, dtype=spec.dtype, device=spec.device, max_length=spec.max_length, progress=progress,
-            share_prompts=config.share_prompts, pack=config.pack_sequences,
+            share_prompts=config.share_prompts,
+            kernel=None if config.attention_kernel == "auto" else config.attention_kernel,
         )
     if backend == "vllm":
         from klservice.backends.vllm import VLLMBackend

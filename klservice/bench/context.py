@@ -90,7 +90,7 @@ class BenchContext:
             self.server, self.client = self.start_service(self.server_args + NO_CACHE, "server.log", "bench")
             self.backend = HFBackend(self.folder, name=self.model_name, dtype=config.dtype, device=str(self.device),
                                      progress=False)
-            self.naive_model = self._load_naive_model(TORCH_DTYPES[config.dtype])
+            self.naive_model = self._load_naive_model()
             self.info = self.backend.info()
             served = self.wait_ready(self.server, self.client)
             if served.revision != self.info.revision:
@@ -118,18 +118,12 @@ class BenchContext:
             return ensure_default_model(config.cache_dir, progress=config.progress), EMBEDDED_MODEL_NAME
         return resolve_model_dir(config.model), config.model
 
-    def _load_naive_model(self, dtype):
+    def _load_naive_model(self):
         """The model as an in-process trainer holds it: `AutoModelForCausalLM`, frozen, in eval mode."""
-        from transformers import AutoModelForCausalLM
-
-        from klservice.backends.hf import transformers_progress
+        from klservice.backends.hf.loading import load_model, transformers_progress
 
         with transformers_progress(False):
-            model = AutoModelForCausalLM.from_pretrained(
-                self.folder, dtype=dtype, device_map=str(self.device), local_files_only=True
-            ).eval()
-        model.requires_grad_(False)
-        return model
+            return load_model(self.folder, self.config.dtype, self.device)[1]
 
     def _backend_shares_prompts(self) -> bool:
         """Whether the in-process backend computes a shared prompt once (its `Scored.tokens_saved` on a probe).

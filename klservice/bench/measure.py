@@ -253,3 +253,21 @@ def machine_info(torch, threads: int) -> dict:
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def peak_tensor_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """(fn(), the most bytes of tensors it allocated that were live at once) on the CPU, from the PyTorch
+    profiler's allocation events: what ``torch.cuda.max_memory_allocated`` reports on a GPU, without the heap
+    noise of a resident size. Tensors that existed before the call are not counted."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = fn()
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() ==
+              torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return result, peak

@@ -73,12 +73,16 @@ def test_no_share_prompts_reaches_the_backend(tiny_llama_dir):
         np.testing.assert_allclose(shared, whole, atol=1e-5, rtol=0)
 
 
-def test_pack_sequences_reaches_the_backend(tiny_llama_dir):
-    """`klservice serve --pack-sequences`: the hf backend packs (off by default)."""
+def test_attention_kernel_reaches_the_backend(tiny_llama_dir):
+    """`klservice serve --attention-kernel none`: calls run padded, prompts not shared; by default the load-time
+    check picks a kernel (on a CPU, sdpa) and calls run packed."""
     from klservice.cli import build_parser
 
     parser = build_parser()
-    assert not ServerConfig.from_cli_args(parser.parse_args(["serve"])).pack_sequences
-    config = ServerConfig.from_cli_args(parser.parse_args(["serve", "--pack-sequences", "--model", str(tiny_llama_dir)]))
-    assert load_backend(config, progress=False).packs
-    assert not load_backend(ServerConfig(model=str(tiny_llama_dir)), progress=False).packs
+    assert ServerConfig.from_cli_args(parser.parse_args(["serve"])).attention_kernel == "auto"
+    config = ServerConfig.from_cli_args(
+        parser.parse_args(["serve", "--attention-kernel", "none", "--model", str(tiny_llama_dir)]))
+    padded = load_backend(config, progress=False)
+    assert padded.kernel is None and not padded.packs
+    packed = load_backend(ServerConfig(model=str(tiny_llama_dir)), progress=False)
+    assert packed.kernel == "sdpa" and packed.packs

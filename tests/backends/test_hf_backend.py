@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 from klservice_client import tokenizer_fingerprint
 
 from klservice.backends._files import model_revision
+from klservice.backends.base import group_by_prompt
 from klservice.backends.hf import HFBackend
 
 # Ragged lengths and starts, including start == 1 (score everything) and start == len (nothing).
@@ -57,17 +58,25 @@ def test_shared_prompts_are_computed_once_with_the_same_values(tiny_backend, pla
     assert scored.tokens_saved == 3 * 20 + 2 * 40 + 1 * 16  # each group's prompt computed once, not per member
     for seq, start, values in zip(sequences, starts, got):
         np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
-    # Three forwards: one padded batch for the unrelated sequences (the one with nothing to score is left out), the
-    # three prompts together (padded to the longest), then the continuations of every group together: the 6
-    # responses longer than one token (a one-token response is scored by its prompt's last state alone).
-    assert sorted(shapes) == sorted([(5, 199), (3, 40), (6, 29)])
+    # One packed forward of real tokens: each unrelated sequence's inputs (the one with nothing to score left out),
+    # and each group's prompt once followed by its members' continuations.
+    rows = 0
+    for group in group_by_prompt(sequences, starts):
+        if len(group) > 1:
+            prompt = starts[group[0]]
+            rows += prompt + sum(len(sequences[i]) - 1 - prompt for i in group)
+        elif len(sequences[group[0]]) > starts[group[0]]:
+            rows += len(sequences[group[0]]) - 1
+    assert shapes == [(1, rows)]
+    assert scored.positions == rows
 
 
 def test_packed_and_padded_forwards_give_the_same_values(tiny_llama_dir, tiny_backend, plain_model, reference):
-    """Packing (--pack-sequences) runs the real tokens of all sequences in one row; padding (the default) runs a
-    [count × longest] batch. Same values, either way equal to the plain forward of each sequence alone."""
-    packing, padded = HFBackend(tiny_llama_dir, progress=False, pack=True), tiny_backend
-    assert packing.packs and not padded.packs
+    """The packed forward (the default) runs the real tokens of all sequences in one row; the padded one (the
+    fallback, ``kernel="none"``) a [count × longest] batch. Same values, either way equal to the plain forward of
+    each sequence alone."""
+    packing, padded = tiny_backend, HFBackend(tiny_llama_dir, progress=False, kernel="none")
+    assert packing.packs and packing.kernel == "sdpa" and not padded.packs and padded.kernel is None
     sequences = ragged_sequences(49152, seed=3)
     shapes = []
     hooks = [backend._model.get_input_embeddings().register_forward_hook(
@@ -95,7 +104,8 @@ def test_prompt_sharing_can_be_turned_off(tiny_llama_dir, tiny_backend):
     finally:
         hook.remove()
     got = scored.values
-    assert len(shapes) == 1 and scored.tokens_saved == 0  # everything in one padded forward
+    assert len(shapes) == 1 and scored.tokens_saved == 0  # one packed forward, every sequence whole
+    assert shapes[0][1] == sum(len(seq) - 1 for seq, start in zip(sequences, starts) if len(seq) > start)
     for plain, shared in zip(got, tiny_backend.score(sequences, starts).values):
         np.testing.assert_allclose(plain, shared, atol=1e-5, rtol=0)
 
@@ -110,7 +120,7 @@ def test_small_chunks_give_the_same_values(tiny_llama_dir, plain_model, referenc
 
 def test_full_forward_fallback_gives_the_same_values(tiny_llama_dir, plain_model, reference):
     """The path used for architectures whose body + head cannot be separated is exact too."""
-    backend = HFBackend(tiny_llama_dir, progress=False, vocab_chunk=5000)
+    backend = HFBackend(tiny_llama_dir, progress=False, vocab_chunk=5000, kernel="none")
     backend._head_on_hidden = False
     sequences = ragged_sequences(49152, seed=3)
     for seq, start, values in zip(sequences, STARTS, backend.score(sequences, STARTS, 0.7).values):
@@ -161,7 +171,8 @@ def test_bfloat16_agrees_with_float32(tiny_llama_dir, tiny_backend):
     [
         ("qwen2", {}),
         ("mistral", {"sliding_window": 16}),
-        ("gemma2", {"final_logit_softcapping": 3.0, "head_dim": 16}),
+        ("gemma2", {"final_logit_softcapping": 3.0, "head_dim": 16, "attn_logit_softcapping": None,
+                    "sliding_window": 24}),
         ("granite", {"logits_scaling": 4.0}),
         ("cohere", {"logit_scale": 0.5}),
     ],
@@ -188,7 +199,7 @@ def test_other_architectures_use_the_separate_head_exactly(model_type, extra, ma
     folder = make_tiny_model(model_type, config)
     backend = HFBackend(folder, progress=False)
     assert backend._head_on_hidden  # the memory-saving path, not the fallback
-    assert backend._share_prompts  # ... and prompt sharing
+    assert backend.packs  # ... and the packed forward, prompts shared
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()
     sequences, starts = grpo_batch(49152, seed=4)
     for seq, start, values in zip(sequences, starts, backend.score(sequences, starts, 0.7).values):
@@ -201,3 +212,157 @@ def test_embedded_model_knows_the_capital_of_france(default_model_dir):
     assert backend.tokenizer.convert_ids_to_tokens(ids[-1]) == "ĠParis"
     (values,) = backend.score([np.asarray(ids)], [len(ids) - 1]).values
     assert values[0] == pytest.approx(-0.258, abs=0.05)
+
+
+def test_a_multi_head_model_packs_with_the_same_values(make_tiny_model, llama_config, reference):
+    """Every key head its own (no grouped-query sharing): the packed forward equals the plain one."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_model("mha", llama_config(num_key_value_heads=4))
+    backend = HFBackend(folder, progress=False)
+    assert backend.packs
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+    sequences, starts = grpo_batch(49152, seed=6)
+    for seq, start, values in zip(sequences, starts, backend.score(sequences, starts, 0.7).values):
+        np.testing.assert_allclose(values, reference(plain, seq, start, 0.7), atol=1e-5, rtol=0)
+
+
+def test_the_embedded_model_packs_within_its_own_batching_noise(default_model_dir):
+    """SmolLM2 on real text, two groups sharing prompts and a sequence alone: the packed forward against each
+    sequence's forward alone. Its 30 float32 layers move by about 1e-5 with the shape of a batch, so the bound is
+    1e-5 or, where larger, the plain (padded) forward's own difference between those two batch compositions."""
+    packed, padded = HFBackend(default_model_dir, progress=False), HFBackend(default_model_dir, progress=False,
+                                                                              kernel="none")
+    tokenizer = packed.tokenizer
+    sequences, starts = [], []
+    for prompt, responses in [
+        ("The capital of France is", [" Paris. It is a big city with many museums.", " Paris, of course.", " a city"]),
+        ("Write a short poem about the sea. The sea", [" is blue and deep, it sings to me.", " whispers"]),
+    ]:
+        prompt_ids = tokenizer(prompt).input_ids
+        for response in responses:
+            sequences.append(np.asarray(prompt_ids + tokenizer(response).input_ids))
+            starts.append(len(prompt_ids))
+    sequences.append(np.asarray(tokenizer("Once upon a time there was a small dog who liked to run.").input_ids))
+    starts.append(1)
+    scored = packed.score(sequences, starts)
+    assert scored.tokens_saved == 2 * 5 + 1 * 10
+    alone = [padded.score([seq], [start]).values[0] for seq, start in zip(sequences, starts)]
+    together = padded.score(sequences, starts).values
+    noise = max(float(np.abs(a - b).max()) for a, b in zip(together, alone))
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(scored.values, alone))
+    assert worst <= max(1e-5, noise), (worst, noise)
+
+
+def test_a_model_the_packed_forward_cannot_serve_falls_back_and_says_so(make_tiny_model, reference, caplog):
+    """Gemma 2's attention soft-capping is not something the packed kernels do: the model is served padded,
+    prompts not shared, with the same values, and the log says why."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gemma2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=49152, head_dim=16, attn_logit_softcapping=20.0, initializer_range=0.2,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    folder = make_tiny_model("gemma2-softcapped", config)
+    with caplog.at_level("INFO", logger="klservice.backends.hf"):
+        backend = HFBackend(folder, progress=False)
+    assert not backend.packs and backend.kernel is None
+    assert "no packed attention kernel reproduces the plain forward" in caplog.text
+    assert "soft-capped" in caplog.text
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+    sequences, starts = grpo_batch(49152, seed=4)
+    scored = backend.score(sequences, starts, 0.7)
+    assert scored.tokens_saved == 0
+    for seq, start, values in zip(sequences, starts, scored.values):
+        np.testing.assert_allclose(values, reference(plain, seq, start, 0.7), atol=1e-5, rtol=0)
+
+
+class _ForgetsThePrompt:
+    """A broken kernel for the load-time check to catch: continuations attend to themselves only, not to their
+    prompt (an SDPA kernel given the layout with every prompt link removed)."""
+
+    name = "forgets-the-prompt"
+
+    def __init__(self):
+        from klservice.backends.hf.attention import SdpaKernel
+
+        self._sdpa = SdpaKernel()
+
+    def supports(self, device, dtype):
+        return True
+
+    def plan(self, layout, q0, q1, kv_rows, window):
+        import dataclasses
+
+        unlinked = tuple(dataclasses.replace(segment, prompt=None) for segment in layout.segments)
+        return self._sdpa.plan(dataclasses.replace(layout, segments=unlinked), q0, q1, kv_rows, window)
+
+    def attend(self, query, key, value, plan, scale):
+        return self._sdpa.attend(query, key, value, plan, scale)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_load_check_keeps_what_matches_at_the_dtypes_noise_and_drops_what_does_not(
+        tiny_llama_dir, monkeypatch, caplog, dtype):
+    """In float32 and in bfloat16 alike, the packed forward is kept where it is as close to the plain forward as
+    the plain forward is to itself (the log gives both figures), and a kernel that computes something else is
+    dropped."""
+    from klservice.backends.hf import attention, checks
+
+    monkeypatch.setattr(checks, "kernels_for", lambda device, dtype: [_ForgetsThePrompt(), attention.SdpaKernel()])
+    with caplog.at_level("INFO", logger="klservice.backends.hf"):
+        backend = HFBackend(tiny_llama_dir, progress=False, dtype=dtype)
+    assert backend.packs and backend.kernel == "sdpa"
+    lines = {record.getMessage() for record in caplog.records}
+    dropped = [line for line in lines if "forgets-the-prompt kernel differs from the plain forward" in line]
+    kept = [line for line in lines if "sdpa kernel matches the plain forward" in line]
+    assert dropped and kept, lines
+    assert "plain forward's own noise" in dropped[0] and "plain forward's own noise" in kept[0]
+
+
+def test_long_rows_run_in_chunks_with_the_same_values(tiny_llama_dir, plain_model, reference):
+    """Layers over a long packed row in chunks of 50 rows (keys and values gathered across chunks, the final norm in
+    place): the same values as the plain forward."""
+    backend = HFBackend(tiny_llama_dir, progress=False, chunk_tokens=50)
+    sequences, starts = grpo_batch(49152, seed=8)
+    sequences.append(np.random.default_rng(3).integers(0, 49152, size=420, dtype=np.int64))
+    starts.append(1)
+    for seq, start, values in zip(sequences, starts, backend.score(sequences, starts, 0.7).values):
+        np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
+
+
+def test_chunked_layers_keep_a_long_sequence_in_a_small_share_of_its_logits(make_tiny_model, llama_config):
+    """One 3,000-token sequence through a model whose layer temporaries outweigh its vocabulary (MLP 4096 wide, 8,000
+    tokens): every layer at once holds more than the sequence's full-vocab float32 logits; chunked (the default,
+    sized from the call) it stays under a quarter of them, with the same values. Peak: tensor bytes live at once."""
+    from klservice.bench.measure import peak_tensor_bytes
+
+    folder = make_tiny_model("wide-mlp", llama_config(hidden_size=128, intermediate_size=4096, vocab_size=8000,
+                                                      max_position_embeddings=4096))
+    chunked, whole = HFBackend(folder, progress=False), HFBackend(folder, progress=False, chunk_tokens=10**6)
+    sequence = np.random.default_rng(4).integers(0, 8000, size=3000, dtype=np.int64)
+    logits = (len(sequence) - 1) * 8000 * 4
+    (small, small_peak), (large, large_peak) = (peak_tensor_bytes(lambda: b.score([sequence], [1])) for b in
+                                                (chunked, whole))
+    assert large_peak > logits and small_peak < logits / 4, (small_peak / logits, large_peak / logits)
+    np.testing.assert_allclose(small.values[0], large.values[0], atol=1e-5, rtol=0)
+
+
+def test_models_load_without_hub_kernels(tiny_llama_dir, monkeypatch):
+    """transformers 5.25 and later kernelize a model from the Hugging Face Hub unless told not to: the backend
+    always tells it not to, whatever the environment says."""
+    from transformers import PreTrainedModel
+
+    asked = []
+    original = PreTrainedModel.set_use_kernels
+
+    def spy(self, use_kernels, *args, **kwargs):
+        asked.append(use_kernels)
+        return original(self, use_kernels, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", spy)
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    backend = HFBackend(tiny_llama_dir, progress=False)
+    assert asked and not any(asked)
+    assert not backend._model.use_kernels

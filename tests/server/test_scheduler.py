@@ -111,33 +111,44 @@ def test_plan_calls_splits_mixed_lengths_rather_than_pad_them():
     assert all(sum(len(sequences[i]) for i in c.indices) >= 16384 // 8 for c in packed[:-1])  # no tiny calls
 
 
-def test_plan_calls_for_a_packing_backend_sizes_calls_by_real_tokens():
-    """A backend that packs gets lone sequences costed by their real tokens, whatever their lengths mix; prompt
-    groups, which it still runs padded, are costed as (their sequences) x (the longest of them), so a group with one
-    long response cannot make a call many times the budget."""
+def test_plan_calls_for_a_packing_backend_sizes_calls_by_the_tokens_computed():
+    """A backend that packs (no padding, a group's prompt once) gets each call costed by the tokens it computes:
+    lone sequences by their real tokens whatever their lengths mix, a prompt group by its prompt once plus its
+    members' continuations. A group with one long response is no longer costed as if every member were that long;
+    a group beyond the largest unit is cut into runs that each fit it."""
     rng = np.random.default_rng(3)
     lone = [rng.integers(0, 1000, size=int(n)) for n in rng.integers(16, 2048, size=14)]
     prompt = rng.integers(0, 1000, size=32)
     uneven = [np.concatenate([prompt, rng.integers(0, 1000, size=n)]) for n in [4000] + [50] * 63]
     short_prompt = rng.integers(0, 1000, size=20)
     small = [np.concatenate([short_prompt, rng.integers(0, 1000, size=n)]) for n in (5, 30, 12)]
-    sequences = lone + uneven + small
-    starts = [1] * 14 + [32] * 64 + [20] * 3
-    groups = [set(range(14, 78)), set(range(78, 81))]
+    long_prompt = rng.integers(0, 1000, size=500)
+    huge = [np.concatenate([long_prompt, rng.integers(0, 1000, size=700)]) for _ in range(40)]  # 500 + 40 x 700
+    sequences = lone + uneven + small + huge
+    starts = [1] * 14 + [32] * 64 + [20] * 3 + [500] * 40
+    groups = [set(range(14, 78)), set(range(78, 81)), set(range(81, 121))]
 
-    def cost(call):
-        members = set(call.indices)
-        padded = [i for group in groups if group <= members for i in group]
-        return (sum(len(sequences[i]) for i in members - set(padded))
-                + (len(padded) * max(len(sequences[i]) for i in padded) if padded else 0))
+    def computed(indices):
+        """Tokens a packing backend computes for these sequences: each group's prompt once, then continuations."""
+        members = set(indices)
+        total = sum(len(sequences[i]) for i in members if not any(i in g for g in groups))
+        for group in groups:
+            inside = group & members
+            if len(inside) > 1:
+                prompt = starts[min(inside)]
+                total += prompt + sum(len(sequences[i]) - prompt for i in inside)
+            elif inside:
+                total += len(sequences[min(inside)])
+        return total
 
     calls = plan_calls(sequences, starts, 16384, packed=True, max_unit_tokens=16384)
     assert sorted(i for c in calls for i in c.indices) == list(range(len(sequences)))
-    for group in groups:  # split only past max_unit_tokens: 64 x 4032 is, so the uneven group is cut
-        assert sum(1 for c in calls if group & set(c.indices)) == (1 if len(group) == 3 else 64 * 4032 // 16384 + 1)
-    assert all(cost(c) <= 16384 for c in calls if not groups[0] & set(c.indices)), [cost(c) for c in calls]
-    assert all(len(c.indices) * max(len(sequences[i]) for i in c.indices) <= 16384 for c in calls
-               if groups[0] & set(c.indices))
+    assert sum(1 for c in calls if groups[0] & set(c.indices)) == 1  # 32 + 4000 + 63 x 50 computed: one call
+    assert sum(1 for c in calls if groups[1] & set(c.indices)) == 1
+    assert sum(1 for c in calls if groups[2] & set(c.indices)) == -(-40 // ((16384 - 500) // 700))  # cut in runs
+    assert all(computed(c.indices) <= 16384 for c in calls), [computed(c.indices) for c in calls]
+    padded = plan_calls(sequences, starts, 16384, max_unit_tokens=16384)
+    assert sum(1 for c in padded if groups[0] & set(c.indices)) > 1  # costed 64 x 4032 padded, the group is cut
     # Lone sequences alone: packed calls hold up to the budget in real tokens, fewer calls than padded planning.
     packed, padded = plan_calls(lone, [1] * 14, 4096, packed=True), plan_calls(lone, [1] * 14, 4096)
     assert all(sum(len(lone[i]) for i in c.indices) <= 4096 for c in packed)

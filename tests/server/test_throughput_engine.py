@@ -90,12 +90,14 @@ def test_many_concurrent_clients_with_mixed_sizes_get_exactly_their_results(star
 @pytest.mark.parametrize("packed", [True, False])
 def test_batch_metrics_count_the_positions_the_model_computed(start_server, tiny_model_dir, packed):
     """klservice_batch_tokens is what the model computed and klservice_tokens_forwarded the real tokens of it (each
-    sequence's inputs: its last token is only a target): equal on a packing backend (--pack-sequences), sequences x
-    longest input per call on a padding one, so the padding share 1 - forwarded / batch tokens is what was padded."""
+    sequence's inputs: its last token is only a target): equal on a packed forward (the default), sequences x
+    longest input per call on a padded one (--attention-kernel none), so the padding share 1 - forwarded / batch
+    tokens is what was padded."""
     from klservice.backends.hf import HFBackend
 
-    backend = HFBackend(tiny_model_dir, device="cpu", progress=False, pack=packed, share_prompts=False)
-    assert backend.packs == packed
+    backend = HFBackend(tiny_model_dir, device="cpu", progress=False, kernel=None if packed else "none",
+                        share_prompts=False)
+    assert (backend.kernel is not None) == packed
     server = start_server(backend=backend, cache_mb=0, max_batch_tokens=100_000)
     rng = np.random.default_rng(9)
     sequences = [rng.integers(0, 49152, size=int(n)).tolist() for n in (5, 90, 33, 200, 17)]
@@ -110,8 +112,8 @@ def test_batch_metrics_count_the_positions_the_model_computed(start_server, tiny
 
 
 def test_a_shared_prompt_is_forwarded_once_in_the_metrics(start_server):
-    """Two groups with prompts of 40 and 24 tokens: the prompts run once each, padded to 40 in one forward, then
-    the continuations in another, padded to the longest; the metrics say so."""
+    """Two groups with prompts of 40 and 24 tokens: each prompt runs once, followed by its members' continuations,
+    in one packed forward without padding; the metrics say so."""
     server = start_server(cache_mb=0, max_batch_tokens=100_000)
     rng = np.random.default_rng(10)
     prompts = [rng.integers(0, 49152, size=n).tolist() for n in (40, 24)]
@@ -124,4 +126,4 @@ def test_a_shared_prompt_is_forwarded_once_in_the_metrics(start_server):
     continuations = [len(r) - 1 for group in responses for r in group]
     assert metrics.tokens_saved._value.get() == 40 + 2 * 24
     assert metrics.tokens_forwarded._value.get() == 40 + 24 + sum(continuations)
-    assert metrics.batch_tokens._sum.get() == 2 * 40 + len(continuations) * max(continuations)
+    assert metrics.batch_tokens._sum.get() == 40 + 24 + sum(continuations)

@@ -1,0 +1,137 @@
+"""The LM head, applied only where a token is scored, a block of vocabulary rows at a time.
+
+Why not ``model(input_ids).logits``: that materialises a [tokens × vocab] tensor (8k tokens × 49k
+vocab = 1.6 GB in float32) although a reference log-prob needs one number per scored token. The
+head here takes the body's hidden states at the scored rows only and combines per-block
+logsumexps in float32; the target token's logit is picked out of the block that holds it, so the
+numerator and the denominator use the same number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+LogitsFn = Callable[[torch.Tensor, int, int, float], torch.Tensor]
+"""float32 logits / temperature of a block of rows, for vocabulary ids [v0, v1)."""
+
+HEAD_BLOCK_OF_CACHE = 8  # on a CPU, one head block is 1/8 of the last-level cache (2-8 MiB measured best)
+HEAD_BLOCK_BYTES = (1 << 20, 8 << 20)  # bounds of a CPU head block (float32 logits)
+HEAD_MIN_TOKENS = 512  # positions per CPU head block: fewer make the head's matmuls and the Python loop slower
+CUDA_HEAD_BLOCK = (2048, 8192)  # positions x vocab rows on a GPU: 64 MiB, large enough to keep kernels busy
+FALLBACK_CACHE_BYTES = 32 << 20
+
+
+class LMHead:
+    """The model's output embedding (with Gemma 2/3's soft-capping and Cohere's or Granite's logit scaling, which
+    it applies itself), as float32 log-probs of given targets, a [token_chunk × vocab_chunk] block at a time.
+
+    `check` is called before every block (the backend's interrupt check)."""
+
+    def __init__(self, model, device: torch.device, token_chunk: int | None, vocab_chunk: int | None,
+                 check: Callable[[], None] = lambda: None):
+        head = model.get_output_embeddings()
+        self.weight = None if head is None else head.weight
+        self.bias = None if head is None else getattr(head, "bias", None)
+        config = model.config
+        self.vocab_size = config.vocab_size if head is None else head.weight.shape[0]
+        auto_tokens, auto_vocab = head_chunks(self.vocab_size, device)
+        self.token_chunk, self.vocab_chunk = token_chunk or auto_tokens, vocab_chunk or auto_vocab
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        scale, scaling = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
+        self.multiplier = float(scale or 1.0) / float(scaling or 1.0)
+        self._check = check
+
+    def logits(self, hidden: torch.Tensor, v0: int, v1: int, temperature: float) -> torch.Tensor:
+        """float32 logits / temperature of vocab ids [v0, v1) at the given hidden states.
+
+        The matmul runs in the model dtype, like the model's own LM head, then everything is float32.
+        """
+        bias = None if self.bias is None else self.bias[v0:v1]
+        logits = torch.nn.functional.linear(hidden, self.weight[v0:v1], bias).float()
+        if self.multiplier != 1.0:  # Cohere's logit_scale, Granite's 1 / logits_scaling
+            logits.mul_(self.multiplier)
+        if self.softcap:  # Gemma 2/3
+            logits = torch.tanh(logits.div_(self.softcap)).mul_(self.softcap)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        return logits
+
+    def log_probs(self, states: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  logits_fn: LogitsFn | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """log softmax(logits / T)[target] per scored token, a [token_chunk × vocab_chunk] block at a time. `states`
+        are hidden states (default `logits_fn`: this head) or logits the model computed (`sliced_logits`), one row
+        per target, or, with `rows`, the rows of `states` that score each target (gathered a block at a time, so no
+        copy of all scored rows is made)."""
+        count = targets.shape[0]
+        assert (rows if rows is not None else states).shape[0] == count
+        logits_fn = logits_fn or self.logits
+        out = torch.empty(count, dtype=torch.float32, device=states.device)
+        for t0 in range(0, count, self.token_chunk):
+            self._check()
+            if rows is None:
+                block = states[t0 : t0 + self.token_chunk]
+            else:
+                block = states.index_select(0, rows[t0 : t0 + self.token_chunk])
+            block_targets = targets[t0 : t0 + self.token_chunk]
+            target_logit = torch.zeros(block.shape[0], dtype=torch.float32, device=states.device)
+            partial_lse = []
+            for v0 in range(0, self.vocab_size, self.vocab_chunk):
+                v1 = min(v0 + self.vocab_chunk, self.vocab_size)
+                logits = logits_fn(block, v0, v1, temperature)
+                in_block = (block_targets >= v0) & (block_targets < v1)
+                picked = logits.gather(1, (block_targets - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
+                target_logit = torch.where(in_block, picked, target_logit)
+                partial_lse.append(torch.logsumexp(logits, dim=1))
+                del logits
+            out[t0 : t0 + block.shape[0]] = target_logit - torch.logsumexp(torch.stack(partial_lse, dim=1), dim=1)
+        return out
+
+
+def sliced_logits(logits: torch.Tensor, v0: int, v1: int, temperature: float) -> torch.Tensor:
+    """A `LogitsFn` over logits the model already computed (the full-forward fallback)."""
+    return logits[:, v0:v1].float() / temperature
+
+
+def head_chunks(vocab_size: int, device: torch.device, cache_bytes: int | None = None) -> tuple[int, int]:
+    """(token_chunk, vocab_chunk) of the LM head's blocks, from the vocabulary and the CPU's cache.
+
+    On a CPU the head is bound by memory traffic: each [positions × vocab rows] float32 block of
+    logits is written by the matmul, then read twice by logsumexp (which also writes a temporary
+    of its size). A block that stays in the last-level cache is much faster: on a 2-core AMD EPYC
+    (32 MiB L3), SmolLM2-135M's head over 4,096 positions took 1.9-2.5 s with 2-8 MiB blocks and
+    3.0-3.2 s with the 64 MiB blocks used before, and a smaller block is also less memory on top
+    of the model. So a block is 1/8 of the cache (1-8 MiB), `HEAD_MIN_TOKENS` positions deep, and
+    the vocabulary is cut into equal pieces that fill it. On a GPU, blocks are `CUDA_HEAD_BLOCK`.
+    """
+    if device.type == "cpu":
+        cache = cache_bytes or last_level_cache_bytes() or FALLBACK_CACHE_BYTES
+        block = min(max(cache // HEAD_BLOCK_OF_CACHE, HEAD_BLOCK_BYTES[0]), HEAD_BLOCK_BYTES[1])
+        vocab_rows = max(1, block // (4 * HEAD_MIN_TOKENS))
+    else:
+        block, vocab_rows = CUDA_HEAD_BLOCK[0] * CUDA_HEAD_BLOCK[1] * 4, CUDA_HEAD_BLOCK[1]
+    pieces = -(-vocab_size // vocab_rows)
+    vocab_rows = -(-vocab_size // pieces)  # equal pieces: no small last piece
+    return max(1, block // (4 * vocab_rows)), vocab_rows
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest data cache of CPU 0 as Linux reports it (/sys/devices/system/cpu/cpu0/cache), or None."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            sizes.append(_cache_size((index / "size").read_text()))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=None)
+
+
+def _cache_size(text: str) -> int:
+    """Bytes of a sysfs cache size: "32768K", "1M", "512"."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
