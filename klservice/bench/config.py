@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 from klservice.backends.base import DTYPES
 from klservice.config import config_field, scalar_type
 
-ALL_WORKLOADS = ("a", "b", "c", "d", "e", "cache", "vllm")
-"""Workload keys in the order they run (`--workloads` picks a subset)."""
+ALL_WORKLOADS = ("a", "b", "f", "c", "d", "e", "cache", "vllm")
+"""Workload keys in the order they run (`--workloads` picks a subset): those on the main server first."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +40,9 @@ class BenchConfig:
     )
     preset: str | None = config_field(
         None,
-        "gpu: sizes for one GPU (bfloat16 on cuda, 64 prompts x 8 of 512 + 1024 tokens, 256 ragged sequences of "
-        "256-2048, 8192-token steps of floods, an 8192 matmul); flags given explicitly win",
+        "gpu: sizes for one GPU (bfloat16 on cuda, (b) 64 prompts x 8 of 512 + 1024 tokens, (f) 16 prompts x 8 of "
+        "4096 + 512, 256 ragged sequences of 256-2048, 65536-token steps, floods of 16 x 2048, an 8192 matmul); "
+        "flags given explicitly win",
         choices=("gpu",), shown="none",
     )
     dtype: str = config_field("float32", "compute dtype", choices=DTYPES)
@@ -62,6 +63,10 @@ class BenchConfig:
     group_size: int = config_field(8, "(b) responses per prompt")
     prompt_len: int = config_field(256, "(b) prompt tokens")
     response_len: int = config_field(128, "(b) response tokens")
+    agentic_prompts: int = config_field(1, "(f) prompts")
+    agentic_group: int = config_field(8, "(f) responses per prompt")
+    agentic_prompt_len: int = config_field(1024, "(f) prompt tokens")
+    agentic_response_len: int = config_field(128, "(f) response tokens")
     long_len: int = config_field(8192, "(d) sequence length, capped at the model's context")
     jobs: int = config_field(4, "(c) concurrent client jobs")
     flood_threads: int = config_field(4, "(e) threads of the flooding job")
@@ -100,6 +105,9 @@ class BenchConfig:
         "group_size": 4,
         "prompt_len": 32,
         "response_len": 16,
+        "agentic_group": 4,
+        "agentic_prompt_len": 64,
+        "agentic_response_len": 8,
         "long_len": 256,
         "flood_threads": 2,
         "flood_sequences": 2,
@@ -120,6 +128,10 @@ class BenchConfig:
         "group_size": 8,
         "prompt_len": 512,
         "response_len": 1024,
+        "agentic_prompts": 16,
+        "agentic_group": 8,
+        "agentic_prompt_len": 4096,
+        "agentic_response_len": 512,
         "ragged_sequences": 256,
         "ragged_min": 256,
         "ragged_max": 2048,

@@ -112,7 +112,8 @@ class BenchContext:
         if config.model_shape is not None:
             from klservice.bench.shapes import shaped_model
 
-            folder = shaped_model(config.model_shape, config.cache_dir, config.dtype, progress=config.progress)
+            folder = shaped_model(config.model_shape, config.cache_dir, config.dtype, progress=config.progress,
+                                  device=str(self.device))
             return folder, f"random {config.model_shape}"
         if config.model is None:
             return ensure_default_model(config.cache_dir, progress=config.progress), EMBEDDED_MODEL_NAME

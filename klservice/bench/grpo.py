@@ -23,23 +23,27 @@ ON_MAIN_SERVER = True
 RANDOM_STREAM = 2
 
 
-def grpo_workload(config: BenchConfig, vocab: int, rng: np.random.Generator, key: str = "b") -> Workload:
-    """`grpo_prompts` prompts of `prompt_len` tokens, each followed by `group_size` responses of `response_len`."""
+def grouped_workload(key: str, kind: str, prompts: int, group_size: int, prompt_len: int, response_len: int,
+                     vocab: int, rng: np.random.Generator) -> Workload:
+    """`prompts` prompts of `prompt_len` random tokens, each followed by `group_size` responses of `response_len`."""
     sequences, starts, groups = [], [], []
-    for _ in range(config.grpo_prompts):
-        prompt = rng.integers(0, vocab, size=config.prompt_len, dtype=np.int64)
+    for _ in range(prompts):
+        prompt = rng.integers(0, vocab, size=prompt_len, dtype=np.int64)
         group = []
-        for _ in range(config.group_size):
-            response = rng.integers(0, vocab, size=config.response_len, dtype=np.int64)
+        for _ in range(group_size):
+            response = rng.integers(0, vocab, size=response_len, dtype=np.int64)
             group.append(len(sequences))
             sequences.append(np.concatenate([prompt, response]))
-            starts.append(config.prompt_len)
+            starts.append(prompt_len)
         groups.append(group)
-    title = (
-        f"({key}) GRPO, {config.grpo_prompts} prompts x {config.group_size}, "
-        f"prompt {config.prompt_len} + response {config.response_len}"
-    )
+    title = f"({key}) {kind}, {prompts} prompts x {group_size}, prompt {prompt_len} + response {response_len}"
     return Workload(key, title, sequences, starts, groups)
+
+
+def grpo_workload(config: BenchConfig, vocab: int, rng: np.random.Generator, key: str = "b") -> Workload:
+    """`grpo_prompts` prompts of `prompt_len` tokens, each followed by `group_size` responses of `response_len`."""
+    return grouped_workload(key, "GRPO", config.grpo_prompts, config.group_size, config.prompt_len,
+                            config.response_len, vocab, rng)
 
 
 def workload(ctx: "BenchContext") -> Workload:

@@ -30,8 +30,14 @@ def _ratio(results: dict, workload: str, numerator: str, denominator: str) -> fl
     return None
 
 
-def evaluate_targets(results: dict, config: BenchConfig) -> list[dict]:
-    """The docs/design.md targets this run can check, each with its measured value."""
+GPU_UTILISATION = {"smollm2-1.7b": 0.60, "llama-7b": 0.70}
+"""(b)'s FLOP-utilisation target on a GPU, by --model-shape (0.55 for any other model, as on a CPU)."""
+
+
+def evaluate_targets(results: dict, config: BenchConfig, gpu: bool = False) -> list[dict]:
+    """The docs/design.md targets this run can check, each with its measured value. On a GPU, (b)'s speed-up over
+    the naive path is held to 1.6x (its FLOP ratio is 1.37x at the GPU preset's sizes: the rest must come from
+    running at a higher utilisation than the naive forward's) and its utilisation to `GPU_UTILISATION`."""
     targets = []
 
     def add(name: str, workload: str, value: float | None, op: str, threshold: float, unit: str = "x"):
@@ -43,10 +49,13 @@ def evaluate_targets(results: dict, config: BenchConfig) -> list[dict]:
 
     add("service / naive", "a", _ratio(results, "a", "service", "naive"), ">=", 1.2)
     add("service / in-process", "a", _ratio(results, "a", "service", "inprocess"), ">=", 0.95)
-    add("service / naive", "b", _ratio(results, "b", "service", "naive"), ">=", 2.2)
+    add("service / naive", "b", _ratio(results, "b", "service", "naive"), ">=", 1.6 if gpu else 2.2)
     add("service / in-process", "b", _ratio(results, "b", "service", "inprocess"), ">=", 0.95)
     service_b = results["workloads"].get("b", {}).get("paths", {}).get("service", {})
-    add("service FLOP utilisation", "b", service_b.get("flop_utilisation"), ">=", 0.55, "%")
+    utilisation = GPU_UTILISATION.get(config.model_shape, 0.55) if gpu else 0.55
+    add("service FLOP utilisation", "b", service_b.get("flop_utilisation"), ">=", utilisation, "%")
+    add("service / naive", "f", _ratio(results, "f", "service", "naive"), ">=", 4.0)
+    add("service / in-process", "f", _ratio(results, "f", "service", "inprocess"), ">=", 0.95)
     c = results["workloads"].get("c")
     if c:
         add(f"{config.jobs} jobs / 1 job aggregate", "c", _ratio(results, "c", "jobs", "one_job"), ">=", 0.9)

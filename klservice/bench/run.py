@@ -12,13 +12,13 @@ import threading
 import time
 from pathlib import Path
 
-from klservice.bench import cache, flood, grpo, jobs, long, ragged, vllm
+from klservice.bench import agentic, cache, flood, grpo, jobs, long, ragged, vllm
 from klservice.bench.config import BenchConfig
 from klservice.bench.context import BenchContext, Phases
 from klservice.bench.measure import machine_info
 from klservice.bench.report import evaluate_targets, format_report, json_default, write_plot
 
-WORKLOADS = {module.KEY: module for module in (ragged, grpo, jobs, long, flood, cache, vllm)}
+WORKLOADS = {module.KEY: module for module in (ragged, grpo, agentic, jobs, long, flood, cache, vllm)}
 """The module of each workload key: ``phase_count(config)``, ``run(context)``, and ``ON_MAIN_SERVER``
 (False: it starts a server of its own, after the main one is stopped)."""
 
@@ -77,7 +77,7 @@ def _complete(ctx: BenchContext, load_before, began: float) -> dict:
     """The results with what the workloads did not write: targets, model, machine, configuration, conventions."""
     config, info, shape = ctx.config, ctx.info, ctx.shape
     results = ctx.results
-    results["targets"] = evaluate_targets(results, config)
+    results["targets"] = evaluate_targets(results, config, gpu=ctx.cuda is not None)
     results["matmul_peak_flops_per_s"] = ctx.peak_flops
     results["model"] = {"name": info.name, "revision": info.revision, "dtype": config.dtype, "device": str(ctx.device),
                         "vocab_size": info.vocab_size, "max_length": info.max_length, "layers": shape.layers,

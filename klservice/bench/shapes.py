@@ -3,12 +3,14 @@
 Speed depends on a model's shape, not on its weights, and nothing is downloaded here; so the GPU
 figures at real sizes come from a Llama of the same shape as SmolLM2-1.7B or a 7B Llama (Llama 2's
 7B: 4096 hidden, 32 layers, 11008 intermediate, 32k vocabulary), initialised with a fixed seed in the
-compute dtype and saved once under the cache directory with the embedded model's tokenizer (the
-token ids are random, so any tokenizer whose ids fit the vocabulary does).
+compute dtype on the bench's device (seconds on a GPU, where a CPU takes minutes) and saved once under
+the cache directory. The token ids are random, so the tokenizer saved with it is made here: one
+word-level token per id (``t0``, ``t1``, ...), which needs neither a hub nor the embedded model, so a
+host with only torch and transformers can run the bench.
 
 Example::
 
-    folder = shaped_model("smollm2-1.7b", cache_dir, dtype="bfloat16")   # ~3.4 GB, written once
+    folder = shaped_model("smollm2-1.7b", cache_dir, dtype="bfloat16", device="cuda")   # ~3.4 GB, written once
 """
 
 from __future__ import annotations
@@ -43,15 +45,29 @@ def shape_config(name: str, **overrides):
     return LlamaConfig(**{**SHAPES[name], "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, **overrides})
 
 
+def id_tokenizer(vocab_size: int):
+    """A fast tokenizer with one word-level token per id (``t0`` .. ``t{vocab_size - 1}``, whitespace-separated):
+    enough for a model scored on random ids, and made without any download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0", bos_token="t1", eos_token="t2",
+                                   pad_token="t2")
+
+
 def shaped_model(name: str, cache_dir: str | Path | None, dtype: str = "bfloat16", progress: bool = True,
-                 **overrides) -> Path:
+                 device: str = "cpu", **overrides) -> Path:
     """The folder of a random model of shape `name` (`SHAPES`) in `dtype`, written once under `cache_dir` (default:
-    klservice's cache, as for the embedded model) and reused; `overrides` change the config (tests)."""
+    klservice's cache, as for the embedded model) and reused; built on `device`; `overrides` change the config
+    (tests)."""
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from klservice.backends.hf import TORCH_DTYPES
-    from klservice.default_model import default_cache_dir, ensure_default_model
+    from klservice.default_model import default_cache_dir
 
     config = shape_config(name, **overrides)
     suffix = "".join(f"-{key}{value}" for key, value in sorted(overrides.items()))
@@ -59,19 +75,20 @@ def shaped_model(name: str, cache_dir: str | Path | None, dtype: str = "bfloat16
     folder = root / "shapes" / f"{name}{suffix}-{dtype}-seed0"
     if (folder / "config.json").exists():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model(cache_dir, progress=progress))
     if progress:
-        print(f"writing a random {name} ({dtype}) to {folder} (once)", flush=True)
+        print(f"writing a random {name} ({dtype}, built on {device}) to {folder} (once)", flush=True)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(TORCH_DTYPES[dtype])  # initialise in the compute dtype: half the memory of float32
     try:
-        model = LlamaForCausalLM(config).eval()
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(previous)
     partial = folder.with_name(folder.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    id_tokenizer(config.vocab_size).save_pretrained(partial)
+    del model
     partial.rename(folder)
     return folder

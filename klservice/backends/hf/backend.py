@@ -102,11 +102,12 @@ class HFBackend(ReferenceBackend):
         log.info("LM head in blocks of %d positions x %d vocab rows", self._head.token_chunk, self._head.vocab_chunk)
         self._chunker = LayerChunker(model, chunk_tokens)
         self._watch_layers()
+        probe = checks.make_probe(self)
         self._head_on_hidden = True  # the check runs the body (`padded_rows`) and keeps this where it matches
-        self._head_on_hidden = checks.head_matches_model(self)
+        self._head_on_hidden = checks.head_matches_model(self, probe)
         self._kernel: Kernel | None = None  # None: calls run padded, prompts not shared
         if self._head_on_hidden and kernel != "none":
-            self._kernel = checks.choose_kernel(self, kernel)
+            self._kernel = checks.choose_kernel(self, probe, kernel)
         self._info = describe_model(
             name=name or str(folder),
             revision=revision,
@@ -171,7 +172,7 @@ class HFBackend(ReferenceBackend):
 
     def close(self) -> None:
         self._interrupted.set()
-        self._model = self._body = self._head = None
+        self._model = self._body = self._head = self._chunker = self._kernel = None
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -35,6 +35,9 @@ PROBE_SCALE = {"cpu": 1, "cuda": 40}
 blocks, full and partial."""
 CHUNK_CHECK_ROWS = 5
 """Rows per chunk when the chunked layers are checked: several chunks per probe sequence."""
+PROBE_WINDOW = 1024
+"""Longest sliding window the probe reaches past (its plain forward materialises full logits); a longer one is
+applied from the window each layer passes to the attention function, as for shorter ones, unchecked here."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,21 +121,23 @@ def plain_log_probs(model, sequences: list[np.ndarray], starts: list[int], devic
 
 
 def make_probe(backend: "HFBackend") -> Probe:
+    """The probe batch of `backend`'s model and device, with the plain forward's log-probs and noise."""
     device = backend._device
-    sequences, starts = probe_batch(backend._vocab_size, PROBE_SCALE.get(device.type, 1), sliding_window(backend._model.config))
+    window = sliding_window(backend._model.config)
+    reach = window if window and window <= PROBE_WINDOW else None
+    sequences, starts = probe_batch(backend._vocab_size, PROBE_SCALE.get(device.type, 1), reach)
     expected = plain_log_probs(backend._model, sequences, starts, device, together=True)
     alone = plain_log_probs(backend._model, sequences, starts, device, together=False)
     return Probe(sequences, starts, expected, float(np.abs(expected - alone).max()))
 
 
-def head_matches_model(backend: "HFBackend") -> bool:
+def head_matches_model(backend: "HFBackend", probe: Probe) -> bool:
     """Whether body + the backend's head (padded) reproduce the model's own log-probs on the probe."""
     model = backend._model
     name = type(model).__name__
     if backend._head.weight is None or backend._body is model:
         log.warning("%s: no separable body/LM head; serving through the full forward", name)
         return False
-    backend._probe = probe = make_probe(backend)
     try:
         actual = _padded_log_probs(backend, probe)
     except Exception:  # an architecture whose body does not take these arguments
@@ -166,7 +171,7 @@ def packed_log_probs(backend: "HFBackend", sequences, starts, kernel: Kernel, ch
     return np.concatenate([by_sequence[i] for i in todo])
 
 
-def choose_kernel(backend: "HFBackend", forced: str | None = None) -> Kernel | None:
+def choose_kernel(backend: "HFBackend", probe: Probe, forced: str | None = None) -> Kernel | None:
     """The attention kernel of the packed path: of those that run here (`attention.kernels_for`, or the one named
     by `forced`), the ones whose packed log-probs agree with the plain forward on the probe; the fastest of them
     where several do (timed on a GRPO-shaped row). None (calls run padded, prompts not shared) where none does.
@@ -192,7 +197,6 @@ def choose_kernel(backend: "HFBackend", forced: str | None = None) -> Kernel | N
         log.warning("%s: cannot take a custom attention function; calls run padded, prompts not shared", name,
                     exc_info=True)
         return None
-    probe = backend._probe
     passed = []
     for kernel in kernels:
         try:
