@@ -366,3 +366,44 @@ def test_models_load_without_hub_kernels(tiny_llama_dir, monkeypatch):
     backend = HFBackend(tiny_llama_dir, progress=False)
     assert asked and not any(asked)
     assert not backend._model.use_kernels
+
+
+class _BreaksLater:
+    """A kernel that passes the load-time check and fails once `broken` is set (as a compilation for a new shape
+    or an out-of-memory error would while serving)."""
+
+    name = "breaks-later"
+    broken = False
+
+    def __init__(self):
+        from klservice.backends.hf.attention import SdpaKernel
+
+        self._sdpa = SdpaKernel()
+
+    def supports(self, device, dtype):
+        return True
+
+    def plan(self, layout, q0, q1, kv_rows, window):
+        return self._sdpa.plan(layout, q0, q1, kv_rows, window)
+
+    def attend(self, query, key, value, plan, scale):
+        if self.broken:
+            raise RuntimeError("the kernel failed")
+        return self._sdpa.attend(query, key, value, plan, scale)
+
+
+def test_a_kernel_that_fails_while_serving_hands_over_to_the_next(tiny_llama_dir, plain_model, reference,
+                                                                   monkeypatch, caplog):
+    from klservice.backends.hf import attention, checks
+
+    monkeypatch.setattr(checks, "kernels_for", lambda device, dtype: [_BreaksLater(), attention.SdpaKernel()])
+    monkeypatch.setattr(checks, "fastest", lambda backend, kernels: kernels)
+    backend = HFBackend(tiny_llama_dir, progress=False)
+    assert backend.kernel == "breaks-later"
+    backend._kernels[0].broken = True
+    sequences, starts = grpo_batch(49152, seed=9)
+    with caplog.at_level("ERROR", logger="klservice.backends.hf"):
+        scored = backend.score(sequences, starts, 0.7)
+    assert backend.kernel == "sdpa" and "attention kernel breaks-later failed" in caplog.text
+    for seq, start, values in zip(sequences, starts, scored.values):
+        np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)

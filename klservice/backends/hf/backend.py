@@ -105,9 +105,11 @@ class HFBackend(ReferenceBackend):
         probe = checks.make_probe(self)
         self._head_on_hidden = True  # the check runs the body (`padded_rows`) and keeps this where it matches
         self._head_on_hidden = checks.head_matches_model(self, probe)
-        self._kernel: Kernel | None = None  # None: calls run padded, prompts not shared
+        # The kernels that passed the load-time check, best first; the first serves, the next takes over where it
+        # fails while serving. None left: calls run padded, prompts not shared.
+        self._kernels: list[Kernel] = []
         if self._head_on_hidden and kernel != "none":
-            self._kernel = checks.choose_kernel(self, probe, kernel)
+            self._kernels = checks.choose_kernel(self, probe, kernel)
         self._info = describe_model(
             name=name or str(folder),
             revision=revision,
@@ -136,12 +138,12 @@ class HFBackend(ReferenceBackend):
     def packs(self) -> bool:
         """Whether calls run packed with a group's prompt once (no padding): the scheduler then costs a call by the
         tokens it computes (`klservice.scheduler.packed_tokens`)."""
-        return self._kernel is not None and self._share_prompts
+        return bool(self._kernels) and self._share_prompts
 
     @property
     def kernel(self) -> str | None:
         """The attention kernel of the packed path (None: calls run padded)."""
-        return None if self._kernel is None else self._kernel.name
+        return self._kernels[0].name if self._kernels else None
 
     def score(
         self,
@@ -159,7 +161,7 @@ class HFBackend(ReferenceBackend):
         starts = [int(s) for s in starts]
         self._positions = 0
         with torch.inference_mode():
-            if self._kernel is not None:
+            if self._kernels:
                 values, saved = self._score_packed(batch, starts, todo, temperature, prompt_groups)
             else:
                 values, saved = self._score_padded(batch, starts, todo, temperature), 0
@@ -172,7 +174,8 @@ class HFBackend(ReferenceBackend):
 
     def close(self) -> None:
         self._interrupted.set()
-        self._model = self._body = self._head = self._chunker = self._kernel = None
+        self._model = self._body = self._head = self._chunker = None
+        self._kernels = []
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -197,7 +200,7 @@ class HFBackend(ReferenceBackend):
                       ) -> torch.Tensor:
         """[T, hidden] the body's last hidden states over the packed row (`kernel`: the backend's own by default;
         `chunk_rows`: rows per chunk of a layer, by default sized for the call)."""
-        call = TreeCall(layout, kernel or self._kernel)
+        call = TreeCall(layout, kernel or self._kernels[0])
         self._positions += layout.tokens
         with self._chunker.chunks(call, chunk_rows):
             return self._body(
@@ -209,7 +212,21 @@ class HFBackend(ReferenceBackend):
 
     def _score_packed(self, sequences, starts, todo, temperature, prompt_groups):
         layout = self.layout(sequences, starts, todo, prompt_groups)
-        hidden = self.packed_hidden(layout)
+        while True:
+            try:
+                hidden = self.packed_hidden(layout)
+                break
+            except Interrupted:
+                raise
+            except Exception:
+                # A kernel that passed at load failing now (a compilation for a new shape, memory): the next kernel
+                # that passed takes over, for this call and the following ones.
+                self._positions -= layout.tokens
+                if len(self._kernels) < 2:
+                    raise
+                failed = self._kernels.pop(0)
+                log.exception("attention kernel %s failed; the %s kernel serves from now on", failed.name,
+                              self._kernels[0].name)
         values = self._head.log_probs(hidden, layout.targets, temperature, rows=layout.rows)
         del hidden
         split = np.split(values.cpu().numpy(), np.cumsum(layout.counts)[:-1])

@@ -171,12 +171,12 @@ def packed_log_probs(backend: "HFBackend", sequences, starts, kernel: Kernel, ch
     return np.concatenate([by_sequence[i] for i in todo])
 
 
-def choose_kernel(backend: "HFBackend", probe: Probe, forced: str | None = None) -> Kernel | None:
-    """The attention kernel of the packed path: of those that run here (`attention.kernels_for`, or the one named
-    by `forced`), the ones whose packed log-probs agree with the plain forward on the probe; the fastest of them
-    where several do (timed on a GRPO-shaped row). None (calls run padded, prompts not shared) where none does.
-    Also checks the chunked layers (`chunking.py`) with the chosen kernel, and turns chunking off where they
-    differ."""
+def choose_kernel(backend: "HFBackend", probe: Probe, forced: str | None = None) -> list[Kernel]:
+    """The attention kernels of the packed path, best first: of those that run here (`attention.kernels_for`, or
+    the one named by `forced`), the ones whose packed log-probs agree with the plain forward on the probe, the
+    fastest first where several do (timed on a GRPO-shaped row). Empty (calls run padded, prompts not shared)
+    where none does. Also checks the chunked layers (`chunking.py`) with the first, and turns chunking off where
+    they differ."""
     from klservice.backends.hf.backend import register_tree_attention
 
     model = backend._model
@@ -184,7 +184,7 @@ def choose_kernel(backend: "HFBackend", probe: Probe, forced: str | None = None)
     window = sliding_window(model.config)
     if window == 0:
         log.warning("%s: chunked attention (or a layer type not known here); calls run padded, prompts not shared", name)
-        return None
+        return []
     dtype = backend._head.weight.dtype
     kernels = [k for k in kernels_for(backend._device, dtype) if forced is None or k.name == forced]
     if not kernels:
@@ -196,7 +196,7 @@ def choose_kernel(backend: "HFBackend", probe: Probe, forced: str | None = None)
     except Exception:
         log.warning("%s: cannot take a custom attention function; calls run padded, prompts not shared", name,
                     exc_info=True)
-        return None
+        return []
     passed = []
     for kernel in kernels:
         try:
@@ -218,10 +218,11 @@ def choose_kernel(backend: "HFBackend", probe: Probe, forced: str | None = None)
         log.warning("%s: no packed attention kernel reproduces the plain forward; calls run padded, prompts not "
                     "shared", name)
         model.set_attn_implementation(previous)
-        return None
-    kernel = passed[0] if len(passed) == 1 else fastest(backend, passed)
-    _check_chunking(backend, kernel, probe)
-    return kernel
+        return []
+    if len(passed) > 1:
+        passed = fastest(backend, passed)
+    _check_chunking(backend, passed[0], probe)
+    return passed
 
 
 def probe_tokens(probe: Probe) -> int:
@@ -246,9 +247,10 @@ def _check_chunking(backend: "HFBackend", kernel: Kernel, probe: Probe) -> None:
         log.info("%s: chunked layers match whole ones: %s", name, agreement)
 
 
-def fastest(backend: "HFBackend", kernels: list[Kernel], groups: int = 4, members: int = 8) -> Kernel:
-    """The kernel that attends a GRPO-shaped packed row (`groups` prompts of 512 tokens, `members` responses of 256
-    each) fastest, with the model's head counts and dtype: one plan and one `attend` per layer, best of three."""
+def fastest(backend: "HFBackend", kernels: list[Kernel], groups: int = 4, members: int = 8) -> list[Kernel]:
+    """`kernels` by the time they take to attend a GRPO-shaped packed row (`groups` prompts of 512 tokens, `members`
+    responses of 256 each) with the model's head counts and dtype, fastest first: one plan and one `attend` per
+    layer, best of three."""
     from klservice.backends.hf.layout import build_layout
 
     config = backend._model.config.get_text_config() if hasattr(backend._model.config, "get_text_config") \
@@ -274,20 +276,23 @@ def fastest(backend: "HFBackend", kernels: list[Kernel], groups: int = 4, member
     timings = {}
     for kernel in kernels:
         best = float("inf")
-        for _ in range(3):
-            _synchronize(device)
-            begin = time.perf_counter()
-            with torch.inference_mode():
-                call = TreeCall(layout, kernel)
-                for _ in range(layers):
-                    call.attend(q, k, v, head_dim ** -0.5, None)
-            _synchronize(device)
-            best = min(best, time.perf_counter() - begin)
+        try:
+            for _ in range(3):
+                _synchronize(device)
+                begin = time.perf_counter()
+                with torch.inference_mode():
+                    call = TreeCall(layout, kernel)
+                    for _ in range(layers):
+                        call.attend(q, k, v, head_dim ** -0.5, None)
+                _synchronize(device)
+                best = min(best, time.perf_counter() - begin)
+        except Exception:  # it passed on the probe but fails at this size: last
+            log.warning("attention kernel %s failed on a %d-token row", kernel.name, layout.tokens, exc_info=True)
         timings[kernel.name] = best
-    chosen = min(kernels, key=lambda kernel: timings[kernel.name])
+    ranked = sorted(kernels, key=lambda kernel: timings[kernel.name])
     log.info("attention kernels on a %d-token GRPO row, %d layers: %s; using %s", layout.tokens, layers,
-             ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items()), chosen.name)
-    return chosen
+             ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items()), ranked[0].name)
+    return ranked
 
 
 def _synchronize(device: torch.device) -> None:
