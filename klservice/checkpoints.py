@@ -11,13 +11,11 @@ dtype).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 from pathlib import Path
 
-from klservice.backends._files import weight_files
+from klservice.backends._files import ModelFileError, safetensors_header, weight_files
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per parameter of each compute dtype."""
@@ -31,19 +29,9 @@ class CheckpointError(Exception):
 
 def _header(path: Path) -> dict:
     try:
-        with open(path, "rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > 100 * MIB:
-                raise CheckpointError(f"{path.name}: not a safetensors file (header of {size} bytes)")
-            header = json.loads(handle.read(size))
-        header.pop("__metadata__", None)
-        for tensor in header.values():
-            [int(dimension) for dimension in tensor["shape"]]
-    except CheckpointError:
-        raise
-    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{path.name}: not a readable safetensors file ({type(error).__name__}: {error})") from None
-    return header
+        return safetensors_header(path)[0]
+    except ModelFileError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def parameter_count(folder: Path) -> int | None:

@@ -249,9 +249,10 @@ def _add_admin_command(commands) -> None:
     load = _client_command(
         actions, "load", "load a checkpoint under a model name (a new name, or a swap)",
         "Load the Hugging Face folder PATH (as the server sees it) under NAME and print the new revision. A "
-        "failed load leaves NAME serving what it served and says why.", timeout=600.0,
+        "failed load leaves NAME serving what it served and says why. A load still running when --timeout passes "
+        "is given up by the server (as one past its --load-timeout-seconds is).", timeout=600.0,
     )
-    load.add_argument("name", help="the model name (1-64 letters, digits, '_', '.' or '-')")
+    load.add_argument("name", help="the model name (1-64 letters, digits, '_', '.' or '-', the first not '.' or '-')")
     load.add_argument("path", help="the checkpoint folder, on the server's file system")
     load.add_argument("--mixup-alpha", type=float, default=None, metavar="ALPHA",
                       help="serve (1 - ALPHA) * current + ALPHA * new weights (TR-DPO-style mixing; 1: a hard reset)")

@@ -15,7 +15,7 @@ from pathlib import PurePath
 from typing import Any
 
 from klservice.backends.base import DTYPES
-from klservice_client.wire import MODEL_NAME_PATTERN
+from klservice_client.wire import MODEL_NAME_PATTERN, MODEL_NAME_RULE
 
 ENV_PREFIX = "KLSERVICE_"
 EMBEDDED = "embedded"
@@ -151,6 +151,12 @@ class ServerConfig:
         "compute dtype, plus vLLM's --gpu-memory-utilization share of a GPU). 0: the device's free memory when a model "
         "loads (CUDA's free memory, or the host's available memory on CPU). A swap needs room for both revisions.",
     )
+    load_timeout_seconds: float = config_field(
+        3600.0,
+        "Longest a model load may take (reading and hashing its files, mixing, the probe forward), at start and by "
+        "LoadModel: past it the load fails with DEADLINE_EXCEEDED naming the file it was reading, and its name is "
+        "free again. The default suits a 70B checkpoint (140 GB in bfloat16) read at 100 MB/s. 0: no limit.",
+    )
     allow_admin_from_loopback: bool = config_field(
         False,
         "Without --auth-file, let callers on 127.0.0.1/::1 use the operator RPCs (LoadModel, UnloadModel): anyone "
@@ -233,6 +239,31 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together: give both (or neither)")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (client certificates are checked over TLS)")
+
+    def ignored_flags(self) -> list[str]:
+        """What this configuration gives that another setting makes moot, one sentence each (logged at start)."""
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        ignored = []
+        if self.allow_admin_from_loopback and self.auth_file:
+            ignored.append("--allow-admin-from-loopback is ignored: with --auth-file, only tenants with the admin role "
+                           "may call operator RPCs, from any host")
+        if not self.max_connection_age_seconds and (
+                self.max_connection_age_grace_seconds != defaults["max_connection_age_grace_seconds"]):
+            ignored.append("--max-connection-age-grace-seconds is ignored: --max-connection-age-seconds is 0 "
+                           "(connections have no age limit)")
+        if self.metrics_port < 0 and self.metrics_host:
+            ignored.append("--metrics-host is ignored: --metrics-port -1 turns /metrics off")
+        try:
+            backends = {spec.backend for spec in self.model_specs()}
+        except ValueError:
+            return ignored
+        if "vllm" not in backends:
+            for name in ("tensor_parallel_size", "gpu_memory_utilization"):
+                if getattr(self, name) != defaults[name]:
+                    ignored.append(f"--{name.replace('_', '-')} is ignored: no model is served by the vllm backend")
+        if "hf" not in backends and self.attention_kernel != defaults["attention_kernel"]:
+            ignored.append("--attention-kernel is ignored: no model is served by the hf backend")
+        return ignored
 
     def model_specs(self) -> list["ModelSpec"]:
         """The models to serve, the default first (ValueError naming the flag for a malformed --model)."""
@@ -338,7 +369,7 @@ class ModelSpec:
         if name is None:
             name = EMBEDDED_MODEL_NAME if path is None else PurePath(path.rstrip("/")).name or path
         elif check_name and not MODEL_NAME_PATTERN.fullmatch(name):
-            raise ValueError(f"model name {name[:80]!r}: use 1-64 letters, digits, '_', '.' or '-'")
+            raise ValueError(f"model name {name[:80]!r}: {MODEL_NAME_RULE}")
         if backend not in KNOWN_BACKENDS:
             raise ValueError(f"model {name!r}: backend {backend!r} is not one of {', '.join(KNOWN_BACKENDS)}")
         if dtype not in DTYPES:

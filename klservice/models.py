@@ -17,6 +17,16 @@ it. `ModelRegistry` maps names to their current revision and runs the lifecycle:
   old backend is released when its last lease is returned. A failed load changes nothing. Two
   loads of one name never run at once: the second is refused (FailedPrecondition).
 - **Unload.** The name goes at once; its revision is released like a replaced one.
+- **Bounded loads.** A load reads only regular files, each for the size seen when it began
+  (`klservice.backends._files.check_folder`, `hash_files`), and its blocking work runs in daemon
+  threads (`klservice.threads`) that the coroutine waits on until ``--load-timeout-seconds``:
+  past it, or when the server stops, the load is given up (its `LoadGuard` stops it reading at the
+  next block), the name is free at once, and whatever the thread still produces is released when
+  it ends. A load whose caller has gone runs on to its end (`ReferenceService.load_model`), so
+  within its deadline too. A stopping process never waits for a load: a thread blocked in the
+  kernel is left behind. A mixing load writes under ``<cache>/mixed/<pid>-<name>-*``; one
+  given up removes its folder when its thread ends, and a server starting removes those of
+  processes no longer running.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -34,14 +45,16 @@ from pathlib import Path
 import numpy as np
 
 from klservice import __version__
-from klservice.backends.base import ModelInfo, ReferenceBackend, probe_tokens
+from klservice.backends.base import LOGPROB_SLACK, ModelInfo, ReferenceBackend, probe_tokens
 from klservice.cache import ReferenceCache
 from klservice.checkpoints import MIB, CheckpointError, mix_checkpoints, weight_bytes
 from klservice.config import ModelSpec, ServerConfig
-from klservice_client.wire import MODEL_NAME_PATTERN
-from klservice.errors import FailedPrecondition, ModelNotFound, NotReady, ServiceError
+from klservice.backends._files import LoadAbandoned, LoadGuard, ModelFileError
+from klservice_client.wire import MODEL_NAME_PATTERN, MODEL_NAME_RULE
+from klservice.errors import DeadlineExpired, FailedPrecondition, InvalidInput, ModelNotFound, NotReady, ServiceError
 from klservice.metrics import Metrics
 from klservice.scheduler import TokenBudgetScheduler
+from klservice.threads import in_daemon_thread
 from klservice.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -105,6 +118,7 @@ class ModelRegistry:
         self._reserved: dict[str, tuple[str, int]] = {}  # name -> (device, bytes) of a load in flight
         self._generations: dict[str, int] = {}
         self._releases: set[asyncio.Task] = set()
+        self._guards: set[LoadGuard] = set()  # of the loads in flight: given up when the server stops
         self._closing = False
 
     # --- start and stop -----------------------------------------------------------------
@@ -115,27 +129,39 @@ class ModelRegistry:
         if preloaded is not None and not self.config.model:  # served under the name its loader gave it
             name = (await asyncio.to_thread(preloaded.info)).name
             specs[0] = dataclasses.replace(specs[0], name=name, path=name)
-        folders = await asyncio.to_thread(self._folders, specs, preloaded)
-        estimates = [await asyncio.to_thread(_estimate, spec, folder, self.config) for spec, folder in zip(specs, folders)]
-        self._check_fits(list(zip(specs, estimates)), existing=[], when="at start")
-        for index, (spec, folder, (device, size)) in enumerate(zip(specs, folders, estimates)):
-            backend = preloaded if index == 0 and preloaded is not None else None
-            served = await self._open(spec, folder, device, size, backend=backend)
-            self._models[spec.name] = served
-            self._publish(served)
+        await asyncio.to_thread(_remove_stale_mixed, self._mixed_root())
+        guard = self._guard()
+        try:
+            folders = await self._blocking(guard, "starting", self._folders, specs, preloaded, guard)
+            estimates = [await self._blocking(guard, f"model {spec.name!r}", _estimate, spec, folder, self.config)
+                         for spec, folder in zip(specs, folders)]
+            self._check_fits(list(zip(specs, estimates)), existing=[], when="at start")
+            for index, (spec, folder, (device, size)) in enumerate(zip(specs, folders, estimates)):
+                backend = preloaded if index == 0 and preloaded is not None else None
+                served = await self._open(spec, folder, device, size, backend=backend, guard=guard)
+                self._models[spec.name] = served
+                self._publish(served)
+        finally:
+            self._guards.discard(guard)
         self._default = specs[0].name
         self._refresh_default_flags()
         return list(self._models.values())
 
-    def _folders(self, specs: list[ModelSpec], preloaded) -> list[Path | None]:
+    def _folders(self, specs: list[ModelSpec], preloaded, guard: LoadGuard) -> list[Path | None]:
         from klservice.backends import model_folder
+        from klservice.backends._files import check_folder
 
         folders = []
         for index, spec in enumerate(specs):
             if index == 0 and preloaded is not None:
                 folders.append(None)  # a backend handed in by the embedding program: its memory is its own
             else:
-                folders.append(model_folder(self.config, spec, progress=True))
+                folder = model_folder(self.config, spec, progress=True)
+                try:
+                    check_folder(folder, guard)
+                except ModelFileError as error:
+                    raise FailedPrecondition(f"model {spec.name!r}: {folder}: {error}") from None
+                folders.append(folder)
         return folders
 
     @property
@@ -149,6 +175,8 @@ class ModelRegistry:
         """Give queued and running work `grace` seconds, then stop every scheduler and close every backend.
         True if everything finished in time."""
         self._closing = True
+        for guard in list(self._guards):  # loads in flight stop reading; their threads are left behind
+            guard.abandon("the server is stopping")
         if self._releases:  # revisions already on their way out: their last requests are done
             await asyncio.gather(*self._releases, return_exceptions=True)
         everything = list(self._models.values()) + list(self._retiring)
@@ -207,8 +235,7 @@ class ModelRegistry:
     async def load(self, request: LoadRequest) -> ServedModel:
         """Load a checkpoint under a name (new, or moved from its current revision once the new one is checked)."""
         name = request.name
-        if name not in self._models and not MODEL_NAME_PATTERN.fullmatch(name):
-            raise FailedPrecondition(f"name: {name[:80]!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        check_model_name(name)
         if self._closing:
             raise NotReady("server is shutting down")
         if name in self._loading:
@@ -219,31 +246,37 @@ class ModelRegistry:
             raise FailedPrecondition(
                 f"model {name!r}: this server serves {len(self._models)} models, its --max-models; unload one first"
             )
+        spec = self._spec(request, current)
+        alpha = request.mixup_alpha
+        if alpha is not None and not (isinstance(alpha, float) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+            raise InvalidInput(f"mixup_alpha: {alpha} is not in [0, 1]")
+        what = f"model {name!r}: loading {request.path}"
         self._loading.add(name)
+        guard = self._guard()
         started = time.perf_counter()
         owned: Path | None = None
         try:
-            spec = self._spec(request, current)
-            folder = await asyncio.to_thread(_resolve, request.path)
+            folder = await self._blocking(guard, what, _resolve, request.path, guard)
             if request.mixup_alpha is not None:
                 if current is None or current.folder is None:
                     raise FailedPrecondition(
                         f"mixup_alpha: model {name!r} is not served from a checkpoint folder, so there is nothing to "
                         "mix the new weights with"
                     )
-                owned = await asyncio.to_thread(self._mix, current, folder, request.mixup_alpha)
+                owned = await self._blocking(guard, what, self._mix, current, folder, request.mixup_alpha, guard,
+                                             cleanup=_remove_mixed)
                 folder = owned
             mixed = time.perf_counter()
-            device, size = await asyncio.to_thread(_estimate, spec, folder, self.config)
+            device, size = await self._blocking(guard, what, _estimate, spec, folder, self.config)
             self._check_fits([(spec, (device, size))], existing=self._holding(), when="now")
             self._reserved[name] = (device, size)  # counted by other loads' checks while this one runs
             try:
                 served = await self._open(spec, folder, device, size, owned_folder=owned, mixup_alpha=request.mixup_alpha,
-                                          path=request.path)
-            except (FailedPrecondition, NotReady):
+                                          path=request.path, guard=guard)
+            except ServiceError:
                 raise
             except Exception as error:  # noqa: BLE001 - any failure to load is the load's answer
-                raise FailedPrecondition(f"model {name!r}: loading {request.path} failed: {_describe(error)}") from None
+                raise FailedPrecondition(f"{what} failed: {_describe(error)}") from None
             owned = None  # the revision owns it now
             if current is not None and not request.force and served.info.tokenizer_fingerprint != current.info.tokenizer_fingerprint:
                 await self._discard(served)
@@ -274,10 +307,15 @@ class ModelRegistry:
         except ServiceError:
             self.metrics.model_loads.labels(name, "failed").inc()
             raise
+        except asyncio.CancelledError:  # given up (`_blocking`): only an embedding program cancels a load
+            self.metrics.model_loads.labels(name, "failed").inc()
+            log.warning("%s: cancelled", what)
+            raise
         except Exception as error:  # noqa: BLE001 - whatever else fails a load is the load's answer, with its reason
             self.metrics.model_loads.labels(name, "failed").inc()
-            raise FailedPrecondition(f"model {name!r}: loading {request.path} failed: {_describe(error)}") from None
+            raise FailedPrecondition(f"{what} failed: {_describe(error)}") from None
         finally:
+            self._guards.discard(guard)
             self._loading.discard(name)
             self._reserved.pop(name, None)
             if owned is not None:
@@ -285,6 +323,7 @@ class ModelRegistry:
 
     async def unload(self, name: str) -> list[str]:
         """Stop serving `name` (not the default model); its requests in flight finish first. The names left."""
+        check_model_name(name)
         if name == self._default:
             raise FailedPrecondition(
                 f"model {name!r} is the default model and cannot be unloaded; load another checkpoint into it instead"
@@ -312,21 +351,27 @@ class ModelRegistry:
                 check_name=current is None,
             )
         except ValueError as error:
-            raise FailedPrecondition(str(error)) from None
+            raise InvalidInput(str(error)) from None
 
-    def _mix(self, current: ServedModel, folder: Path, alpha: float) -> Path:
-        if not (isinstance(alpha, float) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-            raise FailedPrecondition(f"mixup_alpha: {alpha} is not in [0, 1]")
+    def _mixed_root(self) -> Path:
+        """Where mixing loads write their folders (``<cache>/mixed``)."""
         from klservice.default_model import default_cache_dir
 
         root = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
-        (root / "mixed").mkdir(parents=True, exist_ok=True)
-        out = Path(tempfile.mkdtemp(prefix=f"{current.name}-", dir=root / "mixed")) / "model"
+        return root / "mixed"
+
+    def _mix(self, current: ServedModel, folder: Path, alpha: float, guard: LoadGuard) -> Path:
+        root = self._mixed_root()
+        root.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{current.name}-", dir=root)) / "model"
         from klservice.backends._files import model_revision
 
         try:  # the served weights are read again from their folder: it must still hold exactly them
-            unchanged = model_revision(current.folder) == current.info.revision
-        except (OSError, FileNotFoundError):
+            unchanged = model_revision(current.folder, guard) == current.info.revision
+        except LoadAbandoned:
+            shutil.rmtree(out.parent, ignore_errors=True)
+            raise
+        except (OSError, FileNotFoundError, ModelFileError):
             unchanged = False
         if not unchanged:
             shutil.rmtree(out.parent, ignore_errors=True)
@@ -335,6 +380,7 @@ class ModelRegistry:
                 f"its revision {current.info.revision[:12]}; mixing reads the served weights from there (keep it until "
                 "the next mixing load), so load a checkpoint without mixup_alpha instead"
             )
+        guard.reading = str(folder)
         try:
             return mix_checkpoints(current.folder, folder, alpha, out)
         except CheckpointError as error:
@@ -344,25 +390,28 @@ class ModelRegistry:
             shutil.rmtree(out.parent, ignore_errors=True)
             raise FailedPrecondition(f"mixup_alpha: mixing {folder} into {current.name!r} failed: {_describe(error)}") from None
 
-    async def _open(self, spec: ModelSpec, folder: Path | None, device: str, size: int, *,
+    async def _open(self, spec: ModelSpec, folder: Path | None, device: str, size: int, *, guard: LoadGuard,
                     backend: ReferenceBackend | None = None, owned_folder: Path | None = None,
                     mixup_alpha: float | None = None, path: str | None = None) -> ServedModel:
         """Load (unless given), probe, and put a revision into service: its scheduler and cache, its limits."""
         handed_in = backend is not None
         started = time.perf_counter()
+        what = f"model {spec.name!r}: loading {path or folder}"
         if backend is None:
             from klservice.backends import load_backend
 
-            backend = await asyncio.to_thread(load_backend, self.config, dataclasses.replace(spec, path=str(folder)),
-                                              progress=False)
+            located = dataclasses.replace(spec, path=str(folder))
+            backend = await self._blocking(guard, what, lambda: load_backend(self.config, located, progress=False,
+                                                                             guard=guard),
+                                           cleanup=lambda loaded: loaded.close())
         loaded = time.perf_counter()
         try:
             info = await asyncio.to_thread(backend.info)
             if not handed_in:  # a backend handed in loaded is its loader's to check
-                await asyncio.to_thread(_probe, backend, info)
-        except Exception:
-            if not handed_in:
-                await asyncio.to_thread(backend.close)
+                await self._blocking(guard, what, _probe, backend, info)
+        except BaseException:
+            if not handed_in:  # in its own thread: a probe still running stops at its next layer
+                in_daemon_thread(backend.close, name="klservice-close")
             raise
         generation = self._generations.get(spec.name, 0) + 1
         config = self.config
@@ -418,6 +467,44 @@ class ModelRegistry:
     def _refresh_default_flags(self) -> None:
         for name, served in self._models.items():
             served.info = dataclasses.replace(served.info, is_default=name == self._default)
+
+    def _guard(self) -> LoadGuard:
+        """A new load's guard, with the --load-timeout-seconds deadline, given up if the server stops."""
+        timeout = self.config.load_timeout_seconds
+        guard = LoadGuard(time.monotonic() + timeout if timeout > 0 else None)
+        self._guards.add(guard)
+        return guard
+
+    async def _blocking(self, guard: LoadGuard, what: str, fn, *args, cleanup=None):
+        """``fn(*args)``, a blocking step of a load, in a daemon thread, waited on until the load's deadline. Past
+        it, or when the wait is cancelled, the load is given up: `guard` stops its reading at the next block,
+        `cleanup` is applied to what the thread still produces when it ends, and DeadlineExpired (naming the file
+        it was reading) or the cancellation is raised. Its own failures come back as the load's answer:
+        a file it refused, FailedPrecondition naming it; a load given up by the server stopping, NotReady."""
+        future = in_daemon_thread(fn, *args, name="klservice-load")
+        timeout = None if guard.deadline is None else max(0.0, guard.deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as error:
+            guard.abandon("its deadline passed" if isinstance(error, asyncio.TimeoutError) else "it was cancelled")
+            if cleanup is not None:
+                future.add_done_callback(lambda done: _clean_up(done, cleanup))
+            if isinstance(error, asyncio.TimeoutError):
+                raise self._overdue(guard, what) from None
+            raise
+        except LoadAbandoned:
+            if self._closing:
+                raise NotReady("server is shutting down") from None
+            raise self._overdue(guard, what) from None
+        except ModelFileError as error:
+            raise FailedPrecondition(f"{what} failed: {error}") from None
+
+    def _overdue(self, guard: LoadGuard, what: str) -> DeadlineExpired:
+        reading = f"; it was reading {guard.reading}" if guard.reading else ""
+        return DeadlineExpired(
+            f"{what} took longer than --load-timeout-seconds ({self.config.load_timeout_seconds:g} s){reading}: "
+            "given up, the name is free"
+        )
 
     def _holding(self) -> list[tuple[str, str, int]]:
         """(name, device, bytes) of every revision holding memory: serving, and replaced but not yet released."""
@@ -482,18 +569,68 @@ class ModelRegistry:
         served.released.set()
 
 
-def _resolve(path: str) -> Path:
-    from klservice.backends._files import resolve_model_dir
+def check_model_name(name: str, field: str = "name") -> None:
+    """InvalidInput naming `field` unless `name` is a model name a server takes (`MODEL_NAME_PATTERN`)."""
+    if not name:
+        raise InvalidInput(f"{field}: empty; name the model")
+    if not MODEL_NAME_PATTERN.fullmatch(name):
+        raise InvalidInput(f"{field}: {name[:80]!r}: {MODEL_NAME_RULE}")
+
+
+def _resolve(path: str, guard: LoadGuard) -> Path:
+    """The checked folder of a LoadModel path (`check_folder`: regular files only, safetensors of their declared
+    sizes)."""
+    from klservice.backends._files import check_folder, resolve_model_dir
 
     if not path:
-        raise FailedPrecondition("path: empty; give the folder of the checkpoint to load")
+        raise InvalidInput("path: empty; give the folder of the checkpoint to load")
     try:
         folder = resolve_model_dir(path)
     except FileNotFoundError as error:
         raise FailedPrecondition(f"path: {error}") from None
     if not (folder / "config.json").is_file():
         raise FailedPrecondition(f"path: {folder} has no config.json; it is not a Hugging Face model folder")
+    try:
+        check_folder(folder, guard)
+    except ModelFileError as error:
+        raise FailedPrecondition(f"path: {folder}: {error}") from None
     return folder
+
+
+def _clean_up(future, cleanup) -> None:
+    """Apply `cleanup` to what a given-up load step produced, when it produced something."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    try:
+        cleanup(future.result())
+    except Exception:  # noqa: BLE001 - nobody waits for this any more
+        log.exception("releasing what a given-up load produced failed")
+
+
+def _remove_mixed(folder: Path) -> None:
+    """Remove a mixing load's folder (``<cache>/mixed/<pid>-<name>-*/model``)."""
+    shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def _remove_stale_mixed(root: Path) -> None:
+    """Remove the mixing folders of processes no longer running (a load given up at a stop leaves its own)."""
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        pid = entry.name.split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("removed %s, left by process %s", entry, pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _estimate(spec: ModelSpec, folder: Path | None, config: ServerConfig) -> tuple[str, int]:
@@ -555,9 +692,9 @@ def _probe(backend: ReferenceBackend, info: ModelInfo) -> None:
     if len(values) != 1 or len(values[0]) != len(tokens) - 1:
         raise FailedPrecondition("probe forward: the backend returned the wrong number of log-probs")
     values = np.asarray(values[0], dtype=np.float64)
-    if not np.isfinite(values).all() or (values > 1e-3).any():
+    if not np.isfinite(values).all() or (values > LOGPROB_SLACK).any():
         raise FailedPrecondition(
-            f"probe forward: the weights give log-probs that are not finite numbers <= 0 (e.g. {values[~np.isfinite(values) | (values > 1e-3)][0]:g}): "
+            f"probe forward: the weights give log-probs that are not finite numbers <= 0 (e.g. {values[~np.isfinite(values) | (values > LOGPROB_SLACK)][0]:g}): "
             "the checkpoint is broken"
         )
 

@@ -53,7 +53,7 @@ from typing import Sequence
 
 import numpy as np
 
-from klservice.backends.base import Interrupted, ReferenceBackend, group_by_prompt
+from klservice.backends.base import LOGPROB_SLACK, Interrupted, ReferenceBackend, group_by_prompt
 from klservice.config import ServerConfig
 from klservice.errors import DEADLINE_SLACK_S, BackendFault, DeadlineExpired, NotReady, Overloaded, TooLarge
 from klservice.validation import Batch
@@ -702,6 +702,11 @@ class TokenBudgetScheduler:
             if not np.isfinite(value).all():  # a model failure, not the caller's: INTERNAL, and never cached
                 log.error("the backend returned non-finite log-probs (job %s, %d tokens)", request.job, len(item.tokens))
                 _fail(request, BackendFault("the backend returned non-finite log-probs"))
+                continue
+            if (value > LOGPROB_SLACK).any():  # not a log-probability: the backend's failure, never cached
+                log.error("the backend returned log-probs above 0 (largest %g; job %s, %d tokens)", float(value.max()),
+                          request.job, len(item.tokens))
+                _fail(request, BackendFault("the backend returned log-probs above 0"))
                 continue
             if self._cache is not None and item.cache_key is not None:
                 self._cache.put(item.cache_key, value)

@@ -101,6 +101,8 @@ class Server:
                 "replace and unload the served models. Use --auth-file with an admin tenant instead where others "
                 "share the host."
             )
+        for sentence in config.ignored_flags():
+            log.warning("%s", sentence)
         if self._metrics_http is not None and config.metrics_address not in LOOPBACK_HOSTS and config.auth_file:
             log.warning(
                 "/metrics on %s:%s is plain HTTP without authentication: tenant names and their KL figures are "

@@ -122,7 +122,8 @@ class ReferenceService:
 
     async def load_model(self, request: LoadRequest) -> ServedModel:
         """Operator: load a checkpoint under a name (`ModelRegistry.load`). The load runs to its end even if the
-        caller goes away meanwhile (a half-done load would hold memory nobody releases)."""
+        caller goes away meanwhile (a half-done load would hold memory nobody releases): it is served, or fails,
+        by --load-timeout-seconds at the latest, and its name is free again either way."""
         self.require_ready()
         task = asyncio.ensure_future(self.models.load(request))
         task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning if abandoned

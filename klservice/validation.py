@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 
@@ -151,13 +152,19 @@ def check_request_id(request_id: str) -> None:
         raise InvalidInput(f"request_id: {len(request_id)} characters, at most {MAX_REQUEST_ID_LENGTH} are accepted")
 
 
+REVISION_PATTERN = re.compile(r"[0-9a-f]{12,64}")
+"""A revision a request may pin: a model revision (sha256, lower-case hex) or a prefix of 12 digits or more."""
+
+
 def check_revision(expected: str, limits: Limits) -> None:
     """Empty: any revision. Otherwise the revision the caller pinned (the full hash, or a prefix of at least 12
     hex digits) must be the one serving the model: FailedPrecondition naming both otherwise."""
     if not expected:
         return
-    if len(expected) > 64 or len(expected) < 12:
-        raise InvalidInput(f"revision: {len(expected)} characters; expected 12 to 64 hex digits of a revision")
+    if not REVISION_PATTERN.fullmatch(expected):
+        raise InvalidInput(
+            f"revision: {expected[:80]!r}: expected 12 to 64 lower-case hex digits (a revision, or its first 12 or more)"
+        )
     if not limits.revision.startswith(expected):
         raise FailedPrecondition(
             f"{REVISION_MISMATCH_PREFIX}the request expects revision {expected[:12]} but model {limits.model_name!r} "

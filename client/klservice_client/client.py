@@ -657,7 +657,8 @@ class KLClient(_ClientCore):
         folder must stay as it was until then (a changed one is refused). Another tokenizer is refused unless
         ``force``. Not retried (a mixing load must not run twice); `FailedPrecondition` says why a load failed,
         and the name then serves what it served. `timeout` (default: the client's) bounds the whole load: give
-        large checkpoints more. Returns the new revision's info (its ``generation`` is one more than before).
+        large checkpoints more (when it passes, the server gives the load up; so it does past its own
+        ``--load-timeout-seconds``). Returns the new revision's info (its ``generation`` is one more than before).
         """
         request = self._load_request(name, path, backend, dtype, device, max_length, force, mixup_alpha)
         info = model_info_from_proto(self._call("LoadModel", request, self._operator, retry=False, timeout=timeout))

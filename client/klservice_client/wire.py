@@ -27,6 +27,7 @@ from klservice_client.tensors import TensorError, from_tensor, to_tensor
 __all__ = [
     "JOB_METADATA_KEY",
     "MODEL_NAME_PATTERN",
+    "MODEL_NAME_RULE",
     "ModelInfo",
     "RETRY_AFTER_METADATA_KEY",
     "TensorError",
@@ -49,8 +50,11 @@ JOB_METADATA_KEY = "x-job-id"
 RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 """Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds the server expects its backlog to take."""
 
-MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-"""What a model name given to a server (``--model NAME=PATH``, LoadModel) may look like: a bounded metric label."""
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+"""What a model name given to a server (``--model NAME=PATH``, LoadModel) may look like: a bounded metric label,
+not a path (``.``, ``..`` and hidden names are not names)."""
+MODEL_NAME_RULE = "use 1-64 letters, digits, '_', '.' or '-', the first a letter, a digit or '_'"
+"""How `MODEL_NAME_PATTERN` is said to whoever gave a name that does not match it."""
 
 MESSAGE_OVERHEAD_BYTES = 4096
 """Bound on what a request or response holds besides its arrays: ids, model name and revision, spec, diagnostics."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from klservice.backends.base import ModelInfo, ReferenceBackend
 
 if TYPE_CHECKING:
+    from klservice.backends._files import LoadGuard
     from klservice.config import ModelSpec, ServerConfig
 
 __all__ = ["KNOWN_BACKENDS", "ModelInfo", "ReferenceBackend", "load_backend", "model_folder"]
@@ -27,7 +28,8 @@ KNOWN_BACKENDS = ("hf", "vllm")
 """Backend names `load_backend` accepts."""
 
 
-def load_backend(config: "ServerConfig", spec: "ModelSpec | None" = None, *, progress: bool = True) -> ReferenceBackend:
+def load_backend(config: "ServerConfig", spec: "ModelSpec | None" = None, *, progress: bool = True,
+                 guard: "LoadGuard | None" = None) -> ReferenceBackend:
     """Load one model of a server configuration into its backend.
 
     `spec` (default: the configuration's first model, `ServerConfig.model_specs`) gives the name, the
@@ -36,7 +38,8 @@ def load_backend(config: "ServerConfig", spec: "ModelSpec | None" = None, *, pro
     `max_length` (caps the model's own context length). From `config` come `cache_dir` (where the
     embedded model is converted to, see `ensure_default_model`), `share_prompts`, for the vllm backend
     `tensor_parallel_size` and `gpu_memory_utilization`, and for hf `attention_kernel`. `progress`
-    shows conversion and loading progress on stderr.
+    shows conversion and loading progress on stderr. `guard` (`klservice.backends._files.LoadGuard`) lets
+    the caller give the load up while it reads its files.
     """
     spec = spec if spec is not None else config.model_specs()[0]
     backend = spec.backend
@@ -51,7 +54,7 @@ def load_backend(config: "ServerConfig", spec: "ModelSpec | None" = None, *, pro
         return HFBackend(
             folder, name=name, dtype=spec.dtype, device=spec.device, max_length=spec.max_length, progress=progress,
             share_prompts=config.share_prompts,
-            kernel=None if config.attention_kernel == "auto" else config.attention_kernel,
+            kernel=None if config.attention_kernel == "auto" else config.attention_kernel, guard=guard,
         )
     if backend == "vllm":
         from klservice.backends.vllm import VLLMBackend
@@ -66,6 +69,7 @@ def load_backend(config: "ServerConfig", spec: "ModelSpec | None" = None, *, pro
             gpu_memory_utilization=config.gpu_memory_utilization,
             share_prompts=config.share_prompts,
             progress=progress,
+            guard=guard,
         )
     raise AssertionError(f"backend {backend!r} is listed in KNOWN_BACKENDS but not wired up")
 

@@ -17,12 +17,15 @@ import numpy as np
 from klservice_client.wire import ModelInfo
 
 __all__ = [
-    "DTYPES", "Interrupted", "ModelInfo", "ReferenceBackend", "Scored", "describe_model", "group_by_prompt",
+    "DTYPES", "Interrupted", "LOGPROB_SLACK", "ModelInfo", "ReferenceBackend", "Scored", "describe_model", "group_by_prompt",
     "split_shared",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
 """Compute dtypes every backend accepts (the `--dtype` choices)."""
+LOGPROB_SLACK = 1e-3
+"""How far above 0 a log-prob from a backend may be (float rounding of a probability near 1); beyond, it is not a
+log-probability, and the backend is at fault."""
 
 
 def describe_model(

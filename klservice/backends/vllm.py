@@ -79,7 +79,7 @@ from typing import Any
 
 import numpy as np
 
-from klservice.backends._files import model_revision
+from klservice.backends._files import LoadGuard, model_revision
 from klservice.backends.base import (
     DTYPES, ModelInfo, ReferenceBackend, Scored, describe_model, group_by_prompt, probe_tokens, split_shared,
 )
@@ -214,7 +214,8 @@ class VLLMBackend(ReferenceBackend):
     VLLM_CPU_KVCACHE_SPACE, else 1 GiB; on GPU: what `gpu_memory_utilization` leaves).
     `share_prompts` (default on) computes a prompt shared by several sequences of a call
     once, through vLLM's prefix cache. `progress` is accepted for the factory's signature;
-    vLLM prints its own loading progress.
+    vLLM prints its own loading progress. `guard` gives up hashing the files when the loader
+    gives the load up (vLLM's own reading cannot be).
     """
 
     def __init__(
@@ -231,6 +232,7 @@ class VLLMBackend(ReferenceBackend):
         enforce_eager: bool | None = None,
         share_prompts: bool = True,
         progress: bool = True,
+        guard: LoadGuard | None = None,
     ) -> None:
         _import_vllm()
         from transformers import AutoTokenizer
@@ -250,7 +252,7 @@ class VLLMBackend(ReferenceBackend):
         )
         log.info("starting a vLLM engine for %s (%s on %s)", folder, dtype, platform)
         started = time.perf_counter()
-        revision = model_revision(folder)
+        revision = model_revision(folder, guard)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         # Not skip_tokenizer_init (requests are token ids, nothing is detokenized): vLLM's start-up then logs a
         # traceback from its chat-template warm-up.

@@ -149,6 +149,15 @@ BAD_REQUESTS = {
     "unknown enum value": (
         "ComputeKL", kl_request(spec=pb.KLSpec(estimator=7)),
         grpc.StatusCode.INVALID_ARGUMENT, r"spec.estimator: unknown value 7"),
+    "revision that is not hex": (
+        "Score", score_request(revision="zzzzzzzzzzzz"),
+        grpc.StatusCode.INVALID_ARGUMENT, r"revision: 'zzzzzzzzzzzz': expected 12 to 64 lower-case hex digits"),
+    "revision in upper case": (
+        "Score", score_request(revision="ABCDEF012345"),
+        grpc.StatusCode.INVALID_ARGUMENT, r"revision: 'ABCDEF012345': expected 12 to 64 lower-case hex digits"),
+    "revision too short": (
+        "ComputeKL", kl_request(revision="abc"),
+        grpc.StatusCode.INVALID_ARGUMENT, r"revision: 'abc': expected 12 to 64 lower-case hex digits"),
     "old log-probs of another dtype": (
         "ComputeKL", kl_request(old_logprobs=to_tensor(np.full(4, -1.0, np.float64))),
         grpc.StatusCode.INVALID_ARGUMENT, r"old_logprobs: dtype float64 differs from logprobs' float32"),

@@ -239,8 +239,10 @@ class Extreme(ReferenceBackend):
         return Scored([np.full_like(v, self.value) for v in scored.values], scored.tokens_saved)
 
 
-def test_non_finite_model_output_is_internal_and_never_cached(start_server, hf_backend):
-    server = start_server(backend=Extreme(hf_backend, np.nan))
+@pytest.mark.parametrize("value", [np.nan, 5.0, 0.01])
+def test_model_output_that_is_no_log_prob_is_internal_and_never_cached(start_server, hf_backend, value):
+    """NaN, and values above 0 beyond float rounding (a log-probability is at most 0): the backend's failure."""
+    server = start_server(backend=Extreme(hf_backend, value))
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.ReferenceServiceStub(channel)
         for _ in range(2):  # the second time too: the NaNs were not cached as an answer

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from klservice_client import (
-    FailedPrecondition, KLClient, ModelNotFound, PermissionDenied, RevisionMismatch, Unauthenticated,
+    FailedPrecondition, InvalidArgument, KLClient, ModelNotFound, PermissionDenied, RevisionMismatch, Unauthenticated,
 )
 from tests.server.test_auth import KLSERVICE, add_tenant
 from tests.server.test_client_behaviour import GatedBackend
@@ -260,7 +260,7 @@ def test_mixup_alpha_serves_the_mixed_weights(start_server, checkpoints, tmp_pat
         assert len(mixed_dirs) == 1  # the mixed revision's own folder
         client.load_model(server.model, str(checkpoints["base"]))  # replaced: its folder goes when it is released
         assert wait_until(lambda: not list((tmp_path / "cache" / "mixed").iterdir()))
-        with pytest.raises(FailedPrecondition, match=r"mixup_alpha: 1.5 is not in \[0, 1\]"):
+        with pytest.raises(InvalidArgument, match=r"mixup_alpha: 1.5 is not in \[0, 1\]"):
             client.load_model(server.model, str(checkpoints["base"]), mixup_alpha=1.5)
         with pytest.raises(FailedPrecondition, match="is not served from a checkpoint folder|not served"):
             client.load_model("fresh", str(checkpoints["base"]), mixup_alpha=0.5)
@@ -275,7 +275,7 @@ def test_mixup_alpha_serves_the_mixed_weights(start_server, checkpoints, tmp_pat
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such folder"),
     ("nan", "probe forward: the weights give log-probs that are not finite"),
-    ("cut", "loading .* failed"),
+    ("cut", r"model\.safetensors: \d+ bytes, but its header declares \d+; the file is truncated"),
     ("other", "has another tokenizer .* pass force"),
     ("memory", "models do not fit cpu now: .* beside"),
 ])
@@ -323,7 +323,7 @@ def test_load_adds_a_name_and_unload_removes_it(start_server, checkpoints, expec
         assert client.unload_model("teacher") == [server.model]
         with pytest.raises(ModelNotFound):
             client.score(SEQUENCES, PROMPTS, model="teacher")
-        with pytest.raises(FailedPrecondition, match="use 1-64 letters"):
+        with pytest.raises(InvalidArgument, match="use 1-64 letters"):
             client.load_model("no spaces please", str(checkpoints["base"]))
 
 
@@ -449,3 +449,41 @@ def test_klservice_admin_loads_lists_and_unloads(start_server, checkpoints):
     assert code == 0 and "unloaded 'teacher'" in text, text
     code, text = run("info", "--model", "teacher")
     assert code == 1 and "NOT_FOUND" in text, text
+
+
+# --------------------------------------------------------------------------- bad input to the admin surface
+
+
+def test_every_bad_input_to_load_and_unload_is_invalid_argument_naming_the_field(start_server, checkpoints):
+    """Names that are empty, not names (".", "..", hidden), an empty path, an unknown dtype or backend: the caller's
+    mistakes, INVALID_ARGUMENT naming the field; the server serves on."""
+    server = start_server(allow_admin_from_loopback=True, max_models=3)
+    base = str(checkpoints["base"])
+    with KLClient(server.target, max_retries=0) as client:
+        for name, message in [("", "name: empty"), (".", r"name: '\.': use 1-64"), ("..", r"name: '\.\.': use 1-64"),
+                              (".hidden", r"name: '\.hidden': use 1-64"), ("-x", r"name: '-x': use 1-64")]:
+            with pytest.raises(InvalidArgument, match=message):
+                client.load_model(name, base)
+            with pytest.raises(InvalidArgument, match=message):
+                client.unload_model(name)
+        with pytest.raises(InvalidArgument, match="path: empty"):
+            client.load_model("teacher", "")
+        with pytest.raises(InvalidArgument, match="dtype 'float64' is not one of"):
+            client.load_model("teacher", base, dtype="float64")
+        with pytest.raises(InvalidArgument, match="backend 'onnx' is not one of"):
+            client.load_model("teacher", base, backend="onnx")
+        with pytest.raises(ModelNotFound):
+            client.unload_model("never-loaded")
+        assert client.load_model("teacher", base).name == "teacher"  # none of it held the name
+        assert client.score(SEQUENCES, PROMPTS).revision
+
+
+def test_a_flag_another_overrides_is_named_at_start(start_server, tmp_path, caplog):
+    """--allow-admin-from-loopback does nothing beside --auth-file (the auth file decides who is an admin): the start
+    log says so, as for the other flags that another makes moot."""
+    auth = tmp_path / "auth.toml"
+    add_tenant(auth, "ops", "--role", "admin")
+    with caplog.at_level("WARNING", logger="klservice.server"):
+        start_server(auth_file=str(auth), allow_admin_from_loopback=True, max_connection_age_grace_seconds=9.0)
+    assert "--allow-admin-from-loopback is ignored: with --auth-file" in caplog.text
+    assert "--max-connection-age-grace-seconds is ignored: --max-connection-age-seconds is 0" in caplog.text

@@ -116,7 +116,7 @@ from trl import GRPOConfig, GRPOTrainer
 from klservice_client import kl
 from klservice_client.client import KLClient, ModelInfo
 from klservice_client.errors import KLServiceError
-from klservice_client.wire import MODEL_NAME_PATTERN
+from klservice_client.wire import MODEL_NAME_PATTERN, MODEL_NAME_RULE
 
 __all__ = ["KLServiceGRPOTrainer", "ServedReference"]
 
@@ -295,7 +295,7 @@ class KLServiceGRPOTrainer(GRPOTrainer):
         if sync:
             reference_model = reference_model or _reference_name(job_id)
             if not MODEL_NAME_PATTERN.fullmatch(reference_model):
-                raise ValueError(f"reference_model: {reference_model!r}: use 1-64 letters, digits, '_', '.' or '-'")
+                raise ValueError(f"reference_model: {reference_model!r}: {MODEL_NAME_RULE}")
             served = {served.name: served for served in client.list_models()}  # also: the server answers
             if reference_model in served and served[reference_model].is_default:
                 raise ValueError(

@@ -20,13 +20,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from klservice.backends._files import model_revision
+from klservice.backends._files import LoadGuard, model_revision
 from klservice.backends.base import (
     DTYPES, Interrupted, ModelInfo, ReferenceBackend, Scored, describe_model, group_by_prompt, split_shared,
 )
@@ -36,6 +35,7 @@ from klservice.backends.hf.chunking import LayerChunker
 from klservice.backends.hf.head import LMHead, sliced_logits
 from klservice.backends.hf.layout import CallLayout, build_layout
 from klservice.backends.hf.loading import load_model, resolve_device, transformers_progress
+from klservice.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class HFBackend(ReferenceBackend):
         min_shared_prompt: int = 1,
         chunk_tokens: int | None = None,
         kernel: str | None = None,
+        guard: LoadGuard | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -87,12 +88,17 @@ class HFBackend(ReferenceBackend):
         self._min_shared_prompt = max(1, min_shared_prompt)
         self._share_prompts = share_prompts
         log.info("loading %s (%s on %s)", folder, dtype, self._device)
-        # Hash the files (~0.4 s per GB) while transformers reads them; hashlib releases the GIL.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            revision = pool.submit(model_revision, folder)
+        # Hash the files (~0.4 s per GB) while transformers reads them; hashlib releases the GIL. The hash is given
+        # up with the load (`guard`: its deadline, a failure here).
+        guard = guard or LoadGuard()
+        revision = in_daemon_thread(model_revision, folder, guard, name="klservice-hash")
+        try:
             with transformers_progress(progress):
                 self.tokenizer, model = load_model(folder, dtype, self._device)
             revision = revision.result()
+        except BaseException:
+            guard.abandon("the load failed")
+            raise
         self._model = model
         self._body = model.base_model
         self._interrupted = threading.Event()
