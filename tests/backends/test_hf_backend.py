@@ -228,12 +228,14 @@ def test_a_multi_head_model_packs_with_the_same_values(make_tiny_model, llama_co
 
 
 def test_the_embedded_model_packs_within_its_own_batching_noise(default_model_dir):
-    """SmolLM2 on real text, two groups sharing prompts and a sequence alone: the packed forward against each
-    sequence's forward alone. Its 30 float32 layers move by about 1e-5 with the shape of a batch, so the bound is
-    1e-5 or, where larger, the plain (padded) forward's own difference between those two batch compositions."""
-    packed, padded = HFBackend(default_model_dir, progress=False), HFBackend(default_model_dir, progress=False,
-                                                                              kernel="none")
-    tokenizer = packed.tokenizer
+    """SmolLM2 on real text, two groups sharing prompts and a sequence alone: the packed call against each sequence
+    scored alone. Its 30 float32 layers move by about 1e-5 with the shape of a batch, so the bound is 1e-5 or, where
+    larger, the plain forward's own difference between two batch compositions of these sequences (all together in
+    one padded batch, and one by one)."""
+    from klservice.backends.hf.checks import plain_log_probs
+
+    backend = HFBackend(default_model_dir, progress=False)
+    tokenizer = backend.tokenizer
     sequences, starts = [], []
     for prompt, responses in [
         ("The capital of France is", [" Paris. It is a big city with many museums.", " Paris, of course.", " a city"]),
@@ -245,12 +247,13 @@ def test_the_embedded_model_packs_within_its_own_batching_noise(default_model_di
             starts.append(len(prompt_ids))
     sequences.append(np.asarray(tokenizer("Once upon a time there was a small dog who liked to run.").input_ids))
     starts.append(1)
-    scored = packed.score(sequences, starts)
+    scored = backend.score(sequences, starts)
     assert scored.tokens_saved == 2 * 5 + 1 * 10
-    alone = [padded.score([seq], [start]).values[0] for seq, start in zip(sequences, starts)]
-    together = padded.score(sequences, starts).values
-    noise = max(float(np.abs(a - b).max()) for a, b in zip(together, alone))
-    worst = max(float(np.abs(a - b).max()) for a, b in zip(scored.values, alone))
+    alone = np.concatenate([backend.score([seq], [start]).values[0] for seq, start in zip(sequences, starts)])
+    model, device = backend._model, backend._device
+    noise = float(np.abs(plain_log_probs(model, sequences, starts, device, together=True)
+                         - plain_log_probs(model, sequences, starts, device, together=False)).max())
+    worst = float(np.abs(np.concatenate(scored.values) - alone).max())
     assert worst <= max(1e-5, noise), (worst, noise)
 
 
