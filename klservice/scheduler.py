@@ -53,7 +53,9 @@ from typing import Sequence
 
 import numpy as np
 
-from klservice.backends.base import LOGPROB_SLACK, Interrupted, ReferenceBackend, group_by_prompt
+from klservice.backends.base import (
+    LOGPROB_SLACK, Interrupted, ReferenceBackend, TeacherAsk, TeacherOutput, group_by_prompt,
+)
 from klservice.config import ServerConfig
 from klservice.errors import DEADLINE_SLACK_S, BackendFault, DeadlineExpired, NotReady, Overloaded, TooLarge
 from klservice.validation import Batch
@@ -166,6 +168,7 @@ class _Request:
     results: list
     remaining: int  # sequences without a value yet
     queued: int = 0  # sequences still in the job's queue
+    teacher: list | None = None  # per sequence its TeacherOutput, where teacher outputs were asked for
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -180,6 +183,7 @@ class _Item:
     tokens: np.ndarray
     start: int
     cache_key: bytes | None
+    ask: TeacherAsk | None = None
 
     @property
     def cost(self) -> int:
@@ -357,22 +361,51 @@ class TokenBudgetScheduler:
         (`Overloaded` with a retry hint; `TooLarge` if the request alone exceeds it) and other shares are
         not affected.
         """
+        return await self._submit(batch, temperature, job, deadline, share, weight, quota, None)
+
+    async def teach(
+        self,
+        batch: Batch,
+        temperature: float,
+        ask: TeacherAsk,
+        job: str,
+        deadline: float | None = None,
+        share: str | None = None,
+        weight: float = 1.0,
+        quota: int = 0,
+    ) -> tuple[np.ndarray, TeacherOutput]:
+        """`score`, with the teacher outputs `ask` asks for (its candidates: [num_scored, C] over the whole batch):
+        (log-probs, the sequences' TeacherOutputs concatenated). Never answered from the cache."""
+        return await self._submit(batch, temperature, job, deadline, share, weight, quota, ask)
+
+    async def _submit(self, batch: Batch, temperature: float, job: str, deadline: float | None, share: str | None,
+                      weight: float, quota: int, ask: TeacherAsk | None):
         if self._closing:
             raise NotReady("server is shutting down")
         self._backend.check_temperature(temperature)  # refuse what the backend cannot do before it takes a queue slot
+        if ask is not None:
+            self._backend.check_teacher(ask)
         request = _Request(job, share or job, temperature, deadline, asyncio.get_running_loop().create_future(), [], 0)
+        if ask is not None:
+            request.teacher = []
         items = []
+        offsets = np.concatenate([[0], np.cumsum(batch.scored_lengths)])
         for index, (tokens, start) in enumerate(zip(batch.sequences(), batch.prompt_lengths.tolist())):
+            mine = None
+            if ask is not None:
+                rows = None if ask.candidates is None else ask.candidates[offsets[index] : offsets[index + 1]]
+                mine = TeacherAsk(ask.top_k, rows)
+                request.teacher.append(TeacherOutput.empty(mine))
             if start >= len(tokens):
                 request.results.append(np.zeros(0, np.float32))
                 continue
-            key = self._cache.key(tokens, start, temperature) if self._cache is not None else None
+            key = self._cache.key(tokens, start, temperature) if self._cache is not None and ask is None else None
             cached = self._cache.get(key) if key is not None else None
             request.results.append(cached)
             if cached is None:
-                items.append(_Item(request, index, tokens, start, key))
+                items.append(_Item(request, index, tokens, start, key, mine))
         if not items:
-            return _concatenate(request.results)
+            return _answer(request)
         if self._waiting_requests >= self._max_queue:
             if self._metrics is not None:
                 self._metrics.dropped.labels("queue_full").inc()
@@ -671,8 +704,10 @@ class TokenBudgetScheduler:
         batch = [item.tokens for item in items]
         started = time.perf_counter()
         self._in_call.set()
+        asks = [item.ask for item in items]
+        teacher = {"teacher": asks} if any(ask is not None for ask in asks) else {}  # a backend without it: not passed
         try:
-            scored = self._backend.score(batch, [item.start for item in items], temperature, prompt_groups)
+            scored = self._backend.score(batch, [item.start for item in items], temperature, prompt_groups, **teacher)
         finally:
             self._in_call.clear()
         elapsed = time.perf_counter() - started
@@ -694,10 +729,16 @@ class TokenBudgetScheduler:
             metrics.tokens_forwarded.inc(sum(len(tokens) - 1 for tokens in batch) - scored.tokens_saved)
             metrics.tokens_saved.inc(scored.tokens_saved)
         values = [_checked(output, len(item.tokens) - item.start) for item, output in zip(items, scored.values)]
-        loop.call_soon_threadsafe(self._scatter, items, values)
+        taught = [None] * len(items)
+        if teacher:
+            if scored.teacher is None or len(scored.teacher) != len(items):
+                raise BackendFault("the backend returned no teacher outputs for a call that asked for them")
+            taught = [None if item.ask is None else _checked_teacher(output, len(item.tokens) - item.start, item.ask)
+                      for item, output in zip(items, scored.teacher)]
+        loop.call_soon_threadsafe(self._scatter, items, values, taught)
 
-    def _scatter(self, items: list[_Item], values: list[np.ndarray]) -> None:
-        for item, value in zip(items, values):
+    def _scatter(self, items: list[_Item], values: list[np.ndarray], taught: list) -> None:
+        for item, value, output in zip(items, values, taught):
             request = item.request
             if not np.isfinite(value).all():  # a model failure, not the caller's: INTERNAL, and never cached
                 log.error("the backend returned non-finite log-probs (job %s, %d tokens)", request.job, len(item.tokens))
@@ -713,9 +754,11 @@ class TokenBudgetScheduler:
             if request.future.done():
                 continue
             request.results[item.index] = value
+            if output is not None:
+                request.teacher[item.index] = output
             request.remaining -= 1
             if request.remaining == 0:
-                request.future.set_result(_concatenate(request.results))
+                request.future.set_result(_answer(request))
 
 
 def _checked(output, expected: int) -> np.ndarray:
@@ -747,3 +790,33 @@ def _fail(request: _Request, error: BaseException) -> None:
 
 def _concatenate(parts: list) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
+
+
+def _answer(request: _Request):
+    """What a finished request gets: its log-probs, and with teacher outputs asked, theirs concatenated."""
+    values = _concatenate(request.results)
+    if request.teacher is None:
+        return values
+    parts = request.teacher
+    return values, TeacherOutput(*(np.concatenate([getattr(part, name) for part in parts]) for name in
+                                   ("top_ids", "top_logprobs", "candidate_logprobs", "rest_logmass")))
+
+
+def _checked_teacher(output, expected: int, ask: TeacherAsk) -> TeacherOutput:
+    """A backend's teacher outputs for one sequence, checked as `_checked` checks log-probs: the shapes asked
+    for, top and candidate log-probs finite and at most 0, rests at most 0; BackendFault otherwise."""
+    shapes = {"top_ids": (expected, ask.top_k), "top_logprobs": (expected, ask.top_k),
+              "candidate_logprobs": (expected, ask.width), "rest_logmass": (expected,)}
+    if not isinstance(output, TeacherOutput) or any(np.shape(getattr(output, name)) != shape
+                                                    for name, shape in shapes.items()):
+        raise BackendFault(f"the backend returned teacher outputs of other shapes than asked ({shapes})")
+    for name in ("top_logprobs", "candidate_logprobs"):
+        values = getattr(output, name)
+        if not np.isfinite(values).all() or (values > LOGPROB_SLACK).any():
+            raise BackendFault(f"the backend returned {name} that are not log-probs")
+    if (np.nan_to_num(output.rest_logmass, nan=1.0) > LOGPROB_SLACK).any():
+        raise BackendFault("the backend returned a rest of the mass that is not a log-probability")
+    return TeacherOutput(output.top_ids.astype(np.int32, copy=False),
+                         output.top_logprobs.astype(np.float32, copy=False),
+                         output.candidate_logprobs.astype(np.float32, copy=False),
+                         output.rest_logmass.astype(np.float32, copy=False))

@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from klservice.backends.base import ModelInfo, ReferenceBackend
+from klservice.backends.base import ModelInfo, ReferenceBackend, TeacherAsk, TeacherOutput
 from klservice.config import ServerConfig
 from klservice.auth import AuthFileError, AuthTable, Tenant, bearer_token, load_auth_file
 from klservice.errors import (
@@ -56,6 +56,8 @@ class ScoreResult:
     ref_logprobs: np.ndarray
     scored_lengths: np.ndarray
     model: ModelInfo
+    teacher: TeacherOutput | None = None
+    """The teacher outputs the request asked for (top_k, candidate_ids), concatenated over its scored tokens."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,9 +221,18 @@ class ReferenceService:
             with self.lease() as served:
                 return await self.score(request, job, deadline, served)
         self.require_ready()
-        ref = await self._reference(served, request.batch, request.temperature, job, deadline)
+        teacher = None
+        if request.teacher:
+            ask = TeacherAsk(request.top_k, request.candidate_ids)
+            ref, teacher = await served.scheduler.teach(
+                request.batch, request.temperature, ask, job.key, deadline, share=job.tenant, weight=job.weight,
+                quota=job.quota,
+            )
+        else:
+            ref = await self._reference(served, request.batch, request.temperature, job, deadline)
         self.metrics.tokens_scored.labels(served.name, *job.labels).inc(request.batch.num_scored)
-        return ScoreResult(ref_logprobs=ref, scored_lengths=request.batch.scored_lengths, model=served.info)
+        return ScoreResult(ref_logprobs=ref, scored_lengths=request.batch.scored_lengths, model=served.info,
+                           teacher=teacher)
 
     async def compute_kl(
         self, request: KLRequest, job: Job, deadline: float | None, served: ServedModel | None = None

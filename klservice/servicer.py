@@ -242,12 +242,21 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
         with self._service.lease(request.model) as served:  # the revision admitted now answers, swap or not
             parsed = parse_score_request(request, served.limits)
             result: ScoreResult = await self._service.score(parsed, job, deadline, served)
-        return pb.ScoreResponse(
+        response = pb.ScoreResponse(
             request_id=request.request_id,
             model=_model_ref(result.model),
             ref_logprobs=to_tensor(result.ref_logprobs),
             scored_lengths=to_tensor(result.scored_lengths),
         )
+        taught = result.teacher
+        if taught is not None:
+            if parsed.top_k:
+                response.top_ids.CopyFrom(to_tensor(taught.top_ids))
+                response.top_logprobs.CopyFrom(to_tensor(taught.top_logprobs))
+            if parsed.candidate_ids is not None:
+                response.candidate_logprobs.CopyFrom(to_tensor(taught.candidate_logprobs))
+            response.rest_logmass.CopyFrom(to_tensor(taught.rest_logmass))
+        return response
 
     async def _compute_kl(self, request: pb.KLRequest, job: Job, deadline: float | None) -> pb.KLResponse:
         with self._service.lease(request.model) as served:

@@ -27,6 +27,7 @@ import re
 
 import numpy as np
 
+from klservice.backends.base import MAX_CANDIDATES, MAX_TOP_K
 from klservice.errors import FailedPrecondition, InvalidInput, OutOfRange, TooLarge
 from klservice_client import kl
 from klservice_client.errors import REVISION_MISMATCH_PREFIX
@@ -84,6 +85,15 @@ class ScoreRequest:
     batch: Batch
     temperature: float
     request_id: str = ""
+    top_k: int = 0
+    """Top tokens asked for at each scored position (0: none)."""
+    candidate_ids: np.ndarray | None = None
+    """int64 [num_scored, C] candidate ids, or None."""
+
+    @property
+    def teacher(self) -> bool:
+        """Whether teacher outputs are asked for."""
+        return self.top_k > 0 or self.candidate_ids is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +115,40 @@ def parse_score_request(message: pb.ScoreRequest, limits: Limits) -> ScoreReques
     check_request_id(message.request_id)
     check_revision(message.revision, limits)
     batch = parse_batch(message.batch, limits)
-    check_response_size(batch, limits, kl=False)
-    return ScoreRequest(batch=batch, temperature=parse_temperature(message.temperature), request_id=message.request_id)
+    top_k = int(message.top_k)
+    if top_k > MAX_TOP_K:
+        raise InvalidInput(f"top_k: {top_k} is over the limit of {MAX_TOP_K} tokens per position")
+    candidates = parse_candidate_ids(message, batch, limits)
+    check_response_size(batch, limits, kl=False, top_k=top_k, candidates=0 if candidates is None else candidates.shape[1])
+    return ScoreRequest(batch=batch, temperature=parse_temperature(message.temperature), request_id=message.request_id,
+                        top_k=top_k, candidate_ids=candidates)
+
+
+def parse_candidate_ids(message: pb.ScoreRequest, batch: Batch, limits: Limits) -> np.ndarray | None:
+    """The request's candidate ids as int64 [num_scored, C], or None; InvalidInput naming the field (and the
+    sequence and scored token of an id outside the vocabulary)."""
+    if not message.HasField("candidate_ids"):
+        return None
+    try:
+        ids = from_tensor(message.candidate_ids, "candidate_ids", kinds="i", ndim=2)
+    except TensorError as error:
+        raise InvalidInput(f"{error} ([num_scored_tokens, C])") from None
+    if ids.shape[0] != batch.num_scored:
+        raise InvalidInput(f"candidate_ids: has {ids.shape[0]} rows but the batch has {batch.num_scored} scored tokens")
+    if not 1 <= ids.shape[1] <= MAX_CANDIDATES:
+        raise InvalidInput(f"candidate_ids: {ids.shape[1]} ids per position; expected 1 to {MAX_CANDIDATES}")
+    ids = ids.astype(np.int64)
+    bad = np.flatnonzero(((ids < 0) | (ids >= limits.vocab_size)).any(axis=1))
+    if bad.size:
+        row = int(bad[0])
+        column = int(np.flatnonzero((ids[row] < 0) | (ids[row] >= limits.vocab_size))[0])
+        sequence = int(np.searchsorted(np.cumsum(batch.scored_lengths), row, side="right"))
+        token = row - int(np.concatenate([[0], np.cumsum(batch.scored_lengths)])[sequence])
+        raise InvalidInput(
+            f"candidate_ids: id {ids[row, column]} at sequence {sequence}, scored token {token} is outside the "
+            f"vocabulary [0, {limits.vocab_size})"
+        )
+    return ids
 
 
 def parse_kl_request(message: pb.KLRequest, limits: Limits) -> KLRequest:
@@ -185,12 +227,15 @@ def parse_temperature(value: float) -> float:
     return float(value)
 
 
-def check_response_size(batch: Batch, limits: Limits, *, kl: bool, itemsize: int = 8) -> None:
+def check_response_size(batch: Batch, limits: Limits, *, kl: bool, itemsize: int = 8, top_k: int = 0,
+                        candidates: int = 0) -> None:
     """Refuse up front a request whose answer would exceed the message limit (rather than after its forward),
-    sized as it will be sent: ComputeKL's per-token outputs in the log-probs' dtype (`itemsize` bytes)."""
-    size = response_bytes(len(batch.lengths), batch.num_scored, kl=kl, itemsize=itemsize)
+    sized as it will be sent: ComputeKL's per-token outputs in the log-probs' dtype (`itemsize` bytes), Score's
+    teacher outputs (`top_k`, `candidates` per position)."""
+    sizes = dict(kl=kl, itemsize=itemsize, top_k=top_k, candidates=candidates)
+    size = response_bytes(len(batch.lengths), batch.num_scored, **sizes)
     if size > limits.max_message_bytes:
-        per_token = response_bytes(1, 1, kl=kl, itemsize=itemsize) - response_bytes(1, 0, kl=kl, itemsize=itemsize)
+        per_token = response_bytes(1, 1, **sizes) - response_bytes(1, 0, **sizes)
         fitting = max(1, (limits.max_message_bytes - response_bytes(0, 0, kl=kl)) // per_token)
         raise TooLarge(
             f"batch: the response to {batch.num_scored} scored tokens would take up to {size} bytes, over this "

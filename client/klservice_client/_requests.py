@@ -33,6 +33,48 @@ class Prepared:
     logprobs: np.ndarray | None
     old_logprobs: np.ndarray | None
     torch_like: Any  # a torch tensor among the inputs (outputs follow its device), or None
+    top_k: int = 0  # teacher outputs asked for (Score)
+    candidate_ids: np.ndarray | None = None  # int64 [num_scored, C]
+
+    @property
+    def candidates(self) -> int:
+        return 0 if self.candidate_ids is None else int(self.candidate_ids.shape[1])
+
+
+def with_teacher(prepared: Prepared, top_k: int, candidate_ids) -> Prepared:
+    """`prepared` asking for teacher outputs: `top_k` top tokens per scored position, and the log-probs of
+    `candidate_ids`: one row of C ids per scored token, flat [num_scored, C], a list of per-sequence
+    [scored, C] arrays, or padded [batch, >= max scored, C]."""
+    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise InvalidArgument(f"top_k: {top_k!r} must be a whole number >= 0")
+    ids = None
+    if candidate_ids is not None:
+        scored = prepared.scored_lengths
+        if isinstance(candidate_ids, (list, tuple)):
+            parts = [_as_numpy(part) for part in candidate_ids]
+            if len(parts) != len(scored):
+                raise InvalidArgument(f"candidate_ids: {len(parts)} sequences given for a batch of {len(scored)}")
+            for i, (part, n) in enumerate(zip(parts, scored)):
+                if part.ndim != 2 or part.shape[0] != n:
+                    raise InvalidArgument(f"candidate_ids: sequence {i} has shape {part.shape}, expected [{n}, C]")
+            widths = {part.shape[1] for part in parts}
+            if len(widths) > 1:
+                raise InvalidArgument(f"candidate_ids: sequences give {sorted(widths)} ids per position; give one C")
+            ids = np.concatenate(parts) if parts else np.zeros((0, 1), np.int64)
+        else:
+            ids = _as_numpy(candidate_ids)
+            if ids.ndim == 3:
+                if ids.shape[0] != len(scored) or ids.shape[1] < (scored.max() if scored.size else 0):
+                    raise InvalidArgument(f"candidate_ids: padded shape {ids.shape} does not fit {len(scored)} sequences "
+                                          f"of up to {scored.max()} scored tokens")
+                ids = ids[np.arange(ids.shape[1])[None, :] < scored[:, None]]
+            elif ids.ndim != 2 or ids.shape[0] != scored.sum():
+                raise InvalidArgument(f"candidate_ids: shape {ids.shape}, expected [{int(scored.sum())}, C] (a row per "
+                                      "scored token)")
+        if ids.dtype.kind not in "iu":
+            raise InvalidArgument(f"candidate_ids: dtype {ids.dtype}; expected integer token ids")
+        ids = ids.astype(np.int64)
+    return dataclasses.replace(prepared, top_k=int(top_k), candidate_ids=ids)
 
 
 def _as_numpy(value) -> np.ndarray:
@@ -111,8 +153,11 @@ def chunks(prepared: Prepared, max_tokens: int, max_bytes: int) -> list[slice]:
     def fits(sequences: int, tokens: int, scored: int) -> bool:
         return (
             tokens <= max_tokens
-            and request_bytes(sequences, tokens, scored, logprob_arrays=arrays) <= max_bytes
+            and request_bytes(sequences, tokens, scored, logprob_arrays=arrays,
+                              candidates=prepared.candidates) <= max_bytes
             and response_bytes(sequences, scored, kl=True, itemsize=itemsize) <= max_bytes
+            and response_bytes(sequences, scored, kl=False, top_k=prepared.top_k,
+                               candidates=prepared.candidates) <= max_bytes
         )
 
     ranges, start, tokens, scored = [], 0, 0, 0
@@ -141,11 +186,14 @@ def _token_slice(prepared: Prepared, part: slice) -> slice:
 
 
 def score_requests(prepared, parts, model, temperature, revision: str = "") -> list[pb.ScoreRequest]:
-    return [
-        pb.ScoreRequest(request_id=f"part-{i}", model=model, batch=_batch_message(prepared, part), temperature=temperature,
-                        revision=revision)
-        for i, part in enumerate(parts)
-    ]
+    requests = []
+    for i, part in enumerate(parts):
+        request = pb.ScoreRequest(request_id=f"part-{i}", model=model, batch=_batch_message(prepared, part),
+                                  temperature=temperature, revision=revision, top_k=prepared.top_k)
+        if prepared.candidate_ids is not None:
+            request.candidate_ids.CopyFrom(to_tensor(prepared.candidate_ids[_token_slice(prepared, part)]))
+        requests.append(request)
+    return requests
 
 
 def kl_requests(prepared, parts, model, temperature, spec, id_prefix: str = "part-", revision: str = "") -> list[pb.KLRequest]:
@@ -203,12 +251,24 @@ def _merge_diagnostics(parts: list[kl.KLDiagnostics]) -> kl.KLDiagnostics:
 
 def score_output(responses: list[pb.ScoreResponse], prepared: Prepared, as_torch: bool) -> ScoreOutput:
     ref = np.concatenate([from_tensor(r.ref_logprobs, "ref_logprobs") for r in responses])
+
+    def gather(name: str, asked: bool, ndim: int):
+        if not asked:
+            return None
+        values = np.concatenate([from_tensor(getattr(r, name), name, kinds="fi", ndim=ndim) for r in responses])
+        return _to_output(values, prepared, as_torch)
+
+    teacher = prepared.top_k > 0 or prepared.candidate_ids is not None
     return ScoreOutput(
         ref_logprobs=_to_output(ref, prepared, as_torch),
         scored_lengths=prepared.scored_lengths,
         model=responses[0].model.name,
         revision=responses[0].model.revision,
         generation=responses[0].model.generation,
+        top_ids=gather("top_ids", prepared.top_k > 0, 2),
+        top_logprobs=gather("top_logprobs", prepared.top_k > 0, 2),
+        candidate_logprobs=gather("candidate_logprobs", prepared.candidate_ids is not None, 2),
+        rest_logmass=gather("rest_logmass", teacher, 1),
     )
 
 

@@ -46,6 +46,7 @@ import grpc
 from klservice_client import kl
 from klservice_client._requests import (
     Prepared, backoff, check_revisions, chunks, kl_output, kl_requests, prepare, score_output, score_requests,
+    with_teacher,
 )
 from klservice_client.credentials import PEM, bearer_metadata, channel_credentials, open_channel, resolve_token
 from klservice_client.errors import (
@@ -510,8 +511,11 @@ class _ClientCore:
     def _parts(self, info: ModelInfo, prepared: Prepared) -> list[slice]:
         return chunks(prepared, info.max_request_tokens, min(info.max_message_bytes, self._options.max_message_bytes))
 
-    def _score_plan(self, info: ModelInfo, sequences, prompt_lengths, temperature, model, revision, as_torch) -> _Plan:
+    def _score_plan(self, info: ModelInfo, sequences, prompt_lengths, temperature, model, revision, as_torch,
+                    top_k: int = 0, candidate_ids=None) -> _Plan:
         prepared = prepare(sequences, prompt_lengths)
+        if top_k or candidate_ids is not None:
+            prepared = with_teacher(prepared, top_k, candidate_ids)
         revision = self._revision(model, revision)
         requests = score_requests(prepared, self._parts(info, prepared), model, temperature, revision)
         finish = lambda responses: _finish(score_output, responses, prepared, as_torch)  # noqa: E731
@@ -677,16 +681,22 @@ class KLClient(_ClientCore):
 
     def score(
         self, sequences, prompt_lengths, *, temperature: float = 1.0, model: str | None = None,
-        revision: str | None = None, as_torch: bool = False,
+        revision: str | None = None, as_torch: bool = False, top_k: int = 0, candidate_ids=None,
     ) -> ScoreOutput:
         """Reference log-probs of every token after its sequence's prompt.
 
         `model`: a served model's name (default: the client's model, else the server's default); `revision`:
         the revision it must be at (default: the client's pin for that model, if any), else `RevisionMismatch`.
+
+        Teacher outputs (distillation), exact over the whole vocabulary at `temperature`: `top_k` (at most 256)
+        asks for the most likely tokens at each scored position (`ScoreOutput.top_ids`, `.top_logprobs`);
+        `candidate_ids`, C token ids per scored position (flat [num_scored, C], per-sequence [scored, C] arrays,
+        or padded [batch, >= max scored, C]; for example the student's own top tokens), for their log-probs
+        (`.candidate_logprobs`). With either comes `.rest_logmass`, the log of the mass outside them.
         """
         name = self._name(model)
         plan = self._score_plan(self.model_info(model=name), sequences, prompt_lengths, temperature, name, revision,
-                                as_torch)
+                                as_torch, top_k, candidate_ids)
         return self._run(plan)
 
     def compute_kl(
@@ -869,12 +879,13 @@ class AsyncKLClient(_ClientCore):
 
     async def score(
         self, sequences, prompt_lengths, *, temperature: float = 1.0, model: str | None = None,
-        revision: str | None = None, as_torch: bool = False,
+        revision: str | None = None, as_torch: bool = False, top_k: int = 0, candidate_ids=None,
     ) -> ScoreOutput:
-        """Reference log-probs of every token after its sequence's prompt (`KLClient.score`)."""
+        """Reference log-probs of every token after its sequence's prompt, and teacher outputs (`KLClient.score`)."""
         name = self._name(model)
         info = await self.model_info(model=name)
-        return await self._run(self._score_plan(info, sequences, prompt_lengths, temperature, name, revision, as_torch))
+        return await self._run(self._score_plan(info, sequences, prompt_lengths, temperature, name, revision, as_torch,
+                                                top_k, candidate_ids))
 
     async def compute_kl(
         self,

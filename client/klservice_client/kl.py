@@ -28,6 +28,11 @@ Numerics: ``k3`` and the ``k3`` coefficients use ``expm1``; exponents are clampe
 The formulas are those of "Rethinking KL Regularization in RLHF" (arXiv 2510.01555);
 the aggregation levels and truncated importance sampling go slightly beyond the paper
 and are documented on `KLSpec`.
+
+Distillation (a served teacher's top-k or candidate log-probs and the rest of its mass):
+`distillation_divergence` gives forward KL, reverse KL and GKD's generalised JSD on the
+truncated support, with their exact gradients, and `distillation_surrogate` the loss that
+has that gradient (see `klservice_client._distill`).
 """
 
 from __future__ import annotations
@@ -41,8 +46,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from klservice_client._arrays import is_torch, ops_for
+from klservice_client._distill import (
+    KINDS as DISTILLATION_KINDS, DistillationDivergence, distillation_divergence, distillation_surrogate, rest_logmass,
+)
 
 __all__ = [
+    "DISTILLATION_KINDS",
+    "DistillationDivergence",
+    "distillation_divergence",
+    "distillation_surrogate",
+    "rest_logmass",
     "Aggregation",
     "Estimator",
     "ImportanceSampling",

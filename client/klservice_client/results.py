@@ -51,7 +51,9 @@ class _Ragged:
 
 @dataclasses.dataclass(frozen=True)
 class ScoreOutput(_Ragged):
-    """Reference log-probs of the scored tokens (flat; `ragged()` / `padded()` to reshape)."""
+    """Reference log-probs of the scored tokens (flat; `ragged()` / `padded()` to reshape), and the teacher outputs
+    asked for (`KLClient.score(top_k=..., candidate_ids=...)`), one row per scored token, every log-prob over the
+    whole vocabulary at the request's temperature."""
 
     ref_logprobs: Any
     scored_lengths: np.ndarray
@@ -59,6 +61,15 @@ class ScoreOutput(_Ragged):
     revision: str
     generation: int = 0
     """How many loads the model name had seen when it answered (ModelInfo.generation)."""
+    top_ids: Any = None
+    """int32 [scored, top_k]: the most likely token ids at each position, most likely first (with top_k)."""
+    top_logprobs: Any = None
+    """float32 [scored, top_k]: their log-probs (with top_k)."""
+    candidate_logprobs: Any = None
+    """float32 [scored, C]: the log-probs of the candidate ids (with candidate_ids)."""
+    rest_logmass: Any = None
+    """float32 [scored]: log of the mass outside the top ids and the candidates, each counted once (-inf where they
+    hold all of it): the tail bucket of a truncated distribution (with either)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,17 +60,21 @@ MESSAGE_OVERHEAD_BYTES = 4096
 """Bound on what a request or response holds besides its arrays: ids, model name and revision, spec, diagnostics."""
 
 
-def request_bytes(num_sequences: int, num_tokens: int, num_scored: int, *, logprob_arrays: int = 0) -> int:
-    """Upper bound on a Score or ComputeKL request's size: int64 token ids, lengths and prompt lengths, and
-    `logprob_arrays` float64 arrays over the scored tokens (1 with logprobs, 2 with old_logprobs too)."""
-    return MESSAGE_OVERHEAD_BYTES + 8 * num_tokens + 16 * num_sequences + 8 * logprob_arrays * num_scored
+def request_bytes(num_sequences: int, num_tokens: int, num_scored: int, *, logprob_arrays: int = 0,
+                  candidates: int = 0) -> int:
+    """Upper bound on a Score or ComputeKL request's size: int64 token ids, lengths and prompt lengths,
+    `logprob_arrays` float64 arrays over the scored tokens (1 with logprobs, 2 with old_logprobs too), and
+    `candidates` int64 candidate ids per scored token."""
+    return MESSAGE_OVERHEAD_BYTES + 8 * num_tokens + 16 * num_sequences + 8 * (logprob_arrays + candidates) * num_scored
 
 
-def response_bytes(num_sequences: int, num_scored: int, *, kl: bool, itemsize: int = 8) -> int:
-    """Upper bound on a response's size: Score sends float32 reference log-probs; ComputeKL adds k1, k2, k3,
+def response_bytes(num_sequences: int, num_scored: int, *, kl: bool, itemsize: int = 8, top_k: int = 0,
+                   candidates: int = 0) -> int:
+    """Upper bound on a response's size: Score sends float32 reference log-probs (and, asked, int32 top ids with
+    float32 log-probs, float32 candidate log-probs and the float32 rest of the mass); ComputeKL adds k1, k2, k3,
     coef and coef_principled in the dtype of the request's log-probs (`itemsize` bytes each: 4 for float32,
     8 for float64); both send int64 scored lengths."""
-    per_token = 4 + (5 * itemsize if kl else 0)
+    per_token = 4 + (5 * itemsize if kl else 0) + 8 * top_k + 4 * candidates + (4 if top_k or candidates else 0)
     return MESSAGE_OVERHEAD_BYTES + per_token * num_scored + 8 * num_sequences
 
 

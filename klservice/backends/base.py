@@ -17,8 +17,8 @@ import numpy as np
 from klservice_client.wire import ModelInfo
 
 __all__ = [
-    "DTYPES", "Interrupted", "LOGPROB_SLACK", "ModelInfo", "ReferenceBackend", "Scored", "describe_model", "group_by_prompt",
-    "split_shared",
+    "DTYPES", "Interrupted", "LOGPROB_SLACK", "MAX_CANDIDATES", "MAX_TOP_K", "ModelInfo", "ReferenceBackend", "Scored",
+    "TeacherAsk", "TeacherOutput", "describe_model", "group_by_prompt", "split_shared",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,6 +54,47 @@ def describe_model(
     )
 
 
+MAX_TOP_K = 256
+"""Most top tokens a request may ask for at each scored position."""
+MAX_CANDIDATES = 256
+"""Most candidate ids a request may give at each scored position."""
+
+
+@dataclass(frozen=True)
+class TeacherAsk:
+    """What a sequence asks beyond its tokens' log-probs (distillation's teacher side): at each scored position the
+    `top_k` most likely tokens, and the log-probs of `candidates` ([scored, C] int64 token ids, or None)."""
+
+    top_k: int = 0
+    candidates: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        return 0 if self.candidates is None else int(self.candidates.shape[1])
+
+
+@dataclass(frozen=True)
+class TeacherOutput:
+    """A sequence's teacher outputs, one row per scored token; every log-prob over the whole vocabulary at the
+    call's temperature."""
+
+    top_ids: np.ndarray
+    """int32 [scored, top_k]: the most likely token ids, most likely first."""
+    top_logprobs: np.ndarray
+    """float32 [scored, top_k]."""
+    candidate_logprobs: np.ndarray
+    """float32 [scored, C]: the log-probs of the asked candidate ids."""
+    rest_logmass: np.ndarray
+    """float32 [scored]: log of the probability mass outside the top ids and the candidates (each id counted once);
+    -inf where they hold all of it."""
+
+    @classmethod
+    def empty(cls, ask: TeacherAsk) -> "TeacherOutput":
+        """The outputs of a sequence with no token to score."""
+        return cls(np.zeros((0, ask.top_k), np.int32), np.zeros((0, ask.top_k), np.float32),
+                   np.zeros((0, ask.width), np.float32), np.zeros(0, np.float32))
+
+
 @dataclass(frozen=True)
 class Scored:
     """What `ReferenceBackend.score` returns."""
@@ -65,6 +106,8 @@ class Scored:
     positions: int | None = None
     """Token positions the model computed in this call, padding included (the `klservice_batch_tokens` metric);
     None: not reported, taken as (sequences) × (longest sequence)."""
+    teacher: list[TeacherOutput | None] | None = None
+    """Per sequence, its teacher outputs where it asked for them (`score(teacher=...)`)."""
 
 
 class ReferenceBackend(abc.ABC):
@@ -81,6 +124,7 @@ class ReferenceBackend(abc.ABC):
         starts: Sequence[int],
         temperature: float = 1.0,
         prompt_groups: Sequence[Sequence[int]] | None = None,
+        teacher: Sequence[TeacherAsk | None] | None = None,
     ) -> Scored:
         """Reference log-probs of every token from its start on.
 
@@ -92,6 +136,9 @@ class ReferenceBackend(abc.ABC):
         `prompt_groups` is `group_by_prompt(sequences, starts)` when the caller has computed it already
         (the scheduler has, to keep groups in one call); a backend that shares prompts computes it
         otherwise. A backend may share any group's prompt, or none.
+
+        `teacher` (per sequence, or None) asks for teacher outputs (`TeacherAsk`), returned in `Scored.teacher`; a
+        backend that cannot compute them refuses in `check_teacher`, before the request is queued.
         """
 
     @property
@@ -99,6 +146,16 @@ class ReferenceBackend(abc.ABC):
         """Whether `score()` runs sequences without padding, so a call costs its real tokens rather than (sequences)
         × (longest): the scheduler then sizes calls by real tokens (`plan_calls`)."""
         return False
+
+    def check_teacher(self, ask: TeacherAsk) -> None:
+        """Raise klservice.errors.FailedPrecondition if this backend cannot compute `ask` (the default: it computes
+        no teacher outputs at all)."""
+        from klservice.errors import FailedPrecondition
+
+        raise FailedPrecondition(
+            f"top_k and candidate_ids: the {self.info().backend} backend does not compute teacher outputs; serve "
+            "this model with the hf backend"
+        )
 
     def check_temperature(self, temperature: float) -> None:
         """Raise klservice.errors.FailedPrecondition if this backend cannot score at `temperature`.

@@ -410,3 +410,24 @@ def test_a_kernel_that_fails_while_serving_hands_over_to_the_next(tiny_llama_dir
     assert backend.kernel == "sdpa" and "attention kernel breaks-later failed" in caplog.text
     for seq, start, values in zip(sequences, starts, scored.values):
         np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
+
+
+def test_teacher_outputs_over_a_small_vocabulary_leave_no_rest_where_they_cover_it(make_tiny_model, llama_config):
+    """A 300-token vocabulary: its top 256 and the other 44 ids as candidates hold all of the mass (rest -inf); the
+    top 256 alone leave exactly the mass of the other 44; the top ids come most likely first."""
+    from klservice.backends.base import TeacherAsk
+
+    backend = HFBackend(make_tiny_model("small-vocab", llama_config(vocab_size=300)), progress=False)
+    sequence = np.random.default_rng(5).integers(0, 300, size=9)
+    (values,) = backend.score([sequence], [3]).values
+    top_only, = backend.score([sequence], [3], teacher=[TeacherAsk(top_k=256)]).teacher
+    others = np.stack([np.setdiff1d(np.arange(300), row) for row in top_only.top_ids])
+    covered, = backend.score([sequence], [3], teacher=[TeacherAsk(top_k=256, candidates=others)]).teacher
+    assert np.isneginf(covered.rest_logmass).all()
+    assert (np.diff(top_only.top_logprobs, axis=1) <= 0).all()
+    np.testing.assert_allclose(top_only.rest_logmass, np.log(np.exp(covered.candidate_logprobs.astype(np.float64)).sum(1)),
+                               atol=1e-5, rtol=1e-5)
+    total = np.logaddexp.reduce(np.concatenate([covered.top_logprobs, covered.candidate_logprobs], 1), axis=1)
+    np.testing.assert_allclose(total, 0.0, atol=1e-5)
+    np.testing.assert_allclose(values, backend.score([sequence], [3], teacher=[TeacherAsk(top_k=1)]).values[0],
+                               atol=1e-6, rtol=0)

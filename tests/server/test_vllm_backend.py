@@ -106,6 +106,19 @@ def test_client_raises_failed_precondition_for_temperature(vllm_tiny):
         assert client.score([[1, 2, 3, 4]], 2).ref_logprobs.shape == (2,)
 
 
+def test_teacher_outputs_are_refused_naming_the_backend(vllm_tiny):
+    """vLLM's prompt log-probs give neither candidates' log-probs nor the rest of the mass exactly: the vllm backend
+    refuses top_k and candidate_ids before queueing anything, and serves on."""
+    from klservice_client import FailedPrecondition, KLClient
+
+    with KLClient(vllm_tiny.target, timeout=60) as client:
+        with pytest.raises(FailedPrecondition, match="the vllm backend does not compute teacher outputs"):
+            client.score([[1, 2, 3, 4]], 2, top_k=5)
+        with pytest.raises(FailedPrecondition, match="the vllm backend does not compute teacher outputs"):
+            client.score([[1, 2, 3, 4]], 2, candidate_ids=np.array([[7], [9]]))
+        assert client.score([[1, 2, 3, 4]], 2).ref_logprobs.shape == (2,)
+
+
 @pytest.fixture(scope="module")
 def transformers_logprobs(tiny_model_dir):
     """Reference values: the tiny model in plain transformers, full logits, float64 log-softmax."""

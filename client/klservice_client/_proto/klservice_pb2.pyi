@@ -145,30 +145,42 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "model", "batch", "temperature", "revision")
+    __slots__ = ("request_id", "model", "batch", "temperature", "revision", "top_k", "candidate_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     batch: SequenceBatch
     temperature: float
     revision: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., batch: _Optional[_Union[SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ..., revision: _Optional[str] = ...) -> None: ...
+    top_k: int
+    candidate_ids: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., batch: _Optional[_Union[SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ..., revision: _Optional[str] = ..., top_k: _Optional[int] = ..., candidate_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "model", "ref_logprobs", "scored_lengths")
+    __slots__ = ("request_id", "model", "ref_logprobs", "scored_lengths", "top_ids", "top_logprobs", "candidate_logprobs", "rest_logmass")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REF_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SCORED_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REST_LOGMASS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: ModelRef
     ref_logprobs: Tensor
     scored_lengths: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., scored_lengths: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    top_ids: Tensor
+    top_logprobs: Tensor
+    candidate_logprobs: Tensor
+    rest_logmass: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., scored_lengths: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., candidate_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., rest_logmass: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class KLSpec(_message.Message):
     __slots__ = ("preset", "estimator", "mode", "aggregation", "importance_sampling", "truncation", "differentiable_weight")

@@ -27,7 +27,8 @@ import torch
 
 from klservice.backends._files import LoadGuard, model_revision
 from klservice.backends.base import (
-    DTYPES, Interrupted, ModelInfo, ReferenceBackend, Scored, describe_model, group_by_prompt, split_shared,
+    DTYPES, Interrupted, ModelInfo, ReferenceBackend, Scored, TeacherAsk, TeacherOutput, describe_model,
+    group_by_prompt, split_shared,
 )
 from klservice.backends.hf import checks
 from klservice.backends.hf.attention import TREE_ATTENTION, TREE_KWARG, Kernel, TreeCall, tree_attention
@@ -157,23 +158,32 @@ class HFBackend(ReferenceBackend):
         starts: Sequence[int],
         temperature: float = 1.0,
         prompt_groups: Sequence[Sequence[int]] | None = None,
+        teacher: Sequence[TeacherAsk | None] | None = None,
     ) -> Scored:
         assert len(sequences) == len(starts) and temperature > 0
+        asks = list(teacher) if teacher is not None and any(ask is not None for ask in teacher) else None
         results = [np.zeros(0, dtype=np.float32) for _ in sequences]
+        taught: list[TeacherOutput | None] | None = None if asks is None else [
+            None if ask is None else TeacherOutput.empty(ask) for ask in asks]
         todo = [i for i, (seq, start) in enumerate(zip(sequences, starts)) if len(seq) > start]
         if not todo:
-            return Scored(results, positions=0)
+            return Scored(results, positions=0, teacher=taught)
         batch = [np.asarray(seq, dtype=np.int64) for seq in sequences]
         starts = [int(s) for s in starts]
         self._positions = 0
         with torch.inference_mode():
             if self._kernels:
-                values, saved = self._score_packed(batch, starts, todo, temperature, prompt_groups)
+                values, teachers, saved = self._score_packed(batch, starts, todo, temperature, prompt_groups, asks)
             else:
-                values, saved = self._score_padded(batch, starts, todo, temperature), 0
+                (values, teachers), saved = self._score_padded(batch, starts, todo, temperature, asks), 0
         for i, value in values.items():
             results[i] = value
-        return Scored(results, saved, positions=self._positions)
+        for i, output in teachers.items():
+            taught[i] = output
+        return Scored(results, saved, positions=self._positions, teacher=taught)
+
+    def check_teacher(self, ask: TeacherAsk) -> None:
+        """Top-k and candidates are computed in the blocked head, on either path."""
 
     def interrupt(self) -> None:
         self._interrupted.set()
@@ -216,7 +226,7 @@ class HFBackend(ReferenceBackend):
                 **{TREE_KWARG: call},
             ).last_hidden_state[0]
 
-    def _score_packed(self, sequences, starts, todo, temperature, prompt_groups):
+    def _score_packed(self, sequences, starts, todo, temperature, prompt_groups, asks):
         layout = self.layout(sequences, starts, todo, prompt_groups)
         while True:
             try:
@@ -233,10 +243,9 @@ class HFBackend(ReferenceBackend):
                 failed = self._kernels.pop(0)
                 log.exception("attention kernel %s failed; the %s kernel serves from now on", failed.name,
                               self._kernels[0].name)
-        values = self._head.log_probs(hidden, layout.targets, temperature, rows=layout.rows)
-        del hidden
-        split = np.split(values.cpu().numpy(), np.cumsum(layout.counts)[:-1])
-        return dict(zip(layout.order, split)), layout.tokens_saved
+        values, teachers = self._head_outputs(hidden, layout.targets, layout.order, layout.counts, temperature, asks,
+                                              rows=layout.rows)
+        return values, teachers, layout.tokens_saved
 
     # -- the padded path (fallback) --------------------------------------------------------
 
@@ -261,13 +270,50 @@ class HFBackend(ReferenceBackend):
             out = self._model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
         return [out[b, start - 1 : len(seq) - 1] for b, (seq, start) in enumerate(zip(sequences, starts))]
 
-    def _score_padded(self, sequences, starts, todo, temperature):
+    def _score_padded(self, sequences, starts, todo, temperature, asks):
         rows = self.padded_rows([sequences[i] for i in todo], [starts[i] for i in todo])
         targets = torch.from_numpy(np.concatenate([sequences[i][starts[i] :] for i in todo])).to(self._device)
         logits_fn = self._head.logits if self._head_on_hidden else sliced_logits
-        values = self._head.log_probs(torch.cat(rows), targets, temperature, logits_fn)
         counts = [len(sequences[i]) - starts[i] for i in todo]
-        return dict(zip(todo, np.split(values.cpu().numpy(), np.cumsum(counts)[:-1])))
+        return self._head_outputs(torch.cat(rows), targets, todo, counts, temperature, asks, logits_fn=logits_fn)
+
+    def _head_outputs(self, states, targets, order, counts, temperature, asks, logits_fn=None, rows=None):
+        """({sequence: log-probs}, {sequence: TeacherOutput}) of the scored tokens of the sequences in `order`
+        (`counts` each, their targets concatenated in that order), from their hidden states (or logits)."""
+        edges = np.cumsum(counts)[:-1]
+        if asks is None or all(asks[i] is None for i in order):
+            values = self._head.log_probs(states, targets, temperature, logits_fn, rows=rows)
+            return dict(zip(order, np.split(values.cpu().numpy(), edges))), {}
+        top_k = np.zeros(len(targets), dtype=np.int64)
+        width = max((asks[i].width for i in order if asks[i] is not None), default=0)
+        candidates = np.full((len(targets), width), -1, dtype=np.int64) if width else None
+        offset = 0
+        for i, count in zip(order, counts):
+            ask = asks[i]
+            if ask is not None:
+                top_k[offset : offset + count] = ask.top_k
+                if ask.width:
+                    candidates[offset : offset + count, : ask.width] = ask.candidates
+            offset += count
+        device = self._device
+        scores = self._head.teacher(
+            states, targets, temperature, torch.from_numpy(top_k).to(device),
+            None if candidates is None else torch.from_numpy(candidates).to(device), logits_fn, rows=rows,
+        )
+        parts = {name: np.split(getattr(scores, name).cpu().numpy(), edges)
+                 for name in ("logprobs", "top_ids", "top_logprobs", "candidate_logprobs", "rest_logmass")}
+        values, teachers = {}, {}
+        for position, i in enumerate(order):
+            values[i] = parts["logprobs"][position]
+            ask = asks[i]
+            if ask is not None:
+                teachers[i] = TeacherOutput(
+                    top_ids=parts["top_ids"][position][:, : ask.top_k].astype(np.int32),
+                    top_logprobs=parts["top_logprobs"][position][:, : ask.top_k],
+                    candidate_logprobs=parts["candidate_logprobs"][position][:, : ask.width],
+                    rest_logmass=parts["rest_logmass"][position],
+                )
+        return values, teachers
 
     # -- interruption ----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ numerator and the denominator use the same number.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,6 +89,86 @@ class LMHead:
                 del logits
             out[t0 : t0 + block.shape[0]] = target_logit - torch.logsumexp(torch.stack(partial_lse, dim=1), dim=1)
         return out
+
+
+    def teacher(self, states: torch.Tensor, targets: torch.Tensor, temperature: float, top_k: torch.Tensor,
+                candidates: torch.Tensor | None, logits_fn: LogitsFn | None = None,
+                rows: torch.Tensor | None = None) -> "TeacherScores":
+        """`log_probs`, plus at each scored position its `top_k` ([S] int64) most likely tokens and the log-probs of
+        `candidates` ([S, C] token ids, -1 for none), and the log of the mass outside both (each id counted once):
+        all over the whole vocabulary, gathered block by block as the head runs (a running top-k merged across
+        vocabulary blocks), so memory per position stays O(top_k + C). The normaliser and the rest are summed in
+        float64, so that a rest of 1e-12 of the mass is still resolved. Rows are returned `top_k.max()` wide."""
+        count = targets.shape[0]
+        assert (rows if rows is not None else states).shape[0] == count
+        logits_fn = logits_fn or self.logits
+        device = states.device
+        width = 0 if candidates is None else candidates.shape[1]
+        k = min(int(top_k.max()) if count else 0, self.vocab_size)
+        out = TeacherScores(
+            logprobs=torch.empty(count, dtype=torch.float32, device=device),
+            top_ids=torch.empty(count, k, dtype=torch.int64, device=device),
+            top_logprobs=torch.empty(count, k, dtype=torch.float32, device=device),
+            candidate_logprobs=torch.empty(count, width, dtype=torch.float32, device=device),
+            rest_logmass=torch.empty(count, dtype=torch.float32, device=device),
+        )
+        for t0 in range(0, count, self.token_chunk):
+            self._check()
+            t1 = min(t0 + self.token_chunk, count)
+            block = states[t0:t1] if rows is None else states.index_select(0, rows[t0:t1])
+            block_targets = targets[t0:t1]
+            chosen = None if candidates is None else candidates[t0:t1]
+            target_logit = torch.zeros(t1 - t0, dtype=torch.float32, device=device)
+            top_values = torch.empty(t1 - t0, 0, dtype=torch.float32, device=device)
+            top_ids = torch.empty(t1 - t0, 0, dtype=torch.int64, device=device)
+            chosen_logit = torch.full((t1 - t0, width), float("-inf"), dtype=torch.float32, device=device)
+            partial_lse = []
+            for v0 in range(0, self.vocab_size, self.vocab_chunk):
+                v1 = min(v0 + self.vocab_chunk, self.vocab_size)
+                logits = logits_fn(block, v0, v1, temperature)
+                in_block = (block_targets >= v0) & (block_targets < v1)
+                picked = logits.gather(1, (block_targets - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
+                target_logit = torch.where(in_block, picked, target_logit)
+                partial_lse.append(torch.logsumexp(logits.double(), dim=1))
+                if k:
+                    values, ids = logits.topk(min(k, v1 - v0), dim=1)
+                    top_values, order = torch.cat([top_values, values], dim=1).topk(min(k, top_values.shape[1]
+                                                                                         + values.shape[1]), dim=1)
+                    top_ids = torch.cat([top_ids, ids + v0], dim=1).gather(1, order)
+                if chosen is not None:
+                    here = (chosen >= v0) & (chosen < v1)
+                    chosen_logit = torch.where(here, logits.gather(1, (chosen - v0).clamp(0, v1 - v0 - 1)), chosen_logit)
+                del logits
+            total = torch.logsumexp(torch.stack(partial_lse, dim=1), dim=1)  # float64
+            out.logprobs[t0:t1] = (target_logit.double() - total).float()
+            out.top_ids[t0:t1] = top_ids
+            out.top_logprobs[t0:t1] = (top_values.double() - total[:, None]).float()
+            out.candidate_logprobs[t0:t1] = (chosen_logit.double() - total[:, None]).float()
+            # The returned ids, each once: the row's own top ids, and the candidates neither among them nor repeated.
+            beyond = torch.arange(top_values.shape[1], device=device)[None, :] >= top_k[t0:t1, None]
+            held = top_values.double().masked_fill(beyond, float("-inf"))
+            if chosen is not None:
+                repeated = ((chosen[:, :, None] == top_ids[:, None, :]) & ~beyond[:, None, :]).any(dim=2)
+                earlier = (chosen[:, :, None] == chosen[:, None, :]) & torch.ones(
+                    width, width, dtype=torch.bool, device=device).tril(-1)
+                repeated |= earlier.any(dim=2) | (chosen < 0)
+                held = torch.cat([held, chosen_logit.double().masked_fill(repeated, float("-inf"))], dim=1)
+            held_lse = torch.logsumexp(held, dim=1) if held.shape[1] else torch.full_like(total, float("-inf"))
+            held_mass = (held_lse - total).clamp(max=0.0)  # log of the mass of the returned ids
+            rest = torch.log(-torch.expm1(held_mass))  # log(1 - that mass); -inf where it is all of it
+            out.rest_logmass[t0:t1] = rest.float()
+        return out
+
+
+@dataclasses.dataclass
+class TeacherScores:
+    """`LMHead.teacher`'s answer, one row per scored token (tensors on the model's device)."""
+
+    logprobs: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+    candidate_logprobs: torch.Tensor
+    rest_logmass: torch.Tensor
 
 
 def sliced_logits(logits: torch.Tensor, v0: int, v1: int, temperature: float) -> torch.Tensor:
