@@ -81,6 +81,12 @@ class ServerConfig:
         "A second gRPC port on --host, always plain (no TLS, no authentication), that serves only grpc.health.v1: "
         "for probes that cannot speak TLS, such as Kubernetes' grpc probes. -1: none (health is on --port).",
     )
+    http_port: int = config_field(
+        -1,
+        "Port of the vLLM-compatible HTTP route for trainers that take a teacher as a vLLM server's URL (GET /health, "
+        "GET /v1/models, POST /v1/completions with prompt_logprobs; the same engine, scheduler and authentication as "
+        "gRPC, TLS where --tls-cert is given). -1: off; 0: a free port, logged.",
+    )
     metrics_host: str | None = config_field(
         None,
         "Address /metrics listens on (plain HTTP, no authentication). Default: 127.0.0.1 with --auth-file (tenant "

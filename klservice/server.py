@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from klservice.config import ServerConfig, bare_host
 from klservice.errors import FailedPrecondition
+from klservice.http import HttpRoute
 from klservice.metrics import Metrics
 from klservice.service import ReferenceService
 from klservice.servicer import OperatorServicer, ReferenceServicer, add_to_server
@@ -65,6 +66,8 @@ class Server:
         self._health_grpc: grpc.aio.Server | None = None  # --health-port
         self.health_port: int | None = None
         self._metrics_http = None
+        self._http: HttpRoute | None = None  # --http-port
+        self.http_port: int | None = None
         self._loading: asyncio.Task | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -141,13 +144,17 @@ class Server:
             await self._start_health_port()
         if self.config.metrics_port >= 0:
             self._start_metrics_http()
+        if self.config.http_port >= 0:
+            self._http = HttpRoute(self.service, self.config)
+            self.http_port = await self._http.start()
         transport = "gRPC" if self._credentials is None else "gRPC over TLS"
         if self.config.tls_client_ca:
             transport += ", client certificates required"
-        log.info("listening on %s:%d (%s)%s%s", _url_host(bare_host(self.config.host)), self.port, transport,
+        log.info("listening on %s:%d (%s)%s%s%s", _url_host(bare_host(self.config.host)), self.port, transport,
                  f", metrics on {_url_host(self.config.metrics_address)}:{self.metrics_port}/metrics"
                  if self.metrics_port else "",
-                 f", health on {self.health_port} (plain gRPC)" if self.health_port else "")
+                 f", health on {self.health_port} (plain gRPC)" if self.health_port else "",
+                 f", vLLM-compatible HTTP on {self.http_port}" if self.http_port is not None else "")
         self._warn_if_exposed()
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="klservice-load")
         return self.port
@@ -201,6 +208,8 @@ class Server:
             await self._grpc.stop(FLUSH_SECONDS)
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
+        if self._http is not None:
+            await self._http.stop()
         log.info("stopped in %.1f s", time.perf_counter() - started)
         if self._backend is not None:  # handed in: closed with the models if it was served; closing again is a no-op
             self._backend.close()
