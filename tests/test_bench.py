@@ -43,7 +43,7 @@ def test_quick_bench_writes_table_json_and_plot(quick_bench):
     for title in ("(a) ragged", "(b) GRPO", "(f) agentic", "(c) 4 jobs", "(d) one sequence of 256 tokens"):
         assert any(line.startswith(title) for line in stdout.splitlines()), title
     assert "-> service / naive" in stdout and "matmul peak" in stdout
-    assert set(results["workloads"]) == {"a", "b", "c", "d", "e", "f"} | ({"vllm"} if VLLM_INSTALLED else set())
+    assert set(results["workloads"]) == {"a", "b", "c", "d", "e", "f", "teacher"} | ({"vllm"} if VLLM_INSTALLED else set())
     assert results["matmul_peak_flops_per_s"] > 0
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["torch_threads"] >= 1
     assert results["config"]["server_cache_disabled"] in (True, False)
@@ -74,6 +74,11 @@ def test_quick_bench_numbers_are_consistent(quick_bench):
     for key in ("a", "b", "f"):
         assert workloads[key]["max_abs_diff"]["service_vs_inprocess"] < 1e-4
         assert workloads[key]["max_abs_diff"]["service_vs_naive"] < 1e-3
+    # Teacher outputs travel as 8 bytes per top token (int32 id, float32 log-prob) and 4 per candidate, on top of
+    # the plain answer's 4 per scored token (and 4 for the rest of the mass).
+    sizes = workloads["teacher"]["response_bytes_per_scored_token"]
+    assert 4 <= sizes["teacher_plain"] < sizes["teacher_top1"] < sizes["teacher_top20"] < sizes["teacher_top100"]
+    assert sizes["teacher_top100"] >= 4 + 8 * 100 + 4 and sizes["teacher_candidates"] >= 4 + 4 * 20 + 4
     # Naive computes the LM head at every position; the service's algorithm only where scored.
     assert workloads["b"]["paths"]["naive"]["model_flops"] > workloads["b"]["paths"]["service"]["model_flops"]
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from klservice.backends.base import DTYPES
 from klservice.config import config_field, scalar_type
 
-ALL_WORKLOADS = ("a", "b", "f", "c", "d", "e", "cache", "vllm")
+ALL_WORKLOADS = ("a", "b", "f", "teacher", "c", "d", "e", "cache", "vllm")
 """Workload keys in the order they run (`--workloads` picks a subset): those on the main server first."""
 
 

@@ -19,6 +19,11 @@ PATH_LABELS = {
     "cache_hit": "service, cache hit",
     "vllm_raw": "raw vLLM prompt_logprobs",
     "service_vllm": "service over gRPC, vllm backend",
+    "teacher_plain": "service, plain Score",
+    "teacher_top1": "service, top_k=1",
+    "teacher_top20": "service, top_k=20",
+    "teacher_top100": "service, top_k=100",
+    "teacher_candidates": "service, 20 candidate ids",
 }
 """Row label of each path (the keys of a workload's ``paths`` in bench.json)."""
 
@@ -146,6 +151,12 @@ def _workload_rows(results: dict, key: str, entry: dict, targets: list[dict]) ->
     if key == "vllm" and b_service and "vllm_raw" in entry["paths"]:
         speedup = b_service["tokens_per_s"] / entry["paths"]["vllm_raw"]["tokens_per_s"]
         rows.append(["  -> service (hf backend, from (b)) / raw vLLM", "", "", "", "", f"{speedup:.2f}x", "", ""])
+    if key == "teacher" and "teacher_plain" in entry["paths"]:
+        plain = entry["paths"]["teacher_plain"]["tokens_per_s"]
+        for row in entry["paths"].values():
+            rows.append([f"  -> {row['label']}: bytes per scored token; throughput / plain", "",
+                         f"{row['response_bytes_per_scored_token']:.0f}", "", "",
+                         f"{row['tokens_per_s'] / plain:.2f}x", "", ""])
     if key == "b" and "cache_hit" in entry["paths"] and "service" in entry["paths"]:
         speedup = entry["paths"]["cache_hit"]["tokens_per_s"] / entry["paths"]["service"]["tokens_per_s"]
         rows.append(["  -> cache hit / service", "", "", "", "", f"{speedup:.1f}x", "", ""])

@@ -12,13 +12,13 @@ import threading
 import time
 from pathlib import Path
 
-from klservice.bench import agentic, cache, flood, grpo, jobs, long, ragged, vllm
+from klservice.bench import agentic, cache, flood, grpo, jobs, long, ragged, teacher, vllm
 from klservice.bench.config import BenchConfig
 from klservice.bench.context import BenchContext, Phases
 from klservice.bench.measure import machine_info
 from klservice.bench.report import evaluate_targets, format_report, json_default, write_plot
 
-WORKLOADS = {module.KEY: module for module in (ragged, grpo, agentic, jobs, long, flood, cache, vllm)}
+WORKLOADS = {module.KEY: module for module in (ragged, grpo, agentic, teacher, jobs, long, flood, cache, vllm)}
 """The module of each workload key: ``phase_count(config)``, ``run(context)``, and ``ON_MAIN_SERVER``
 (False: it starts a server of its own, after the main one is stopped)."""
 
