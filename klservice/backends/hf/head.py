@@ -82,9 +82,7 @@ class LMHead:
             for v0 in range(0, self.vocab_size, self.vocab_chunk):
                 v1 = min(v0 + self.vocab_chunk, self.vocab_size)
                 logits = logits_fn(block, v0, v1, temperature)
-                in_block = (block_targets >= v0) & (block_targets < v1)
-                picked = logits.gather(1, (block_targets - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
-                target_logit = torch.where(in_block, picked, target_logit)
+                target_logit = _pick(logits, block_targets[:, None], v0, v1, target_logit[:, None])[:, 0]
                 partial_lse.append(torch.logsumexp(logits, dim=1))
                 del logits
             out[t0 : t0 + block.shape[0]] = target_logit - torch.logsumexp(torch.stack(partial_lse, dim=1), dim=1)
@@ -126,9 +124,7 @@ class LMHead:
             for v0 in range(0, self.vocab_size, self.vocab_chunk):
                 v1 = min(v0 + self.vocab_chunk, self.vocab_size)
                 logits = logits_fn(block, v0, v1, temperature)
-                in_block = (block_targets >= v0) & (block_targets < v1)
-                picked = logits.gather(1, (block_targets - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
-                target_logit = torch.where(in_block, picked, target_logit)
+                target_logit = _pick(logits, block_targets[:, None], v0, v1, target_logit[:, None])[:, 0]
                 partial_lse.append(torch.logsumexp(logits.double(), dim=1))
                 if k:
                     values, ids = logits.topk(min(k, v1 - v0), dim=1)
@@ -136,8 +132,7 @@ class LMHead:
                                                                                          + values.shape[1]), dim=1)
                     top_ids = torch.cat([top_ids, ids + v0], dim=1).gather(1, order)
                 if chosen is not None:
-                    here = (chosen >= v0) & (chosen < v1)
-                    chosen_logit = torch.where(here, logits.gather(1, (chosen - v0).clamp(0, v1 - v0 - 1)), chosen_logit)
+                    chosen_logit = _pick(logits, chosen, v0, v1, chosen_logit)
                 del logits
             total = torch.logsumexp(torch.stack(partial_lse, dim=1), dim=1)  # float64
             out.logprobs[t0:t1] = (target_logit.double() - total).float()
@@ -158,6 +153,13 @@ class LMHead:
             rest = torch.log(-torch.expm1(held_mass))  # log(1 - that mass); -inf where it is all of it
             out.rest_logmass[t0:t1] = rest.float()
         return out
+
+
+def _pick(logits: torch.Tensor, ids: torch.Tensor, v0: int, v1: int, current: torch.Tensor) -> torch.Tensor:
+    """`current` ([rows, n]) with the logits of the `ids` ([rows, n]) that fall in the vocabulary block [v0, v1)
+    (whose logits are `logits`, [rows, v1 - v0]) filled in."""
+    here = (ids >= v0) & (ids < v1)
+    return torch.where(here, logits.gather(1, (ids - v0).clamp(0, v1 - v0 - 1)), current)
 
 
 @dataclasses.dataclass
