@@ -16,12 +16,14 @@ event loop (aiohttp):
   rank k + 1 (vLLM gives its exact rank; clients sort by it); ``decoded_token`` is null.
 
 Errors are vLLM's JSON (``{"object": "error", "message", "type", "code"}``) with the HTTP status of the gRPC code
-the same failure gets (`HTTP_STATUS`).
+the same failure gets (`HTTP_STATUS`; a request too large to answer is 413), and ``Retry-After`` when the queue is
+full.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import time
 from typing import TYPE_CHECKING
@@ -31,7 +33,7 @@ import numpy as np
 
 from klservice.backends.base import MAX_TOP_K
 from klservice.config import bare_host
-from klservice.errors import InvalidInput, status_for
+from klservice.errors import InvalidInput, Overloaded, TooLarge, status_for
 from klservice.validation import parse_score_request
 from klservice_client.wire import JOB_METADATA_KEY, pb, to_tensor
 
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HTTP_STATUS = {
+HTTP_STATUS = {  # a request too large to answer is 413 (splitting helps), not 429 (which clients wait out)
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -123,6 +125,9 @@ class HttpRoute:
                 body = await request.json()
             except ValueError:
                 raise InvalidInput("body: not JSON") from None
+            except web.HTTPRequestEntityTooLarge:
+                raise TooLarge(f"body: over this server's message limit of {self._config.max_message_bytes} bytes "
+                               "(--max-message-mb); send fewer prompts per request") from None
             sequences, top_k, temperature, model = _completion_request(body)
             with self._service.lease(model) as served:
                 message = pb.ScoreRequest(
@@ -168,7 +173,8 @@ def _completion_request(body) -> tuple[list[list[int]], int, float, str]:
     if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
         prompt = [prompt]
     if not (isinstance(prompt, list) and prompt and all(
-            isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p) for p in prompt)):
+            isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) and -(1 << 62) < x < 1 << 62
+                                              for x in p) for p in prompt)):
         raise InvalidInput("prompt: expected token ids (a list of ints, or a list of such lists); this route does not "
                            "tokenize text")
     top_k = body.get("prompt_logprobs")
@@ -181,7 +187,7 @@ def _completion_request(body) -> tuple[list[list[int]], int, float, str]:
     temperature = body.get("temperature", 1.0)
     if temperature is None:
         temperature = 1.0
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not abs(temperature) < 1e300:
         raise InvalidInput("temperature: expected a number")
     model = body.get("model") or ""
     if not isinstance(model, str):
@@ -219,6 +225,9 @@ def _error(error: BaseException):
     code, message = status_for(error)
     if code is grpc.StatusCode.INTERNAL:
         log.error("internal error on the HTTP route", exc_info=error)
-    status = HTTP_STATUS.get(code, 500)
+    status = 413 if isinstance(error, TooLarge) else HTTP_STATUS.get(code, 500)
+    headers = {}
+    if isinstance(error, Overloaded) and error.retry_after:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return web.json_response({"object": "error", "message": message, "type": code.name, "param": None,
-                              "code": status}, status=status)
+                              "code": status}, status=status, headers=headers)

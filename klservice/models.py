@@ -24,9 +24,10 @@ it. `ModelRegistry` maps names to their current revision and runs the lifecycle:
   next block), the name is free at once, and whatever the thread still produces is released when
   it ends. A load whose caller has gone runs on to its end (`ReferenceService.load_model`), so
   within its deadline too. A stopping process never waits for a load: a thread blocked in the
-  kernel is left behind. A mixing load writes under ``<cache>/mixed/<pid>-<name>-*``; one
-  given up removes its folder when its thread ends, and a server starting removes those of
-  processes no longer running.
+  kernel is left behind. Its memory stays counted by the memory checks until its thread ends. A
+  mixing load writes under ``<cache>/mixed/<process>+<name>-*`` (`process_tag`: host, pid, start
+  time); one given up removes its folder when its thread ends, and a server starting removes
+  those of this host's processes no longer running.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -119,6 +121,7 @@ class ModelRegistry:
         self._generations: dict[str, int] = {}
         self._releases: set[asyncio.Task] = set()
         self._guards: set[LoadGuard] = set()  # of the loads in flight: given up when the server stops
+        self._orphans: dict[int, tuple[str, str, int]] = {}  # (label, device, bytes) of given-up loads still running
         self._closing = False
 
     # --- start and stop -----------------------------------------------------------------
@@ -130,39 +133,26 @@ class ModelRegistry:
             name = (await asyncio.to_thread(preloaded.info)).name
             specs[0] = dataclasses.replace(specs[0], name=name, path=name)
         await asyncio.to_thread(_remove_stale_mixed, self._mixed_root())
-        guard = self._guard()
+        guards = [self._guard() for _ in specs]  # one deadline per model
         try:
-            folders = await self._blocking(guard, "starting", self._folders, specs, preloaded, guard)
-            estimates = [await self._blocking(guard, f"model {spec.name!r}", _estimate, spec, folder, self.config)
-                         for spec, folder in zip(specs, folders)]
+            folders, estimates = [], []
+            for index, (spec, guard) in enumerate(zip(specs, guards)):
+                given = index == 0 and preloaded is not None
+                folders.append(None if given else await self._blocking(guard, f"model {spec.name!r}", _folder,
+                                                                        self.config, spec, guard))
+                estimates.append(await self._blocking(guard, f"model {spec.name!r}", _estimate, spec, folders[-1],
+                                                      self.config))
             self._check_fits(list(zip(specs, estimates)), existing=[], when="at start")
-            for index, (spec, folder, (device, size)) in enumerate(zip(specs, folders, estimates)):
+            for index, (spec, folder, (device, size), guard) in enumerate(zip(specs, folders, estimates, guards)):
                 backend = preloaded if index == 0 and preloaded is not None else None
                 served = await self._open(spec, folder, device, size, backend=backend, guard=guard)
                 self._models[spec.name] = served
                 self._publish(served)
         finally:
-            self._guards.discard(guard)
+            self._guards.difference_update(guards)
         self._default = specs[0].name
         self._refresh_default_flags()
         return list(self._models.values())
-
-    def _folders(self, specs: list[ModelSpec], preloaded, guard: LoadGuard) -> list[Path | None]:
-        from klservice.backends import model_folder
-        from klservice.backends._files import check_folder
-
-        folders = []
-        for index, spec in enumerate(specs):
-            if index == 0 and preloaded is not None:
-                folders.append(None)  # a backend handed in by the embedding program: its memory is its own
-            else:
-                folder = model_folder(self.config, spec, progress=True)
-                try:
-                    check_folder(folder, guard)
-                except ModelFileError as error:
-                    raise FailedPrecondition(f"model {spec.name!r}: {folder}: {error}") from None
-                folders.append(folder)
-        return folders
 
     @property
     def ready(self) -> bool:
@@ -363,7 +353,7 @@ class ModelRegistry:
     def _mix(self, current: ServedModel, folder: Path, alpha: float, guard: LoadGuard) -> Path:
         root = self._mixed_root()
         root.mkdir(parents=True, exist_ok=True)
-        out = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{current.name}-", dir=root)) / "model"
+        out = Path(tempfile.mkdtemp(prefix=f"{process_tag() or os.getpid()}+{current.name}-", dir=root)) / "model"
         from klservice.backends._files import model_revision
 
         try:  # the served weights are read again from their folder: it must still hold exactly them
@@ -403,33 +393,34 @@ class ModelRegistry:
             located = dataclasses.replace(spec, path=str(folder))
             backend = await self._blocking(guard, what, lambda: load_backend(self.config, located, progress=False,
                                                                              guard=guard),
-                                           cleanup=lambda loaded: loaded.close())
+                                           cleanup=lambda loaded: loaded.close(),
+                                           hold=(f"{spec.name} (given up, still loading)", device, size))
         loaded = time.perf_counter()
+        generation = self._generations.get(spec.name, 0) + 1
+        config = self.config
         try:
             info = await asyncio.to_thread(backend.info)
             if not handed_in:  # a backend handed in loaded is its loader's to check
                 await self._blocking(guard, what, _probe, backend, info)
+            model_metrics = self.metrics.for_model(spec.name)
+            cache = None
+            if config.cache_mb > 0:
+                cache = ReferenceCache(config.cache_mb * MIB, info.revision, metrics=model_metrics)
+            scheduler = TokenBudgetScheduler(
+                backend,
+                max_batch_tokens=config.max_batch_tokens,
+                max_queue=config.max_queue,
+                max_wait_s=config.max_wait_ms / 1000.0,
+                max_step_s=config.max_step_seconds,
+                call_padding=config.call_padding,
+                cache=cache,
+                metrics=model_metrics,
+            )
+            await scheduler.start()
         except BaseException:
             if not handed_in:  # in its own thread: a probe still running stops at its next layer
                 in_daemon_thread(backend.close, name="klservice-close")
             raise
-        generation = self._generations.get(spec.name, 0) + 1
-        config = self.config
-        model_metrics = self.metrics.for_model(spec.name)
-        cache = None
-        if config.cache_mb > 0:
-            cache = ReferenceCache(config.cache_mb * MIB, info.revision, metrics=model_metrics)
-        scheduler = TokenBudgetScheduler(
-            backend,
-            max_batch_tokens=config.max_batch_tokens,
-            max_queue=config.max_queue,
-            max_wait_s=config.max_wait_ms / 1000.0,
-            max_step_s=config.max_step_seconds,
-            call_padding=config.call_padding,
-            cache=cache,
-            metrics=model_metrics,
-        )
-        await scheduler.start()
         limits = Limits(
             model_name=spec.name,
             vocab_size=info.vocab_size,
@@ -475,11 +466,12 @@ class ModelRegistry:
         self._guards.add(guard)
         return guard
 
-    async def _blocking(self, guard: LoadGuard, what: str, fn, *args, cleanup=None):
+    async def _blocking(self, guard: LoadGuard, what: str, fn, *args, cleanup=None, hold=None):
         """``fn(*args)``, a blocking step of a load, in a daemon thread, waited on until the load's deadline. Past
         it, or when the wait is cancelled, the load is given up: `guard` stops its reading at the next block,
-        `cleanup` is applied to what the thread still produces when it ends, and DeadlineExpired (naming the file
-        it was reading) or the cancellation is raised. Its own failures come back as the load's answer:
+        `cleanup` is applied to what the thread still produces when it ends, `hold` ((label, device, bytes)) stays
+        counted by the memory checks until then, and DeadlineExpired (naming the file it was reading) or the
+        cancellation is raised. Its own failures come back as the load's answer:
         a file it refused, FailedPrecondition naming it; a load given up by the server stopping, NotReady."""
         future = in_daemon_thread(fn, *args, name="klservice-load")
         timeout = None if guard.deadline is None else max(0.0, guard.deadline - time.monotonic())
@@ -487,6 +479,10 @@ class ModelRegistry:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError) as error:
             guard.abandon("its deadline passed" if isinstance(error, asyncio.TimeoutError) else "it was cancelled")
+            if hold is not None:  # what it loads still takes memory until its thread ends
+                key, loop = id(future), asyncio.get_running_loop()
+                self._orphans[key] = hold
+                future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._orphans.pop, key, None))
             if cleanup is not None:
                 future.add_done_callback(lambda done: _clean_up(done, cleanup))
             if isinstance(error, asyncio.TimeoutError):
@@ -510,7 +506,8 @@ class ModelRegistry:
         """(name, device, bytes) of every revision holding memory: serving, and replaced but not yet released."""
         held = [(served.name, served.device, served.memory_bytes)
                 for served in list(self._models.values()) + list(self._retiring)]
-        return held + [(f"{name} (loading)", device, size) for name, (device, size) in self._reserved.items()]
+        return (held + [(f"{name} (loading)", device, size) for name, (device, size) in self._reserved.items()]
+                + list(self._orphans.values()))
 
     def _check_fits(self, new: list[tuple[ModelSpec, tuple[str, int]]], existing: list[tuple[str, str, int]],
                     when: str) -> None:
@@ -577,6 +574,19 @@ def check_model_name(name: str, field: str = "name") -> None:
         raise InvalidInput(f"{field}: {name[:80]!r}: {MODEL_NAME_RULE}")
 
 
+def _folder(config: ServerConfig, spec: ModelSpec, guard: LoadGuard) -> Path:
+    """The checked local folder of a --model (the embedded model converted first, where it is the one)."""
+    from klservice.backends import model_folder
+    from klservice.backends._files import check_folder
+
+    folder = model_folder(config, spec, progress=True)
+    try:
+        check_folder(folder, guard)
+    except ModelFileError as error:
+        raise FailedPrecondition(f"model {spec.name!r}: {folder}: {error}") from None
+    return folder
+
+
 def _resolve(path: str, guard: LoadGuard) -> Path:
     """The checked folder of a LoadModel path (`check_folder`: regular files only, safetensors of their declared
     sizes)."""
@@ -608,29 +618,38 @@ def _clean_up(future, cleanup) -> None:
 
 
 def _remove_mixed(folder: Path) -> None:
-    """Remove a mixing load's folder (``<cache>/mixed/<pid>-<name>-*/model``)."""
+    """Remove a mixing load's folder (``<cache>/mixed/<process>+<name>-*/model``)."""
     shutil.rmtree(folder.parent, ignore_errors=True)
 
 
+def process_tag(pid: int | None = None) -> str | None:
+    """A process among those that may share a cache directory: "host.pid.start" (its start time in clock ticks since
+    boot, from /proc: a pid reused by another process, a restarted container's pid 1, gets another tag); None where
+    the process is not running (or /proc cannot say)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            start = handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{socket.gethostname()}.{pid}.{start}"
+
+
 def _remove_stale_mixed(root: Path) -> None:
-    """Remove the mixing folders of processes no longer running (a load given up at a stop leaves its own)."""
+    """Remove the mixing folders this host's processes left (a load given up at a stop leaves its own; a killed
+    server all of its own): those whose tag (``<tag>+<name>-*``) is of this host and no longer of a running process.
+    Other hosts' folders (a shared cache directory) are theirs to clean."""
     if not root.is_dir():
         return
+    host = socket.gethostname()
     for entry in root.iterdir():
-        pid = entry.name.split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+        tag = entry.name.split("+", 1)[0]
+        owner, _, pid = tag.rpartition(".")[0].rpartition(".")
+        if "+" not in entry.name or owner != host or not pid.isdigit():
+            continue
+        if process_tag(int(pid)) != tag:
             shutil.rmtree(entry, ignore_errors=True)
-            log.info("removed %s, left by process %s", entry, pid)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+            log.info("removed %s, left by a process no longer running", entry)
 
 
 def _estimate(spec: ModelSpec, folder: Path | None, config: ServerConfig) -> tuple[str, int]:

@@ -116,8 +116,10 @@ def parse_score_request(message: pb.ScoreRequest, limits: Limits) -> ScoreReques
     check_revision(message.revision, limits)
     batch = parse_batch(message.batch, limits)
     top_k = int(message.top_k)
-    if top_k > MAX_TOP_K:
-        raise InvalidInput(f"top_k: {top_k} is over the limit of {MAX_TOP_K} tokens per position")
+    limit = min(MAX_TOP_K, limits.vocab_size)
+    if top_k > limit:
+        whose = " (the model's vocabulary size)" if limit < MAX_TOP_K else ""
+        raise InvalidInput(f"top_k: {top_k} is over the limit of {limit} tokens per position{whose}")
     candidates = parse_candidate_ids(message, batch, limits)
     check_response_size(batch, limits, kl=False, top_k=top_k, candidates=0 if candidates is None else candidates.shape[1])
     return ScoreRequest(batch=batch, temperature=parse_temperature(message.temperature), request_id=message.request_id,

@@ -30,6 +30,9 @@ from klservice_client._arrays import is_torch
 
 KINDS = ("forward", "reverse", "jsd")
 """The divergences `distillation_divergence` computes."""
+REST_FLOOR = -69.0
+"""Least log of a rest bucket (about 1e-30 of the mass): a rest rounded to nothing (-inf; a float32 top log-prob of
+0.0) would make a divergence infinite and its gradient NaN, where the true rest is merely tiny."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +65,9 @@ def distillation_divergence(student_logprobs, teacher_logprobs, *, student_rest=
 
     `student_logprobs` and `teacher_logprobs` [..., K]: log-probs of the same K distinct ids at each position,
     normalised over the whole vocabulary; `student_rest` and `teacher_rest` [...]: the log of the mass outside
-    them (default: from the support, `rest_logmass`). `support_mask` [..., K] (optional): False marks an entry to
-    leave out (padding; its mass then belongs to the rest). `beta` is the mixture weight of ``jsd``.
+    them (default: from the support, `rest_logmass`), floored at `REST_FLOOR`. `support_mask` [..., K] (optional):
+    False marks an entry to leave out (padding; its mass then belongs to the rest). `beta` is the mixture weight of
+    ``jsd``.
     """
     if kind not in KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
@@ -78,6 +82,7 @@ def distillation_divergence(student_logprobs, teacher_logprobs, *, student_rest=
     p_support = np.where(mask, p_support, -np.inf)
     q_rest = _float64(student_rest)[0] if student_rest is not None else _float64(rest_logmass(q_support))[0]
     p_rest = _float64(teacher_rest)[0] if teacher_rest is not None else _float64(rest_logmass(p_support))[0]
+    q_rest, p_rest = np.maximum(q_rest, REST_FLOOR), np.maximum(p_rest, REST_FLOOR)
     q_log = np.concatenate([q_support, q_rest[..., None]], axis=-1)
     p_log = np.concatenate([p_support, p_rest[..., None]], axis=-1)
     q, p = np.exp(q_log), np.exp(p_log)
@@ -101,17 +106,23 @@ def distillation_divergence(student_logprobs, teacher_logprobs, *, student_rest=
     return DistillationDivergence(value=back(value), grad_support=back(grad_support), grad_rest=back(grad_rest))
 
 
-def distillation_surrogate(student_logits, support_ids, result: DistillationDivergence, weights=None):
+def distillation_surrogate(student_logits, support_ids, result: DistillationDivergence, weights=None,
+                           support_mask=None):
     """A torch scalar whose gradient with respect to `student_logits` ([..., V], the logits the student's
     log-probs came from, temperature applied) is exactly `result`'s, summed over positions (each times
-    `weights` [...], e.g. a completion mask over a token count). `support_ids` [..., K]: the support's ids."""
+    `weights` [...], e.g. a completion mask over a token count). `support_ids` [..., K]: the support's ids;
+    `support_mask`: as given to `distillation_divergence` (a masked entry is in the rest bucket)."""
     import torch
 
     z = student_logits
-    grad = (torch.softmax(z.detach().double(), dim=-1)
-            * torch.as_tensor(result.grad_rest, dtype=torch.float64, device=z.device)[..., None])
-    grad = grad.scatter(-1, torch.as_tensor(support_ids, device=z.device).long(),
-                        torch.as_tensor(result.grad_support, dtype=torch.float64, device=z.device))
+    probabilities = torch.softmax(z.detach().double(), dim=-1)
+    rest = torch.as_tensor(result.grad_rest, dtype=torch.float64, device=z.device)[..., None]
+    grad = probabilities * rest  # every id as if outside the support ...
+    ids = torch.as_tensor(support_ids, device=z.device).long()
+    own = torch.as_tensor(result.grad_support, dtype=torch.float64, device=z.device) - probabilities.gather(-1, ids) * rest
+    if support_mask is not None:  # ... then the support's own: a masked entry (padding) stays in the rest
+        own = own * torch.as_tensor(support_mask, device=z.device).to(torch.float64)
+    grad = grad.scatter_add(-1, ids, own)
     if weights is not None:
         grad = grad * torch.as_tensor(weights, dtype=torch.float64, device=z.device)[..., None]
     return (grad.to(z.dtype) * z).sum()
@@ -136,4 +147,5 @@ def _float64(values) -> tuple[np.ndarray, Any]:
     return array, lambda out: np.asarray(out, dtype=np.float64)
 
 
-__all__ = ["DistillationDivergence", "KINDS", "distillation_divergence", "distillation_surrogate", "rest_logmass"]
+__all__ = ["DistillationDivergence", "KINDS", "REST_FLOOR", "distillation_divergence", "distillation_surrogate",
+           "rest_logmass"]

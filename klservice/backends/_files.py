@@ -89,6 +89,7 @@ def check_folder(folder: Path, guard: LoadGuard | None = None) -> dict[Path, int
     for path, size in files.items():
         if path.suffix == ".safetensors":
             if guard is not None:
+                guard.check()
                 guard.reading = str(path)
             _, end = safetensors_header(path)
             if end != size:

@@ -104,3 +104,35 @@ def test_a_masked_entry_counts_in_the_rest_and_bad_arguments_are_refused():
         kl.distillation_divergence(student, teacher, kind="tvd")
     with pytest.raises(ValueError, match="beta: 1.0 must lie strictly between 0 and 1"):
         kl.distillation_divergence(student, teacher, kind="jsd", beta=1.0)
+
+
+def test_a_rest_rounded_to_nothing_gives_finite_values_and_gradients():
+    """A student whose float32 top log-prob rounds to 0.0 (rest -inf), and a teacher rest of -inf (what the server
+    answers where the rest is below 1e-16): finite values and gradients, not inf and NaN."""
+    for kind in kl.DISTILLATION_KINDS:
+        result = kl.distillation_divergence(np.array([[0.0]]), np.array([[np.log(0.9)]]), kind=kind,
+                                            teacher_rest=np.array([-np.inf]))
+        assert np.isfinite(result.value).all() and np.isfinite(result.grad_support).all(), kind
+        assert np.isfinite(result.grad_rest).all(), kind
+
+
+def test_the_surrogate_leaves_a_masked_entry_in_the_rest_even_where_padding_repeats_an_id():
+    """Padding that repeats a real support id (TRL pads ids with 0) and is masked out: the surrogate's gradient is
+    the divergence's, the masked entry's mass in the rest."""
+    z, teacher = logits(5).requires_grad_(True), logits(6)
+    support = torch.topk(teacher, 4, -1).indices
+    padded = torch.cat([support, support[:, :1]], -1)  # a fifth entry repeating the first
+    mask = torch.tensor([True] * 4 + [False]).expand(POSITIONS, 5)
+    expected = oracle(z, teacher, support, "forward", 0.5)
+    (gradient,) = torch.autograd.grad(expected.sum(), z)
+    student, teacher_log = torch.log_softmax(z.detach(), -1), torch.log_softmax(teacher, -1)
+    outside = torch.ones(POSITIONS, V, dtype=torch.bool).scatter(-1, support, False)
+    result = kl.distillation_divergence(
+        student.gather(-1, padded), teacher_log.gather(-1, padded), kind="forward", support_mask=mask,
+        student_rest=torch.logsumexp(student.masked_fill(~outside, float("-inf")), -1),
+        teacher_rest=torch.logsumexp(teacher_log.masked_fill(~outside, float("-inf")), -1),
+    )
+    torch.testing.assert_close(result.value, expected.detach(), rtol=1e-9, atol=1e-12)
+    z_again = z.detach().clone().requires_grad_(True)
+    (surrogate,) = torch.autograd.grad(kl.distillation_surrogate(z_again, padded, result, support_mask=mask), z_again)
+    torch.testing.assert_close(surrogate, gradient, rtol=1e-8, atol=1e-12)

@@ -56,6 +56,8 @@ def test_trls_vllm_client_gets_klservices_values(http_server):
     ({"prompt": [[1, 2, 3]], "prompt_logprobs": 2, "model": "nope"}, 404, "model: 'nope' is not served here"),
     ({"prompt": [[1, 2, 99999]], "prompt_logprobs": 2}, 400, "out of vocabulary|outside"),
     ({"prompt": [[1, 2, 3]], "prompt_logprobs": 2, "temperature": -1.0}, 400, "temperature"),
+    ({"prompt": [[1, 2, 1 << 70]], "prompt_logprobs": 2}, 400, "prompt: expected token ids"),
+    ({"prompt": [[1, 2, 3]], "prompt_logprobs": 2, "temperature": 10 ** 400}, 400, "temperature: expected a number"),
 ])
 def test_bad_requests_get_vllms_error_shape_with_the_grpc_codes_status(http_server, body, status, message):
     _, url = http_server
@@ -67,6 +69,16 @@ def test_bad_requests_get_vllms_error_shape_with_the_grpc_codes_status(http_serv
     assert requests.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "prompt_logprobs": 0},
                          timeout=60).status_code == 200  # and it serves on
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_a_body_over_the_message_limit_is_413_and_the_server_serves_on(start_server):
+    server = start_server(cache_mb=0, http_port=0, max_message_mb=1)
+    url = f"http://127.0.0.1:{server.server.http_port}"
+    response = requests.post(f"{url}/v1/completions", json={"prompt": [[1] * 500_000], "prompt_logprobs": 1},  # 1.5 MB
+                             timeout=60)
+    assert response.status_code == 413 and "message limit" in response.json()["message"]
+    assert requests.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "prompt_logprobs": 1},
+                         timeout=60).status_code == 200
 
 
 def test_bearer_tokens_as_on_grpc_and_tls(start_server, tmp_path, pki):  # noqa: F811 - the pki fixture

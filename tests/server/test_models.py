@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import shutil
 import subprocess
 import threading
@@ -487,3 +488,26 @@ def test_a_flag_another_overrides_is_named_at_start(start_server, tmp_path, capl
         start_server(auth_file=str(auth), allow_admin_from_loopback=True, max_connection_age_grace_seconds=9.0)
     assert "--allow-admin-from-loopback is ignored: with --auth-file" in caplog.text
     assert "--max-connection-age-grace-seconds is ignored: --max-connection-age-seconds is 0" in caplog.text
+
+
+def test_a_starting_server_removes_only_this_hosts_mixing_folders_of_processes_gone(tmp_path):
+    """Mixing folders are named after their process (host, pid, start time): a folder of a process of this host that
+    is no longer running goes; one of a running process (this one), of another host (a shared cache directory) or
+    not named so stays."""
+    import socket
+
+    from klservice.models import _remove_stale_mixed, process_tag
+
+    host = socket.gethostname()
+    folders = {
+        "gone": f"{host}.999999.123+ref-abc",  # no such pid
+        "reused": f"{host}.{os.getpid()}.1+ref-abc",  # this pid, but not this process's start time
+        "alive": f"{process_tag()}+ref-abc",
+        "elsewhere": "another-host.999999.123+ref-abc",
+        "other": "notes",
+    }
+    for name in folders.values():
+        (tmp_path / name / "model").mkdir(parents=True)
+    _remove_stale_mixed(tmp_path)
+    left = {path.name for path in tmp_path.iterdir()}
+    assert left == {folders["alive"], folders["elsewhere"], folders["other"]}

@@ -73,6 +73,8 @@ class TreeCall:
         Returns [Tq, heads, d]."""
         q0, q1 = self.query_rows
         assert query.shape[0] == q1 - q0 and key.shape[0] >= q1
+        if window and window > self.layout.longest_position:  # it reaches every row: no window at all
+            window = None
         plan_key = (q0, q1, key.shape[0], window)
         plan = self._plans.get(plan_key)
         if plan is None:

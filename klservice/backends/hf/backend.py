@@ -228,24 +228,32 @@ class HFBackend(ReferenceBackend):
 
     def _score_packed(self, sequences, starts, todo, temperature, prompt_groups, asks):
         layout = self.layout(sequences, starts, todo, prompt_groups)
-        while True:
-            try:
-                hidden = self.packed_hidden(layout)
-                break
-            except Interrupted:
-                raise
-            except Exception:
-                # A kernel that passed at load failing now (a compilation for a new shape, memory): the next kernel
-                # that passed takes over, for this call and the following ones.
-                self._positions -= layout.tokens
-                if len(self._kernels) < 2:
-                    raise
-                failed = self._kernels.pop(0)
-                log.exception("attention kernel %s failed; the %s kernel serves from now on", failed.name,
-                              self._kernels[0].name)
+        hidden = self._packed_hidden_with_fallback(layout)
         values, teachers = self._head_outputs(hidden, layout.targets, layout.order, layout.counts, temperature, asks,
                                               rows=layout.rows)
         return values, teachers, layout.tokens_saved
+
+    def _packed_hidden_with_fallback(self, layout: CallLayout) -> torch.Tensor:
+        """`packed_hidden` with the serving kernel; where it fails (a compilation for a new shape, say), with the next
+        kernel that passed at load, which then serves from now on. Running out of memory is the call's failure, not
+        the kernel's: it is raised, the kernels left as they are."""
+        first_error = None
+        for number, kernel in enumerate(self._kernels):
+            try:
+                hidden = self.packed_hidden(layout, kernel)
+            except (Interrupted, MemoryError, torch.cuda.OutOfMemoryError):
+                raise
+            except Exception as error:  # noqa: BLE001 - tried with the next kernel, raised if none serves
+                self._positions -= layout.tokens
+                first_error = first_error or error
+                log.warning("attention kernel %s failed on a %d-token call", kernel.name, layout.tokens, exc_info=True)
+                continue
+            if number:
+                log.error("attention kernel %s failed; the %s kernel serves from now on",
+                          self._kernels[0].name, kernel.name)
+                self._kernels = self._kernels[number:]
+            return hidden
+        raise first_error
 
     # -- the padded path (fallback) --------------------------------------------------------
 

@@ -22,6 +22,7 @@ Example (two members of one group after a 3-token prompt ``p``, then a sequence 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,6 +75,11 @@ class CallLayout:
     @property
     def longest_segment(self) -> int:
         return max(segment.end - segment.start for segment in self.segments)
+
+    @functools.cached_property
+    def longest_position(self) -> int:
+        """The largest position id of the row: a sliding window wider than it slides over nothing."""
+        return int(self.positions.max())
 
     def token_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(document, segment, position) of every row, int32 on the device, for mask functions: two rows may
