@@ -67,6 +67,8 @@ class KLComputation:
     kl: kl.KLResult
     spec: kl.KLSpec
     model: ModelInfo
+    teacher: TeacherOutput | None = None
+    """As `ScoreResult.teacher`."""
 
 
 class ReferenceService:
@@ -221,15 +223,7 @@ class ReferenceService:
             with self.lease() as served:
                 return await self.score(request, job, deadline, served)
         self.require_ready()
-        teacher = None
-        if request.teacher:
-            ask = TeacherAsk(request.top_k, request.candidate_ids)
-            ref, teacher = await served.scheduler.teach(
-                request.batch, request.temperature, ask, job.key, deadline, share=job.tenant, weight=job.weight,
-                quota=job.quota,
-            )
-        else:
-            ref = await self._reference(served, request.batch, request.temperature, job, deadline)
+        ref, teacher = await self._reference(served, request, job, deadline)
         self.metrics.tokens_scored.labels(served.name, *job.labels).inc(request.batch.num_scored)
         return ScoreResult(ref_logprobs=ref, scored_lengths=request.batch.scored_lengths, model=served.info,
                            teacher=teacher)
@@ -244,7 +238,7 @@ class ReferenceService:
                 return await self.compute_kl(request, job, deadline, served)
         self.require_ready()
         batch = request.batch
-        ref = await self._reference(served, batch, request.temperature, job, deadline)
+        ref, teacher = await self._reference(served, request, job, deadline)
         try:
             result = await asyncio.to_thread(
                 kl.compute_kl, request.logprobs, ref, batch.scored_lengths, request.spec, request.old_logprobs
@@ -255,13 +249,18 @@ class ReferenceService:
         self.metrics.tokens_scored.labels(served.name, *job.labels).inc(batch.num_scored)
         self.metrics.record_kl(served.name, job.labels, request.spec_label, result.diagnostics)
         return KLComputation(
-            ref_logprobs=ref, scored_lengths=batch.scored_lengths, kl=result, spec=request.spec, model=served.info
+            ref_logprobs=ref, scored_lengths=batch.scored_lengths, kl=result, spec=request.spec, model=served.info,
+            teacher=teacher,
         )
 
-    async def _reference(self, served: ServedModel, batch, temperature: float, job: Job, deadline: float | None) -> np.ndarray:
-        return await served.scheduler.score(
-            batch, temperature, job.key, deadline, share=job.tenant, weight=job.weight, quota=job.quota
-        )
+    async def _reference(self, served: ServedModel, request: ScoreRequest | KLRequest, job: Job,
+                         deadline: float | None) -> tuple[np.ndarray, TeacherOutput | None]:
+        """The request's reference log-probs, and its teacher outputs where it asks for them."""
+        fairness = dict(share=job.tenant, weight=job.weight, quota=job.quota)
+        if request.teacher:
+            ask = TeacherAsk(request.top_k, request.candidate_ids)
+            return await served.scheduler.teach(request.batch, request.temperature, ask, job.key, deadline, **fairness)
+        return await served.scheduler.score(request.batch, request.temperature, job.key, deadline, **fairness), None
 
     def model_info(self, job: Job | None = None, model: str = "") -> ModelInfo:
         """What GetModelInfo answers `job` about `model` (empty: the default; NotReady while loading or draining):

@@ -248,14 +248,7 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
             ref_logprobs=to_tensor(result.ref_logprobs),
             scored_lengths=to_tensor(result.scored_lengths),
         )
-        taught = result.teacher
-        if taught is not None:
-            if parsed.top_k:
-                response.top_ids.CopyFrom(to_tensor(taught.top_ids))
-                response.top_logprobs.CopyFrom(to_tensor(taught.top_logprobs))
-            if parsed.candidate_ids is not None:
-                response.candidate_logprobs.CopyFrom(to_tensor(taught.candidate_logprobs))
-            response.rest_logmass.CopyFrom(to_tensor(taught.rest_logmass))
+        _set_teacher(response, parsed, result.teacher)
         return response
 
     async def _compute_kl(self, request: pb.KLRequest, job: Job, deadline: float | None) -> pb.KLResponse:
@@ -263,7 +256,7 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
             parsed = parse_kl_request(request, served.limits)
             result: KLComputation = await self._service.compute_kl(parsed, job, deadline, served)
         values = result.kl
-        return pb.KLResponse(
+        response = pb.KLResponse(
             request_id=request.request_id,
             model=_model_ref(result.model),
             ref_logprobs=to_tensor(result.ref_logprobs),
@@ -276,6 +269,8 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
             diagnostics=diagnostics_to_proto(values.diagnostics),
             spec=result.spec.describe(),
         )
+        _set_teacher(response, parsed, result.teacher)
+        return response
 
     async def _model_info(self, request: pb.GetModelInfoRequest, job: Job, deadline: float | None) -> pb.ModelInfo:
         return model_info_to_proto(self._service.model_info(job, request.model))
@@ -328,6 +323,18 @@ class OperatorServicer(_Servicer, pb_grpc.OperatorServiceServicer):
         table = await asyncio.to_thread(self._service.reload_auth)
         log.info("auth file reloaded by tenant %r: %d tenant(s)", tenant.name, len(table.tenants))
         return pb.ReloadAuthResponse(tenants=sorted(table.tenants))
+
+
+def _set_teacher(response: pb.ScoreResponse | pb.KLResponse, parsed, taught) -> None:
+    """Put the teacher outputs a request asked for (`parsed.top_k`, `parsed.candidate_ids`) into its response."""
+    if taught is None:
+        return
+    if parsed.top_k:
+        response.top_ids.CopyFrom(to_tensor(taught.top_ids))
+        response.top_logprobs.CopyFrom(to_tensor(taught.top_logprobs))
+    if parsed.candidate_ids is not None:
+        response.candidate_logprobs.CopyFrom(to_tensor(taught.candidate_logprobs))
+    response.rest_logmass.CopyFrom(to_tensor(taught.rest_logmass))
 
 
 def _model_ref(info) -> pb.ModelRef:

@@ -78,16 +78,12 @@ class Limits:
     generation: int = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class ScoreRequest:
-    """A validated Score request."""
+class _AsksTeacher:
+    """What a request's `top_k` and `candidate_ids` fields (Score and ComputeKL alike) say."""
 
-    batch: Batch
-    temperature: float
-    request_id: str = ""
-    top_k: int = 0
+    top_k: int
     """Top tokens asked for at each scored position (0: none)."""
-    candidate_ids: np.ndarray | None = None
+    candidate_ids: np.ndarray | None
     """int64 [num_scored, C] candidate ids, or None."""
 
     @property
@@ -97,7 +93,18 @@ class ScoreRequest:
 
 
 @dataclasses.dataclass(frozen=True)
-class KLRequest:
+class ScoreRequest(_AsksTeacher):
+    """A validated Score request."""
+
+    batch: Batch
+    temperature: float
+    request_id: str = ""
+    top_k: int = 0
+    candidate_ids: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class KLRequest(_AsksTeacher):
     """A validated ComputeKL request: the old log-probs are present exactly when given or needed."""
 
     batch: Batch
@@ -108,6 +115,8 @@ class KLRequest:
     #: The preset's name, or "custom" for an explicit spec (a bounded metric label).
     spec_label: str = "custom"
     request_id: str = ""
+    top_k: int = 0
+    candidate_ids: np.ndarray | None = None
 
 
 def parse_score_request(message: pb.ScoreRequest, limits: Limits) -> ScoreRequest:
@@ -115,18 +124,24 @@ def parse_score_request(message: pb.ScoreRequest, limits: Limits) -> ScoreReques
     check_request_id(message.request_id)
     check_revision(message.revision, limits)
     batch = parse_batch(message.batch, limits)
-    top_k = int(message.top_k)
-    limit = min(MAX_TOP_K, limits.vocab_size)
-    if top_k > limit:
-        whose = " (the model's vocabulary size)" if limit < MAX_TOP_K else ""
-        raise InvalidInput(f"top_k: {top_k} is over the limit of {limit} tokens per position{whose}")
-    candidates = parse_candidate_ids(message, batch, limits)
+    top_k, candidates = parse_teacher(message, batch, limits)
     check_response_size(batch, limits, kl=False, top_k=top_k, candidates=0 if candidates is None else candidates.shape[1])
     return ScoreRequest(batch=batch, temperature=parse_temperature(message.temperature), request_id=message.request_id,
                         top_k=top_k, candidate_ids=candidates)
 
 
-def parse_candidate_ids(message: pb.ScoreRequest, batch: Batch, limits: Limits) -> np.ndarray | None:
+def parse_teacher(message: pb.ScoreRequest | pb.KLRequest, batch: Batch, limits: Limits
+                  ) -> tuple[int, np.ndarray | None]:
+    """A request's `top_k` and candidate ids (`parse_candidate_ids`); InvalidInput naming the field."""
+    top_k = int(message.top_k)
+    limit = min(MAX_TOP_K, limits.vocab_size)
+    if top_k > limit:
+        whose = " (the model's vocabulary size)" if limit < MAX_TOP_K else ""
+        raise InvalidInput(f"top_k: {top_k} is over the limit of {limit} tokens per position{whose}")
+    return top_k, parse_candidate_ids(message, batch, limits)
+
+
+def parse_candidate_ids(message: pb.ScoreRequest | pb.KLRequest, batch: Batch, limits: Limits) -> np.ndarray | None:
     """The request's candidate ids as int64 [num_scored, C], or None; InvalidInput naming the field (and the
     sequence and scored token of an id outside the vocabulary)."""
     if not message.HasField("candidate_ids"):
@@ -161,7 +176,9 @@ def parse_kl_request(message: pb.KLRequest, limits: Limits) -> KLRequest:
     temperature = parse_temperature(message.temperature)
     spec = spec_from_proto(message.spec)
     logprobs = parse_logprobs(message, "logprobs", batch, required=True)
-    check_response_size(batch, limits, kl=True, itemsize=logprobs.dtype.itemsize)  # the outputs' dtype is theirs
+    top_k, candidates = parse_teacher(message, batch, limits)
+    check_response_size(batch, limits, kl=True, itemsize=logprobs.dtype.itemsize,  # the outputs' dtype is theirs
+                        top_k=top_k, candidates=0 if candidates is None else candidates.shape[1])
     old = parse_logprobs(message, "old_logprobs", batch, required=False)
     if spec.needs_old_logprobs and old is None:
         raise InvalidInput(
@@ -177,6 +194,8 @@ def parse_kl_request(message: pb.KLRequest, limits: Limits) -> KLRequest:
         spec=spec,
         spec_label=message.spec.preset or "custom",
         request_id=message.request_id,
+        top_k=top_k,
+        candidate_ids=candidates,
     )
 
 
@@ -232,7 +251,7 @@ def parse_temperature(value: float) -> float:
 def check_response_size(batch: Batch, limits: Limits, *, kl: bool, itemsize: int = 8, top_k: int = 0,
                         candidates: int = 0) -> None:
     """Refuse up front a request whose answer would exceed the message limit (rather than after its forward),
-    sized as it will be sent: ComputeKL's per-token outputs in the log-probs' dtype (`itemsize` bytes), Score's
+    sized as it will be sent: ComputeKL's per-token outputs in the log-probs' dtype (`itemsize` bytes), the
     teacher outputs (`top_k`, `candidates` per position)."""
     sizes = dict(kl=kl, itemsize=itemsize, top_k=top_k, candidates=candidates)
     size = response_bytes(len(batch.lengths), batch.num_scored, **sizes)

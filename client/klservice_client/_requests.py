@@ -155,7 +155,8 @@ def chunks(prepared: Prepared, max_tokens: int, max_bytes: int) -> list[slice]:
             tokens <= max_tokens
             and request_bytes(sequences, tokens, scored, logprob_arrays=arrays,
                               candidates=prepared.candidates) <= max_bytes
-            and response_bytes(sequences, scored, kl=True, itemsize=itemsize) <= max_bytes
+            and response_bytes(sequences, scored, kl=True, itemsize=itemsize, top_k=prepared.top_k,
+                               candidates=prepared.candidates) <= max_bytes
             and response_bytes(sequences, scored, kl=False, top_k=prepared.top_k,
                                candidates=prepared.candidates) <= max_bytes
         )
@@ -189,11 +190,17 @@ def score_requests(prepared, parts, model, temperature, revision: str = "") -> l
     requests = []
     for i, part in enumerate(parts):
         request = pb.ScoreRequest(request_id=f"part-{i}", model=model, batch=_batch_message(prepared, part),
-                                  temperature=temperature, revision=revision, top_k=prepared.top_k)
-        if prepared.candidate_ids is not None:
-            request.candidate_ids.CopyFrom(to_tensor(prepared.candidate_ids[_token_slice(prepared, part)]))
+                                  temperature=temperature, revision=revision)
+        _ask_teacher(request, prepared, part)
         requests.append(request)
     return requests
+
+
+def _ask_teacher(request: pb.ScoreRequest | pb.KLRequest, prepared: Prepared, part: slice) -> None:
+    """The teacher outputs `prepared` asks for, on the request of its sequences `part`."""
+    request.top_k = prepared.top_k
+    if prepared.candidate_ids is not None:
+        request.candidate_ids.CopyFrom(to_tensor(prepared.candidate_ids[_token_slice(prepared, part)]))
 
 
 def kl_requests(prepared, parts, model, temperature, spec, id_prefix: str = "part-", revision: str = "") -> list[pb.KLRequest]:
@@ -213,6 +220,7 @@ def kl_requests(prepared, parts, model, temperature, spec, id_prefix: str = "par
         )
         if prepared.old_logprobs is not None:
             request.old_logprobs.CopyFrom(to_tensor(prepared.old_logprobs[tokens]))
+        _ask_teacher(request, prepared, part)
         requests.append(request)
     return requests
 
@@ -249,8 +257,9 @@ def _merge_diagnostics(parts: list[kl.KLDiagnostics]) -> kl.KLDiagnostics:
     return kl.KLDiagnostics(**fields)
 
 
-def score_output(responses: list[pb.ScoreResponse], prepared: Prepared, as_torch: bool) -> ScoreOutput:
-    ref = np.concatenate([from_tensor(r.ref_logprobs, "ref_logprobs") for r in responses])
+def _teacher_outputs(responses: list[pb.ScoreResponse] | list[pb.KLResponse], prepared: Prepared,
+                     as_torch: bool) -> dict[str, Any]:
+    """The teacher outputs `prepared` asked for, gathered over the responses (None where not asked for)."""
 
     def gather(name: str, asked: bool, ndim: int):
         if not asked:
@@ -259,16 +268,23 @@ def score_output(responses: list[pb.ScoreResponse], prepared: Prepared, as_torch
         return _to_output(values, prepared, as_torch)
 
     teacher = prepared.top_k > 0 or prepared.candidate_ids is not None
+    return dict(
+        top_ids=gather("top_ids", prepared.top_k > 0, 2),
+        top_logprobs=gather("top_logprobs", prepared.top_k > 0, 2),
+        candidate_logprobs=gather("candidate_logprobs", prepared.candidate_ids is not None, 2),
+        rest_logmass=gather("rest_logmass", teacher, 1),
+    )
+
+
+def score_output(responses: list[pb.ScoreResponse], prepared: Prepared, as_torch: bool) -> ScoreOutput:
+    ref = np.concatenate([from_tensor(r.ref_logprobs, "ref_logprobs") for r in responses])
     return ScoreOutput(
         ref_logprobs=_to_output(ref, prepared, as_torch),
         scored_lengths=prepared.scored_lengths,
         model=responses[0].model.name,
         revision=responses[0].model.revision,
         generation=responses[0].model.generation,
-        top_ids=gather("top_ids", prepared.top_k > 0, 2),
-        top_logprobs=gather("top_logprobs", prepared.top_k > 0, 2),
-        candidate_logprobs=gather("candidate_logprobs", prepared.candidate_ids is not None, 2),
-        rest_logmass=gather("rest_logmass", teacher, 1),
+        **_teacher_outputs(responses, prepared, as_torch),
     )
 
 
@@ -290,6 +306,7 @@ def kl_output(responses: list[pb.KLResponse], prepared: Prepared, as_torch: bool
         model=responses[0].model.name,
         revision=responses[0].model.revision,
         generation=responses[0].model.generation,
+        **_teacher_outputs(responses, prepared, as_torch),
     )
 
 

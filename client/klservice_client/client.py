@@ -116,7 +116,8 @@ class _StreamAssembly:
         try:
             if not isinstance(item, KLItem):
                 raise InvalidArgument(f"stream item {number}: expected a KLItem, got {type(item).__name__}")
-            prepared = _prepare_kl(item.sequences, item.prompt_lengths, item.logprobs, item.old_logprobs)
+            prepared = _prepare_kl(item.sequences, item.prompt_lengths, item.logprobs, item.old_logprobs,
+                                   item.top_k, item.candidate_ids)
             parts = self._parts_of(prepared)
             model, revision = self._resolve(item)
             requests = kl_requests(prepared, parts, model, item.temperature, item.spec, id_prefix=f"{number}.",
@@ -298,10 +299,12 @@ class _Outbox:
 _WAIT = object()  # _Outbox.take_nowait: nothing to take yet
 
 
-def _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs) -> Prepared:
+def _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs, top_k: int = 0, candidate_ids=None) -> Prepared:
     prepared = prepare(sequences, prompt_lengths, logprobs, old_logprobs)
     if prepared.logprobs is None:
         raise InvalidArgument("logprobs: required")
+    if top_k or candidate_ids is not None:
+        prepared = with_teacher(prepared, top_k, candidate_ids)
     return prepared
 
 
@@ -522,8 +525,8 @@ class _ClientCore:
         return _Plan("Score", requests, finish, model, bool(revision))
 
     def _kl_plan(self, info: ModelInfo, sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, model,
-                 revision, as_torch) -> _Plan:
-        prepared = _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs)
+                 revision, as_torch, top_k: int = 0, candidate_ids=None) -> _Plan:
+        prepared = _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs, top_k, candidate_ids)
         revision = self._revision(model, revision)
         requests = kl_requests(prepared, self._parts(info, prepared), model, temperature, spec, revision=revision)
         finish = lambda responses: _finish(kl_output, responses, prepared, as_torch)  # noqa: E731
@@ -711,18 +714,21 @@ class KLClient(_ClientCore):
         model: str | None = None,
         revision: str | None = None,
         as_torch: bool = False,
+        top_k: int = 0,
+        candidate_ids=None,
     ) -> KLOutput:
         """Reference log-probs, k1/k2/k3, the gradient coefficient of `spec` and diagnostics.
 
         ``logprobs`` (and ``old_logprobs``) hold one value per scored token: flat, a list of
         per-sequence arrays, or padded [batch, >= max scored]. ``spec`` is a preset name from
         `klservice_client.kl.PRESETS` or a `KLSpec` (default: ``principled``). `model` and
-        `revision` as in `score`.
+        `revision` as in `score`; `top_k` and `candidate_ids` ask for teacher outputs with the KL
+        values, as in `score` (a KL penalty and a distillation term from one forward).
         """
         name = self._name(model)
         plan = self._kl_plan(
             self.model_info(model=name), sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, name,
-            revision, as_torch,
+            revision, as_torch, top_k, candidate_ids,
         )
         return self._run(plan)
 
@@ -899,12 +905,15 @@ class AsyncKLClient(_ClientCore):
         model: str | None = None,
         revision: str | None = None,
         as_torch: bool = False,
+        top_k: int = 0,
+        candidate_ids=None,
     ) -> KLOutput:
-        """Reference log-probs, k1/k2/k3, the coefficient of `spec` and diagnostics (`KLClient.compute_kl`)."""
+        """Reference log-probs, k1/k2/k3, the coefficient of `spec`, diagnostics and the teacher outputs asked for
+        (`KLClient.compute_kl`)."""
         name = self._name(model)
         info = await self.model_info(model=name)
         plan = self._kl_plan(info, sequences, prompt_lengths, logprobs, old_logprobs, spec, temperature, name, revision,
-                             as_torch)
+                             as_torch, top_k, candidate_ids)
         return await self._run(plan)
 
     async def stream_kl(

@@ -74,7 +74,8 @@ class ScoreOutput(_Ragged):
 
 @dataclasses.dataclass(frozen=True)
 class KLOutput(_Ragged):
-    """ComputeKL results: per-token arrays (flat over scored tokens) and batch diagnostics."""
+    """ComputeKL results: per-token arrays (flat over scored tokens), batch diagnostics, and the teacher outputs asked
+    for."""
 
     ref_logprobs: Any
     k1: Any
@@ -89,6 +90,11 @@ class KLOutput(_Ragged):
     revision: str
     generation: int = 0
     """How many loads the model name had seen when it answered (ModelInfo.generation)."""
+    top_ids: Any = None
+    """The teacher outputs asked for with `compute_kl(top_k=..., candidate_ids=...)`, as `ScoreOutput`'s."""
+    top_logprobs: Any = None
+    candidate_logprobs: Any = None
+    rest_logmass: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +117,9 @@ class KLItem:
     key: Any = None
     revision: str | None = None
     """The revision the item must be scored by (None: the client's pin for its model, if any)."""
+    top_k: int = 0
+    """Teacher outputs with the item's KL values, as in `KLClient.compute_kl`."""
+    candidate_ids: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

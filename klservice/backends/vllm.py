@@ -38,6 +38,14 @@ token positions: 2.5-2.7x the throughput of plain ``prompt_logprobs`` on a 2-cor
 All sequences of one `score()` call go to the engine in one ``LLM.generate`` (two with
 shared prompts): vLLM batches them itself (chunked prefill, its own token budget per step).
 
+Teacher outputs (distillation): ``top_k`` comes from vLLM's own top-k rows (``prompt_logprobs=k``,
+each row the token's own log-prob and then the k most likely, over the whole vocabulary); a
+sequence asking for them is scored alone, in a call of its own before the others (vLLM's sampler
+answers all requests of a step in one mode, so top-k and ``logprob_token_ids`` requests are not
+mixed). Its rest of the mass is 1 - the top-k's summed probability, from vLLM's float32 values.
+``candidate_ids`` are refused: vLLM scores given ids per prompt row (``prompt_logprob_token_ids``)
+only with its V2 model runner, which its CPU build lacks and this backend does not use.
+
 Known limits of vLLM that this backend does not hide:
 
 - **Temperature.** vLLM computes prompt log-probs from the raw logits; sampling parameters
@@ -81,7 +89,8 @@ import numpy as np
 
 from klservice.backends._files import LoadGuard, model_revision
 from klservice.backends.base import (
-    DTYPES, ModelInfo, ReferenceBackend, Scored, describe_model, group_by_prompt, probe_tokens, split_shared,
+    DTYPES, MAX_TOP_K, ModelInfo, ReferenceBackend, Scored, TeacherAsk, TeacherOutput, describe_model,
+    group_by_prompt, probe_tokens, split_shared,
 )
 from klservice.errors import FailedPrecondition
 
@@ -161,6 +170,7 @@ def engine_kwargs(
         gpu_memory_utilization=gpu_memory_utilization,
         enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
         enable_prefix_caching=prefix_caching,
+        max_logprobs=MAX_TOP_K,  # a limit checked per request; vLLM computes only the top-k a batch asks for
         seed=0,
     )
     if on_cpu:
@@ -311,6 +321,7 @@ class VLLMBackend(ReferenceBackend):
         starts: Sequence[int],
         temperature: float = 1.0,
         prompt_groups: Sequence[Sequence[int]] | None = None,
+        teacher: Sequence[TeacherAsk | None] | None = None,
     ) -> Scored:
         assert len(sequences) == len(starts)
         self.check_temperature(temperature)
@@ -318,6 +329,19 @@ class VLLMBackend(ReferenceBackend):
             raise RuntimeError("the vLLM backend is closed")
         results = [np.zeros(0, dtype=np.float32) for _ in sequences]
         groups = prompt_groups if prompt_groups is not None else group_by_prompt(sequences, starts)
+        taught: list[TeacherOutput | None] | None = None
+        if teacher is not None and any(ask is not None for ask in teacher):
+            # Teacher sequences are scored alone, with vLLM's top-k rows (`_teach`); the rest as below.
+            taught = [None if ask is None else TeacherOutput.empty(ask) for ask in teacher]
+            asked = [i for i, ask in enumerate(teacher) if ask is not None and len(sequences[i]) > starts[i]]
+            if asked:
+                outputs = self._teach([np.asarray(sequences[i]) for i in asked], [int(starts[i]) for i in asked],
+                                      [teacher[i].top_k for i in asked])
+                for i, (value, output) in zip(asked, outputs):
+                    results[i], taught[i] = value, output
+            skip = set(asked)
+            groups = [[i for i in group if i not in skip] for group in groups]
+            groups = [group for group in groups if group]
         # Each distinct sequence once: a repeat would hit its twin's blocks in the prefix cache. Twins have
         # the same prompt, so they are looked for within a group.
         firsts: list[int] = []  # indices of the distinct sequences, in the order sent to _score
@@ -338,7 +362,7 @@ class VLLMBackend(ReferenceBackend):
             if members:
                 distinct_groups.append(members)
         if not firsts:
-            return Scored(results)
+            return Scored(results, teacher=taught)
         values, saved = self._score(
             [np.asarray(sequences[i]) for i in firsts], [int(starts[i]) for i in firsts], distinct_groups
         )
@@ -346,7 +370,16 @@ class VLLMBackend(ReferenceBackend):
             results[i] = value
         for i, twin in twins.items():
             results[i] = results[twin].copy()
-        return Scored(results, saved)
+        return Scored(results, saved, teacher=taught)
+
+    def check_teacher(self, ask: TeacherAsk) -> None:
+        """Top-k comes from vLLM's own top-k rows; candidate ids are refused (module docstring)."""
+        if ask.candidates is not None:
+            raise FailedPrecondition(
+                "candidate_ids: the vllm backend cannot score given token ids at every position: vLLM takes them "
+                "(prompt_logprob_token_ids) only with its V2 model runner, and this backend does not use it; ask "
+                "for top_k alone, or serve with --backend hf, which computes both"
+            )
 
     def close(self) -> None:
         if getattr(self, "_closed", True):
@@ -508,12 +541,93 @@ class VLLMBackend(ReferenceBackend):
         parts.append(np.asarray([VLLMBackend._requested_logprobs(output, [last])[last]], dtype=np.float32))
         return np.concatenate(parts)
 
+    def _teach(self, sequences: list[np.ndarray], starts: list[int], top_ks: list[int]
+               ) -> list[tuple[np.ndarray, TeacherOutput]]:
+        """(log-probs, teacher outputs) of each sequence, scored alone with vLLM's top-k rows.
+
+        The whole sequence is the prompt, asking ``prompt_logprobs=k``: every row holds the token's own log-prob
+        then the k most likely tokens (vLLM's log-softmax over the whole vocabulary). A sequence as long as the
+        context cannot be a prompt: its last position comes from the sampling step of seq[:-1] instead (top-k
+        through ``logprobs=k``) and the last token's own log-prob from a second request with ``logprob_token_ids``,
+        in a second ``generate`` call. The rest of the mass is 1 - (sum of the top-k probabilities), in float64.
+        """
+        prompts, params, full = [], [], []
+        for seq, start, k in zip(sequences, starts, top_ks):
+            ids = seq.tolist()
+            full.append(len(ids) >= self._info.max_length)
+            prompt = ids[:-1] if full[-1] else ids
+            prompts.append(prompt)
+            params.append(self._SamplingParams(
+                max_tokens=1, temperature=0.0, detokenize=False, flat_logprobs=True,
+                prompt_logprobs=k if start < len(prompt) else None, logprobs=k if full[-1] else None,
+                skip_reading_prefix_cache=True))
+        salt = f"klservice-call-{next(self._calls)}"
+        outputs = self._generate(prompts, params, salt)
+        # vLLM's sampler answers every request of a step in one way: logprob_token_ids requests go in a call of
+        # their own (mixed with top-k ones, the top-k rows came back one token wide).
+        lasts = [i for i, is_full in enumerate(full) if is_full]
+        last_outputs = dict(zip(lasts, self._generate(
+            [prompts[i] for i in lasts],
+            [self._SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, flat_logprobs=True,
+                                  logprob_token_ids=[int(sequences[i][-1])]) for i in lasts], salt)))
+        answers = []
+        for i, (seq, start, k, output) in enumerate(zip(sequences, starts, top_ks, outputs)):
+            rows = []  # (own log-probs, top ids, top log-probs) of the prompt rows, then of the last position
+            if start < len(prompts[i]):
+                rows.append(_top_rows(output.prompt_logprobs, seq[: len(prompts[i])], start, k))
+            if full[i]:
+                token = int(seq[-1])
+                own = self._requested_logprobs(last_outputs[i], [token])[token]
+                _, top_ids, top_values = _top_rows(output.outputs[0].logprobs, None, 0, k)
+                rows.append((np.asarray([own], np.float32), top_ids, top_values))
+            values, top_ids, top_logprobs = (np.concatenate(part) for part in zip(*rows))
+            answers.append((values, TeacherOutput(
+                top_ids=top_ids, top_logprobs=top_logprobs,
+                candidate_logprobs=np.zeros((len(values), 0), np.float32),
+                rest_logmass=rest_of_mass(top_logprobs))))
+        return answers
+
     def _warm_up(self) -> None:
         """One short request, so the first real one does not pay vLLM's lazy initialisation (seconds on CPU)."""
         probe = probe_tokens(self._vocab_size)
         values, _ = self._score([probe, probe[:3]], [4, 2], [[0], [1]])
         if not all(np.isfinite(v).all() for v in values):
             raise RuntimeError("the vLLM engine returned non-finite log-probs on a probe sequence")
+
+
+def _top_rows(flat, prompt: np.ndarray | None, start: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(own log-probs, top ids, top log-probs) of a vLLM FlatLogprobs asked with k top tokens per row.
+
+    Each row is [the row's own token, the k most likely...] (vLLM lists the own token first even when it is among
+    the top k). For prompt rows (`prompt` given), only rows with entries count (vLLM leaves the first token's row
+    empty, or out): row j then predicts prompt token j + 1, and rows from `start` - 1 on are returned, their own
+    token checked against the prompt. A sampling step's one row is returned whole (`prompt` None).
+    """
+    begins, ends = np.asarray(flat.start_indices), np.asarray(flat.end_indices)
+    filled = np.flatnonzero(ends > begins)
+    if prompt is not None:
+        if len(filled) != len(prompt) - 1:
+            raise RuntimeError(f"vLLM returned {len(filled)} prompt log-prob rows for a prompt of {len(prompt)} tokens")
+        filled = filled[start - 1 :]
+    if not np.all(ends[filled] - begins[filled] == k + 1):
+        raise RuntimeError(f"vLLM's log-prob rows do not hold the asked {k} top tokens")
+    token_ids = np.asarray(flat.token_ids, dtype=np.int64)
+    logprobs = np.asarray(flat.logprobs, dtype=np.float32)
+    own = begins[filled]
+    if prompt is not None and not np.array_equal(token_ids[own], prompt[start:]):
+        raise RuntimeError("vLLM's prompt log-probs do not line up with the prompt's tokens")
+    columns = own[:, None] + 1 + np.arange(k)
+    return logprobs[own], token_ids[columns].astype(np.int32), logprobs[columns]
+
+
+def rest_of_mass(top_logprobs: np.ndarray) -> np.ndarray:
+    """float32 log(1 - sum of exp(top_logprobs)) per row, summed in float64. The k log-probs come rounded to float32,
+    so a rest within k x 2^-24 of the mass is their rounding: -inf, as where the top tokens hold all of it."""
+    held = np.exp(top_logprobs.astype(np.float64)).sum(axis=1)
+    resolved = 1.0 - held > top_logprobs.shape[1] * 2.0**-24
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rest = np.where(resolved, np.log1p(-np.minimum(held, 1.0)), -np.inf)
+    return rest.astype(np.float32)
 
 
 class _RowsFromCache(RuntimeError):

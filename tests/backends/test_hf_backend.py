@@ -230,8 +230,10 @@ def test_a_multi_head_model_packs_with_the_same_values(make_tiny_model, llama_co
 def test_the_embedded_model_packs_within_its_own_batching_noise(default_model_dir):
     """SmolLM2 on real text, two groups sharing prompts and a sequence alone: the packed call against each sequence
     scored alone. Its 30 float32 layers move by about 1e-5 with the shape of a batch, so the bound is 1e-5 or, where
-    larger, the plain forward's own difference between two batch compositions of these sequences (all together in
-    one padded batch, and one by one)."""
+    larger, twice the plain forward's own difference between two batch compositions of these sequences (all
+    together in one padded batch, and one by one), the load-time check's rule: the packed call is one more
+    composition, and its matrix products' rounding depends on the CPU (on an AMD EPYC the packed call stayed within
+    1x that noise; on an Intel Xeon it measured 1.7e-5 against the plain forward's 1.3e-5)."""
     from klservice.backends.hf.checks import plain_log_probs
 
     backend = HFBackend(default_model_dir, progress=False)
@@ -254,7 +256,7 @@ def test_the_embedded_model_packs_within_its_own_batching_noise(default_model_di
     noise = float(np.abs(plain_log_probs(model, sequences, starts, device, together=True)
                          - plain_log_probs(model, sequences, starts, device, together=False)).max())
     worst = float(np.abs(np.concatenate(scored.values) - alone).max())
-    assert worst <= max(1e-5, noise), (worst, noise)
+    assert worst <= max(1e-5, 2 * noise), (worst, noise)
 
 
 def test_a_model_the_packed_forward_cannot_serve_falls_back_and_says_so(make_tiny_model, reference, caplog):

@@ -138,6 +138,48 @@ def test_the_size_check_and_the_clients_splitting_count_teacher_outputs(start_se
     np.testing.assert_allclose(whole.top_logprobs[:400], alone.top_logprobs, atol=1e-5, rtol=0)
 
 
+def test_compute_kl_and_stream_kl_carry_the_same_teacher_outputs(start_server):
+    """ComputeKL and StreamKL ask for teacher outputs as Score does (a KL penalty and a distillation term from one
+    forward): the same top ids, log-probs, candidates and rest as Score, the KL values those of a ComputeKL without
+    them; split across requests (1 MiB messages) and reassembled; bad teacher fields are INVALID_ARGUMENT naming
+    the field, on the stream too, and the stream goes on."""
+    from klservice_client import KLItem
+
+    server = start_server(cache_mb=0, max_message_mb=1, max_request_tokens=100_000)
+    rng = np.random.default_rng(4)
+    sequences = [rng.integers(0, 49152, 301).tolist() for _ in range(8)]  # 2,400 scored tokens: top-100 is 2 MiB
+    candidates = rng.integers(0, 49152, (2400, 3))
+    policy = -rng.exponential(2.0, 2400)
+    with KLClient(server.target, timeout=120) as client:
+        score = client.score(sequences, 1, temperature=TEMPERATURE, top_k=100, candidate_ids=candidates)
+        plain = client.compute_kl(sequences, 1, logprobs=policy, temperature=TEMPERATURE, spec="grpo_k3_as_loss")
+        taught = client.compute_kl(sequences, 1, logprobs=policy, temperature=TEMPERATURE, spec="grpo_k3_as_loss",
+                                   top_k=100, candidate_ids=candidates)
+        streamed = list(client.stream_kl([
+            KLItem(sequences, 1, policy, temperature=TEMPERATURE, spec="grpo_k3_as_loss", top_k=100,
+                   candidate_ids=candidates, key="taught"),
+            KLItem(sequences[:1], 1, policy[:300], top_k=1000, key="bad"),
+            KLItem(sequences[:1], 1, policy[:300], top_k=2, key="after")]))
+    assert taught.top_ids.shape == (2400, 100) and plain.top_ids is None and plain.rest_logmass is None
+    results = {result.key: result for result in streamed}
+    for output in (taught, results["taught"].result()):
+        np.testing.assert_array_equal(output.top_ids, score.top_ids)
+        for name in ("top_logprobs", "candidate_logprobs", "rest_logmass"):
+            np.testing.assert_allclose(getattr(output, name), getattr(score, name), atol=1e-5, rtol=0)
+        for name in ("ref_logprobs", "k3", "coef"):
+            np.testing.assert_allclose(getattr(output, name), getattr(plain, name), atol=1e-5, rtol=1e-5)
+    assert isinstance(results["bad"].error, InvalidArgument) and "top_k: 1000 is over the limit of 256" in str(
+        results["bad"].error)
+    assert results["after"].result().top_ids.shape == (300, 2)
+    with grpc.insecure_channel(server.target) as channel:
+        kl_request = pb.KLRequest(batch=request().batch, logprobs=to_tensor(np.full(4, -1.0)),
+                                  candidate_ids=to_tensor(np.array([[1], [2], [3], [49152]])))
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.ReferenceServiceStub(channel).ComputeKL(kl_request, timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "candidate_ids: id 49152 at sequence 1, scored token 1 is outside the vocabulary" in refused.value.details()
+
+
 def test_a_backend_without_teacher_outputs_refuses_them_clearly(start_server, hf_backend_without_teacher):
     server = start_server(backend=hf_backend_without_teacher, cache_mb=0)
     with KLClient(server.target, timeout=60) as client:
@@ -150,8 +192,8 @@ def test_a_backend_without_teacher_outputs_refuses_them_clearly(start_server, hf
 
 @pytest.fixture
 def hf_backend_without_teacher(tiny_model_dir):
-    """The real backend behind the base class's `check_teacher` (what a backend that computes no teacher outputs,
-    such as vllm, answers)."""
+    """The real backend behind the base class's `check_teacher` (what a backend that computes no teacher outputs
+    answers)."""
     from klservice.backends.base import ReferenceBackend
     from klservice.backends.hf import HFBackend
 

@@ -5,8 +5,8 @@ vllm-backed tiny server through the `server_backend` parametrisation in tests/co
 this module covers what is vllm's own: its model info, temperature refused with
 FAILED_PRECONDITION, a sequence as long as the context, shared prompts through vLLM's prefix
 cache (values equal to an unshared forward, tokens saved, a response that also hits cached
-blocks), parity with the hf backend on SmolLM2 and real text, and a clean shutdown of the
-engine's processes.
+blocks), teacher top-k from vLLM's own rows (candidates refused), parity with the hf backend on
+SmolLM2 and real text, and a clean shutdown of the engine's processes.
 """
 
 from __future__ import annotations
@@ -106,17 +106,63 @@ def test_client_raises_failed_precondition_for_temperature(vllm_tiny):
         assert client.score([[1, 2, 3, 4]], 2).ref_logprobs.shape == (2,)
 
 
-def test_teacher_outputs_are_refused_naming_the_backend(vllm_tiny):
-    """vLLM's prompt log-probs give neither candidates' log-probs nor the rest of the mass exactly: the vllm backend
-    refuses top_k and candidate_ids before queueing anything, and serves on."""
+def _full_log_softmax(model_dir, sequences, starts):
+    """Every scored position's full log-softmax in float64 from the model's own logits, sequence by sequence."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return torch.cat([torch.log_softmax(model(input_ids=torch.tensor(tokens)[None]).logits[0].double(), -1)
+                          [start - 1 : len(tokens) - 1] for tokens, start in zip(sequences, starts)])
+
+
+def test_top_k_from_vllm_equals_a_full_vocabulary_forward(vllm_tiny, tiny_model_dir):
+    """top_k through vLLM's own top-k rows: ids, log-probs and the rest of the mass equal a float64 log-softmax of
+    the model's logits, for a full-context sequence (its last position from the sampling step), a group sharing a
+    prompt, a sequence scored at its last token only and a two-token one; candidates are refused, naming the field,
+    and the server serves on."""
+    import torch
+
     from klservice_client import FailedPrecondition, KLClient
 
-    with KLClient(vllm_tiny.target, timeout=60) as client:
-        with pytest.raises(FailedPrecondition, match="the vllm backend does not compute teacher outputs"):
-            client.score([[1, 2, 3, 4]], 2, top_k=5)
-        with pytest.raises(FailedPrecondition, match="the vllm backend does not compute teacher outputs"):
-            client.score([[1, 2, 3, 4]], 2, candidate_ids=np.array([[7], [9]]))
-        assert client.score([[1, 2, 3, 4]], 2).ref_logprobs.shape == (2,)
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(0, 49152, 150).tolist()
+    sequences = [rng.integers(0, 49152, 512).tolist(), prompt + rng.integers(0, 49152, 9).tolist(),
+                 prompt + rng.integers(0, 49152, 4).tolist(), rng.integers(0, 49152, 30).tolist(), [17, 42]]
+    starts = [500, 150, 150, 29, 1]
+    full = _full_log_softmax(tiny_model_dir, sequences, starts)
+    top = full.topk(7, -1)
+    with KLClient(vllm_tiny.target, timeout=120) as client:
+        out = client.score(sequences, starts, top_k=7)
+        with pytest.raises(FailedPrecondition, match="candidate_ids: the vllm backend cannot score given token ids"):
+            client.score(sequences, starts, top_k=7, candidate_ids=np.zeros((len(full), 2), np.int64))
+        plain = client.score(sequences, starts)
+    np.testing.assert_array_equal(out.top_ids, top.indices.numpy())
+    np.testing.assert_allclose(out.top_logprobs, top.values.numpy(), atol=1e-5, rtol=0)
+    targets = torch.as_tensor(np.concatenate([s[t:] for s, t in zip(sequences, starts)]))
+    np.testing.assert_allclose(out.ref_logprobs, full.gather(1, targets[:, None])[:, 0].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.ref_logprobs, plain.ref_logprobs, atol=1e-5, rtol=0)
+    rest = torch.log1p(-top.values.exp().sum(-1)).numpy()
+    np.testing.assert_allclose(out.rest_logmass, rest, atol=1e-4, rtol=1e-4)
+    assert out.candidate_logprobs is None and plain.top_ids is None
+
+
+def test_teacher_and_plain_sequences_in_one_backend_call(vllm_tiny, transformers_logprobs):
+    """The scheduler puts a teacher request and a plain one in one call: the teacher sequence goes alone, the plain
+    group shares its prompt through the prefix cache, and each gets its own values."""
+    from klservice.backends.base import TeacherAsk
+
+    backend = vllm_tiny.server.service.models.get().backend
+    rng = np.random.default_rng(8)
+    prompt = rng.integers(0, 49152, 200).tolist()
+    sequences = [np.array(prompt + rng.integers(0, 49152, n).tolist()) for n in (5, 6, 7)]
+    starts = [200, 200, 200]
+    scored = backend.score(sequences, starts, prompt_groups=[[0, 1, 2]], teacher=[None, TeacherAsk(top_k=3), None])
+    for tokens, start, got in zip(sequences, starts, scored.values):
+        np.testing.assert_allclose(got, transformers_logprobs(tokens, start), atol=1e-5, rtol=0)
+    assert scored.teacher[0] is None and scored.teacher[2] is None
+    assert scored.teacher[1].top_ids.shape == (6, 3) and scored.tokens_saved > 0
 
 
 @pytest.fixture(scope="module")

@@ -201,7 +201,7 @@ class KLSpec(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., estimator: _Optional[_Union[Estimator, str]] = ..., mode: _Optional[_Union[KLMode, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., importance_sampling: _Optional[_Union[ImportanceSampling, str]] = ..., truncation: _Optional[float] = ..., differentiable_weight: _Optional[bool] = ...) -> None: ...
 
 class KLRequest(_message.Message):
-    __slots__ = ("request_id", "model", "batch", "temperature", "logprobs", "old_logprobs", "spec", "revision")
+    __slots__ = ("request_id", "model", "batch", "temperature", "logprobs", "old_logprobs", "spec", "revision", "top_k", "candidate_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,8 @@ class KLRequest(_message.Message):
     OLD_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     batch: SequenceBatch
@@ -218,7 +220,9 @@ class KLRequest(_message.Message):
     old_logprobs: Tensor
     spec: KLSpec
     revision: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., batch: _Optional[_Union[SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., spec: _Optional[_Union[KLSpec, _Mapping]] = ..., revision: _Optional[str] = ...) -> None: ...
+    top_k: int
+    candidate_ids: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., batch: _Optional[_Union[SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., spec: _Optional[_Union[KLSpec, _Mapping]] = ..., revision: _Optional[str] = ..., top_k: _Optional[int] = ..., candidate_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class KLDiagnostics(_message.Message):
     __slots__ = ("num_sequences", "num_tokens", "k1_mean_per_token", "k2_mean_per_token", "k3_mean_per_token", "k1_mean_per_sequence", "k2_mean_per_sequence", "k3_mean_per_sequence", "is_weight_mean", "is_weight_max", "is_truncated_fraction", "coef_bias_mean", "coef_bias_abs_mean", "num_clamped")
@@ -253,7 +257,7 @@ class KLDiagnostics(_message.Message):
     def __init__(self, num_sequences: _Optional[int] = ..., num_tokens: _Optional[int] = ..., k1_mean_per_token: _Optional[float] = ..., k2_mean_per_token: _Optional[float] = ..., k3_mean_per_token: _Optional[float] = ..., k1_mean_per_sequence: _Optional[float] = ..., k2_mean_per_sequence: _Optional[float] = ..., k3_mean_per_sequence: _Optional[float] = ..., is_weight_mean: _Optional[float] = ..., is_weight_max: _Optional[float] = ..., is_truncated_fraction: _Optional[float] = ..., coef_bias_mean: _Optional[float] = ..., coef_bias_abs_mean: _Optional[float] = ..., num_clamped: _Optional[int] = ...) -> None: ...
 
 class KLResponse(_message.Message):
-    __slots__ = ("request_id", "model", "ref_logprobs", "k1", "k2", "k3", "coef", "coef_principled", "scored_lengths", "diagnostics", "spec")
+    __slots__ = ("request_id", "model", "ref_logprobs", "k1", "k2", "k3", "coef", "coef_principled", "scored_lengths", "diagnostics", "spec", "top_ids", "top_logprobs", "candidate_logprobs", "rest_logmass")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REF_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +269,10 @@ class KLResponse(_message.Message):
     SCORED_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REST_LOGMASS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: ModelRef
     ref_logprobs: Tensor
@@ -276,7 +284,11 @@ class KLResponse(_message.Message):
     scored_lengths: Tensor
     diagnostics: KLDiagnostics
     spec: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., k1: _Optional[_Union[Tensor, _Mapping]] = ..., k2: _Optional[_Union[Tensor, _Mapping]] = ..., k3: _Optional[_Union[Tensor, _Mapping]] = ..., coef: _Optional[_Union[Tensor, _Mapping]] = ..., coef_principled: _Optional[_Union[Tensor, _Mapping]] = ..., scored_lengths: _Optional[_Union[Tensor, _Mapping]] = ..., diagnostics: _Optional[_Union[KLDiagnostics, _Mapping]] = ..., spec: _Optional[str] = ...) -> None: ...
+    top_ids: Tensor
+    top_logprobs: Tensor
+    candidate_logprobs: Tensor
+    rest_logmass: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., k1: _Optional[_Union[Tensor, _Mapping]] = ..., k2: _Optional[_Union[Tensor, _Mapping]] = ..., k3: _Optional[_Union[Tensor, _Mapping]] = ..., coef: _Optional[_Union[Tensor, _Mapping]] = ..., coef_principled: _Optional[_Union[Tensor, _Mapping]] = ..., scored_lengths: _Optional[_Union[Tensor, _Mapping]] = ..., diagnostics: _Optional[_Union[KLDiagnostics, _Mapping]] = ..., spec: _Optional[str] = ..., top_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., candidate_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., rest_logmass: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class RequestError(_message.Message):
     __slots__ = ("code", "message", "retry_after_ms")

@@ -96,7 +96,8 @@ class LMHead:
         `candidates` ([S, C] token ids, -1 for none), and the log of the mass outside both (each id counted once):
         all over the whole vocabulary, gathered block by block as the head runs (a running top-k merged across
         vocabulary blocks), so memory per position stays O(top_k + C). The normaliser and the rest are summed in
-        float64, so that a rest of 1e-12 of the mass is still resolved. Rows are returned `top_k.max()` wide."""
+        float64, so that a rest down to (vocabulary size) x 2^-53 of the mass (5e-12 for 49,152 tokens) is resolved;
+        below that it is the sums' rounding, and -inf. Rows are returned `top_k.max()` wide."""
         count = targets.shape[0]
         assert (rows if rows is not None else states).shape[0] == count
         logits_fn = logits_fn or self.logits
@@ -150,9 +151,16 @@ class LMHead:
                 held = torch.cat([held, chosen_logit.double().masked_fill(repeated, float("-inf"))], dim=1)
             held_lse = torch.logsumexp(held, dim=1) if held.shape[1] else torch.full_like(total, float("-inf"))
             held_mass = (held_lse - total).clamp(max=0.0)  # log of the mass of the returned ids
-            rest = torch.log(-torch.expm1(held_mass))  # log(1 - that mass); -inf where it is all of it
+            rest = torch.log(-torch.expm1(held_mass))  # log(1 - that mass)
+            # The two float64 sums differ in their last bits even where the returned ids are the whole vocabulary:
+            # a rest within their rounding (vocabulary size x 2^-53 of the mass) is no rest.
+            rest = rest.masked_fill(-held_mass <= self.vocab_size * _FLOAT64_EPS, float("-inf"))
             out.rest_logmass[t0:t1] = rest.float()
         return out
+
+
+_FLOAT64_EPS = 2.0**-53
+"""Unit roundoff of float64."""
 
 
 def _pick(logits: torch.Tensor, ids: torch.Tensor, v0: int, v1: int, current: torch.Tensor) -> torch.Tensor:
