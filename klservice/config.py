@@ -366,15 +366,14 @@ class ModelSpec:
 
     @classmethod
     def of(cls, name: str | None, path: str | None, *, backend: str, dtype: str, device: str,
-           max_length: int | str | None, check_name: bool = True) -> "ModelSpec":
-        """A checked spec (ValueError naming what is wrong); `name` None: named after the folder. `check_name`
-        False: a name already served (e.g. one named after its folder) is taken as it is."""
+           max_length: int | str | None) -> "ModelSpec":
+        """A checked spec (ValueError naming what is wrong); `name` None: named after the folder."""
         from klservice.backends import KNOWN_BACKENDS
         from klservice.default_model import EMBEDDED_MODEL_NAME
 
         if name is None:
             name = EMBEDDED_MODEL_NAME if path is None else PurePath(path.rstrip("/")).name or path
-        elif check_name and not MODEL_NAME_PATTERN.fullmatch(name):
+        elif not MODEL_NAME_PATTERN.fullmatch(name):
             raise ValueError(f"model name {name[:80]!r}: {MODEL_NAME_RULE}")
         if backend not in KNOWN_BACKENDS:
             raise ValueError(f"model {name!r}: backend {backend!r} is not one of {', '.join(KNOWN_BACKENDS)}")

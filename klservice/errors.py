@@ -9,9 +9,13 @@ on the wire and never blamed on the client.
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from klservice_client.kl import KLInputError
+
+log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -97,3 +101,11 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         if kind in _STATUS:
             return _STATUS[kind], str(error)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def logged_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """`status_for`, with the traceback of an internal failure in the server log (gRPC and HTTP alike)."""
+    code, message = status_for(error)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("internal error", exc_info=error)
+    return code, message

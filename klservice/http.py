@@ -33,7 +33,7 @@ import numpy as np
 
 from klservice.backends.base import MAX_TOP_K
 from klservice.config import bare_host
-from klservice.errors import InvalidInput, Overloaded, TooLarge, status_for
+from klservice.errors import InvalidInput, Overloaded, TooLarge, logged_status
 from klservice.validation import parse_score_request
 from klservice_client.wire import JOB_METADATA_KEY, pb, to_tensor
 
@@ -107,13 +107,12 @@ class HttpRoute:
         from aiohttp import web
 
         try:
-            self._job(request)
-            served = self._service.require_ready().list()
+            served = self._service.list_models(self._job(request))
         except Exception as error:  # noqa: BLE001 - answered in vLLM's error shape
             return _error(error)
         return web.json_response({"object": "list", "data": [
-            {"id": model.info.name, "object": "model", "created": 0, "owned_by": "klservice", "root": model.info.name,
-             "max_model_len": model.info.max_length} for model in served]})
+            {"id": info.name, "object": "model", "created": 0, "owned_by": "klservice", "root": info.name,
+             "max_model_len": info.max_length} for info in served]})
 
     async def _completions(self, request):
         from aiohttp import web
@@ -143,11 +142,11 @@ class HttpRoute:
         finally:
             self._service.metrics.latency.labels("HTTPCompletions").observe(time.perf_counter() - started)
         choices = _choices(sequences, result, top_k)
+        tokens = parsed.batch.num_tokens
         return web.json_response({
             "id": f"cmpl-klservice-{int(time.time() * 1000)}", "object": "text_completion", "created": int(time.time()),
             "model": result.model.name, "choices": choices,
-            "usage": {"prompt_tokens": sum(len(s) for s in sequences), "completion_tokens": 0,
-                      "total_tokens": sum(len(s) for s in sequences)},
+            "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens},
         })
 
     def _job(self, request):
@@ -197,23 +196,22 @@ def _completion_request(body) -> tuple[list[list[int]], int, float, str]:
 
 def _choices(sequences: list[list[int]], result, top_k: int) -> list[dict]:
     """vLLM's choices: per prompt, null for its first token, then the top k and the prompt's own token."""
-    edges = np.cumsum([len(s) - 1 for s in sequences])[:-1]
-    actual = np.split(np.asarray(result.ref_logprobs, dtype=np.float64), edges)
-    teacher = result.teacher
-    ids = np.split(teacher.top_ids, edges) if top_k else [None] * len(sequences)
-    values = np.split(teacher.top_logprobs.astype(np.float64), edges) if top_k else [None] * len(sequences)
-    choices = []
+    actual = result.ref_logprobs.astype(np.float64).tolist()  # one row per scored token, the sequences in order
+    ids = result.teacher.top_ids.tolist() if top_k else None
+    values = result.teacher.top_logprobs.astype(np.float64).tolist() if top_k else None
+    choices, row = [], 0
     for index, sequence in enumerate(sequences):
         positions: list = [None]
-        for p in range(1, len(sequence)):
+        for token in sequence[1:]:
             entry = {}
             if top_k:
-                for rank, (token, logprob) in enumerate(zip(ids[index][p - 1].tolist(), values[index][p - 1].tolist())):
-                    entry[str(token)] = {"logprob": logprob, "rank": rank + 1, "decoded_token": None}
-            own = str(sequence[p])
+                for rank, (top, logprob) in enumerate(zip(ids[row], values[row]), start=1):
+                    entry[str(top)] = {"logprob": logprob, "rank": rank, "decoded_token": None}
+            own = str(token)
             if own not in entry:
-                entry[own] = {"logprob": float(actual[index][p - 1]), "rank": top_k + 1, "decoded_token": None}
+                entry[own] = {"logprob": actual[row], "rank": top_k + 1, "decoded_token": None}
             positions.append(entry)
+            row += 1
         choices.append({"index": index, "text": "", "logprobs": None, "finish_reason": "length",
                         "stop_reason": None, "prompt_logprobs": positions})
     return choices
@@ -222,9 +220,7 @@ def _choices(sequences: list[list[int]], result, top_k: int) -> list[dict]:
 def _error(error: BaseException):
     from aiohttp import web
 
-    code, message = status_for(error)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("internal error on the HTTP route", exc_info=error)
+    code, message = logged_status(error)
     status = 413 if isinstance(error, TooLarge) else HTTP_STATUS.get(code, 500)
     headers = {}
     if isinstance(error, Overloaded) and error.retry_after:

@@ -260,13 +260,8 @@ class ModelRegistry:
             device, size = await self._blocking(guard, what, _estimate, spec, folder, self.config)
             self._check_fits([(spec, (device, size))], existing=self._holding(), when="now")
             self._reserved[name] = (device, size)  # counted by other loads' checks while this one runs
-            try:
-                served = await self._open(spec, folder, device, size, owned_folder=owned, mixup_alpha=request.mixup_alpha,
-                                          path=request.path, guard=guard)
-            except ServiceError:
-                raise
-            except Exception as error:  # noqa: BLE001 - any failure to load is the load's answer
-                raise FailedPrecondition(f"{what} failed: {_describe(error)}") from None
+            served = await self._open(spec, folder, device, size, owned_folder=owned, mixup_alpha=request.mixup_alpha,
+                                      path=request.path, guard=guard)
             owned = None  # the revision owns it now
             if current is not None and not request.force and served.info.tokenizer_fingerprint != current.info.tokenizer_fingerprint:
                 await self._discard(served)
@@ -309,7 +304,7 @@ class ModelRegistry:
             self._loading.discard(name)
             self._reserved.pop(name, None)
             if owned is not None:
-                shutil.rmtree(owned.parent, ignore_errors=True)
+                _remove_mixed(owned)
 
     async def unload(self, name: str) -> list[str]:
         """Stop serving `name` (not the default model); its requests in flight finish first. The names left."""
@@ -338,7 +333,6 @@ class ModelRegistry:
                 dtype=request.dtype or base.dtype,
                 device=request.device or base.device,
                 max_length=request.max_length or (base.max_length if current is not None else self.config.max_length),
-                check_name=current is None,
             )
         except ValueError as error:
             raise InvalidInput(str(error)) from None
@@ -351,33 +345,29 @@ class ModelRegistry:
         return root / "mixed"
 
     def _mix(self, current: ServedModel, folder: Path, alpha: float, guard: LoadGuard) -> Path:
-        root = self._mixed_root()
-        root.mkdir(parents=True, exist_ok=True)
-        out = Path(tempfile.mkdtemp(prefix=f"{process_tag() or os.getpid()}+{current.name}-", dir=root)) / "model"
         from klservice.backends._files import model_revision
 
         try:  # the served weights are read again from their folder: it must still hold exactly them
             unchanged = model_revision(current.folder, guard) == current.info.revision
-        except LoadAbandoned:
-            shutil.rmtree(out.parent, ignore_errors=True)
-            raise
         except (OSError, FileNotFoundError, ModelFileError):
             unchanged = False
         if not unchanged:
-            shutil.rmtree(out.parent, ignore_errors=True)
             raise FailedPrecondition(
                 f"mixup_alpha: {current.folder}, the folder model {current.name!r} was loaded from, no longer holds "
                 f"its revision {current.info.revision[:12]}; mixing reads the served weights from there (keep it until "
                 "the next mixing load), so load a checkpoint without mixup_alpha instead"
             )
+        root = self._mixed_root()
+        root.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix=f"{process_tag() or os.getpid()}+{current.name}-", dir=root)) / "model"
         guard.reading = str(folder)
         try:
             return mix_checkpoints(current.folder, folder, alpha, out)
         except CheckpointError as error:
-            shutil.rmtree(out.parent, ignore_errors=True)
+            _remove_mixed(out)
             raise FailedPrecondition(str(error)) from None
         except Exception as error:  # noqa: BLE001 - unreadable weights, a full disk
-            shutil.rmtree(out.parent, ignore_errors=True)
+            _remove_mixed(out)
             raise FailedPrecondition(f"mixup_alpha: mixing {folder} into {current.name!r} failed: {_describe(error)}") from None
 
     async def _open(self, spec: ModelSpec, folder: Path | None, device: str, size: int, *, guard: LoadGuard,
@@ -566,12 +556,12 @@ class ModelRegistry:
         served.released.set()
 
 
-def check_model_name(name: str, field: str = "name") -> None:
-    """InvalidInput naming `field` unless `name` is a model name a server takes (`MODEL_NAME_PATTERN`)."""
+def check_model_name(name: str) -> None:
+    """InvalidInput naming the field unless `name` is a model name a server takes (`MODEL_NAME_PATTERN`)."""
     if not name:
-        raise InvalidInput(f"{field}: empty; name the model")
+        raise InvalidInput("name: empty; name the model")
     if not MODEL_NAME_PATTERN.fullmatch(name):
-        raise InvalidInput(f"{field}: {name[:80]!r}: {MODEL_NAME_RULE}")
+        raise InvalidInput(f"name: {name[:80]!r}: {MODEL_NAME_RULE}")
 
 
 def _folder(config: ServerConfig, spec: ModelSpec, guard: LoadGuard) -> Path:
@@ -722,7 +712,7 @@ def _close(served: ServedModel) -> None:
     if served.owns_backend:
         served.backend.close()
     if served.owned_folder is not None:
-        shutil.rmtree(served.owned_folder.parent, ignore_errors=True)
+        _remove_mixed(served.owned_folder)
 
 
 def _describe(error: BaseException) -> str:

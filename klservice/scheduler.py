@@ -215,14 +215,14 @@ class _Share:
         queue = self.jobs[next(iter(self.jobs))]
         head = queue[0]
         prompt = head.tokens[: head.start]
-        size, cost = 0, 0
+        members = []
         for item in queue:
             if item.request is not head.request or item.start != head.start or not np.array_equal(item.tokens[: item.start], prompt):
                 break
-            size += 1
-            cost += item.cost
-        step_cost = cost - (size - 1) * head.start if packed and size > 1 else cost
-        return size, cost, step_cost
+            members.append(item.tokens)
+        cost = sum(len(tokens) for tokens in members)
+        step_cost = packed_tokens(members, [head.start] * len(members), range(len(members))) if packed else cost
+        return len(members), cost, step_cost
 
     def pop(self, rotate: bool = True) -> "_Item":
         """The next item, from the job whose turn it is; that job goes to the back of the line (`rotate`), or
@@ -389,7 +389,7 @@ class TokenBudgetScheduler:
         if ask is not None:
             request.teacher = []
         items = []
-        offsets = np.concatenate([[0], np.cumsum(batch.scored_lengths)])
+        offsets = np.concatenate([[0], np.cumsum(batch.scored_lengths)]) if ask is not None else None
         for index, (tokens, start) in enumerate(zip(batch.sequences(), batch.prompt_lengths.tolist())):
             mine = None
             if ask is not None:
@@ -702,12 +702,13 @@ class TokenBudgetScheduler:
     def _call(self, loop, items: list[_Item], prompt_groups, temperature: float) -> None:
         """One backend call (in the worker thread); its checked values go to the event loop at once."""
         batch = [item.tokens for item in items]
+        starts = [item.start for item in items]
         started = time.perf_counter()
         self._in_call.set()
         asks = [item.ask for item in items]
         teacher = {"teacher": asks} if any(ask is not None for ask in asks) else {}  # a backend without it: not passed
         try:
-            scored = self._backend.score(batch, [item.start for item in items], temperature, prompt_groups, **teacher)
+            scored = self._backend.score(batch, starts, temperature, prompt_groups, **teacher)
         finally:
             self._in_call.clear()
         elapsed = time.perf_counter() - started
@@ -716,7 +717,6 @@ class TokenBudgetScheduler:
         # The call's cost in the step budget's terms (as `_select` and `plan_calls` count it): the tokens a packing
         # backend computes, else count × longest.
         padded = len(batch) * max(len(tokens) for tokens in batch)
-        starts = [item.start for item in items]
         cost = sum(packed_tokens(batch, starts, unit) for unit in prompt_groups) if self._backend.packs else padded
         rate = cost / max(elapsed, 1e-6)
         self._budget_tokens_per_second = rate if self._budget_tokens_per_second == 0 else 0.7 * self._budget_tokens_per_second + 0.3 * rate

@@ -18,7 +18,7 @@ import grpc
 
 from google.protobuf.message import DecodeError
 
-from klservice.errors import DEADLINE_SLACK_S, InvalidInput, TooLarge, Unauthenticated, status_for
+from klservice.errors import DEADLINE_SLACK_S, InvalidInput, TooLarge, Unauthenticated, logged_status
 from klservice.auth import Tenant
 from klservice.models import LoadRequest
 from klservice.service import Job, KLComputation, ReferenceService, ScoreResult
@@ -126,7 +126,7 @@ class _Servicer:
             code = _cancelled_status(deadline)
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status in one place
-            code, message = _status(error)
+            code, message = logged_status(error)
             retry_after = _retry_after_ms(error)
             if retry_after is not None:
                 context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(retry_after)),))
@@ -165,7 +165,7 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
         try:
             job = self._job(context)
         except Exception as error:  # noqa: BLE001 - e.g. an x-job-id over the length limit
-            code, message = _status(error)
+            code, message = logged_status(error)
             self._record("StreamKL", code, time.perf_counter())
             await context.abort(code, message)
         deadline = self._deadline(context)
@@ -230,7 +230,7 @@ class ReferenceServicer(_Servicer, pb_grpc.ReferenceServiceServicer):
             code = _cancelled_status(deadline)
             raise
         except Exception as error:  # noqa: BLE001 - every failure becomes an error item
-            code, message = _status(error)
+            code, message = logged_status(error)
             item = pb.RequestError(code=code.value[0], message=message, retry_after_ms=_retry_after_ms(error) or 0)
             return pb.StreamKLResponse(request_id=answer_id, error=item)
         finally:
@@ -339,14 +339,6 @@ def _set_teacher(response: pb.ScoreResponse | pb.KLResponse, parsed, taught) -> 
 
 def _model_ref(info) -> pb.ModelRef:
     return pb.ModelRef(name=info.name, revision=info.revision, generation=info.generation or 0)
-
-
-def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """`status_for`, with the traceback of an internal failure in the server log."""
-    code, message = status_for(error)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("internal error", exc_info=error)
-    return code, message
 
 
 SINGLE_METADATA = {"authorization": Unauthenticated, JOB_METADATA_KEY: InvalidInput}

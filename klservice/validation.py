@@ -155,12 +155,10 @@ def parse_candidate_ids(message: pb.ScoreRequest | pb.KLRequest, batch: Batch, l
     if not 1 <= ids.shape[1] <= MAX_CANDIDATES:
         raise InvalidInput(f"candidate_ids: {ids.shape[1]} ids per position; expected 1 to {MAX_CANDIDATES}")
     ids = ids.astype(np.int64)
-    bad = np.flatnonzero(((ids < 0) | (ids >= limits.vocab_size)).any(axis=1))
-    if bad.size:
-        row = int(bad[0])
-        column = int(np.flatnonzero((ids[row] < 0) | (ids[row] >= limits.vocab_size))[0])
-        sequence = int(np.searchsorted(np.cumsum(batch.scored_lengths), row, side="right"))
-        token = row - int(np.concatenate([[0], np.cumsum(batch.scored_lengths)])[sequence])
+    bad = (ids < 0) | (ids >= limits.vocab_size)
+    if bad.any():
+        row, column = divmod(int(np.argmax(bad)), ids.shape[1])
+        sequence, token = locate(batch.scored_lengths, row)
         raise InvalidInput(
             f"candidate_ids: id {ids[row, column]} at sequence {sequence}, scored token {token} is outside the "
             f"vocabulary [0, {limits.vocab_size})"

@@ -44,7 +44,9 @@ class Prepared:
 def with_teacher(prepared: Prepared, top_k: int, candidate_ids) -> Prepared:
     """`prepared` asking for teacher outputs: `top_k` top tokens per scored position, and the log-probs of
     `candidate_ids`: one row of C ids per scored token, flat [num_scored, C], a list of per-sequence
-    [scored, C] arrays, or padded [batch, >= max scored, C]."""
+    [scored, C] arrays, or padded [batch, >= max scored, C]. Without either, `prepared` as it is."""
+    if not top_k and candidate_ids is None:
+        return prepared
     if not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise InvalidArgument(f"top_k: {top_k!r} must be a whole number >= 0")
     ids = None
@@ -155,9 +157,8 @@ def chunks(prepared: Prepared, max_tokens: int, max_bytes: int) -> list[slice]:
             tokens <= max_tokens
             and request_bytes(sequences, tokens, scored, logprob_arrays=arrays,
                               candidates=prepared.candidates) <= max_bytes
+            # ComputeKL's response is Score's plus its KL arrays: the larger of the two
             and response_bytes(sequences, scored, kl=True, itemsize=itemsize, top_k=prepared.top_k,
-                               candidates=prepared.candidates) <= max_bytes
-            and response_bytes(sequences, scored, kl=False, top_k=prepared.top_k,
                                candidates=prepared.candidates) <= max_bytes
         )
 

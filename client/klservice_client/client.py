@@ -303,9 +303,7 @@ def _prepare_kl(sequences, prompt_lengths, logprobs, old_logprobs, top_k: int = 
     prepared = prepare(sequences, prompt_lengths, logprobs, old_logprobs)
     if prepared.logprobs is None:
         raise InvalidArgument("logprobs: required")
-    if top_k or candidate_ids is not None:
-        prepared = with_teacher(prepared, top_k, candidate_ids)
-    return prepared
+    return with_teacher(prepared, top_k, candidate_ids)
 
 
 _END = object()  # end of a StreamKL answer stream
@@ -516,9 +514,7 @@ class _ClientCore:
 
     def _score_plan(self, info: ModelInfo, sequences, prompt_lengths, temperature, model, revision, as_torch,
                     top_k: int = 0, candidate_ids=None) -> _Plan:
-        prepared = prepare(sequences, prompt_lengths)
-        if top_k or candidate_ids is not None:
-            prepared = with_teacher(prepared, top_k, candidate_ids)
+        prepared = with_teacher(prepare(sequences, prompt_lengths), top_k, candidate_ids)
         revision = self._revision(model, revision)
         requests = score_requests(prepared, self._parts(info, prepared), model, temperature, revision)
         finish = lambda responses: _finish(score_output, responses, prepared, as_torch)  # noqa: E731

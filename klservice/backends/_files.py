@@ -52,10 +52,6 @@ class LoadGuard:
         self.reason = reason
         self._abandoned.set()
 
-    @property
-    def abandoned(self) -> bool:
-        return self._abandoned.is_set()
-
     def check(self) -> None:
         if self._abandoned.is_set():
             raise LoadAbandoned(self.reason or "the load was given up")
@@ -72,20 +68,12 @@ def check_folder(folder: Path, guard: LoadGuard | None = None) -> dict[Path, int
     is anything else (a FIFO, a device, a socket, a dangling or looping link), or a safetensors file whose size is
     not the one its header declares. Nothing is opened but safetensors headers (regular files by then)."""
     files: dict[Path, int] = {}
-    for root, directories, names in os.walk(folder, followlinks=False):
-        for name in sorted(names) + sorted(d for d in directories if os.path.islink(os.path.join(root, d))):
+    # A linked folder is listed among the folders and not walked (nothing in a model folder needs one); a dangling or
+    # looping link is listed among the files.
+    for root, _, names in os.walk(folder, followlinks=False):
+        for name in sorted(names):
             path = Path(root) / name
-            relative = path.relative_to(folder)
-            try:
-                info = path.stat()  # follows links
-            except OSError as error:
-                raise ModelFileError(f"{relative}: cannot be read ({error.strerror or error})") from None
-            if stat.S_ISDIR(info.st_mode):
-                continue  # a linked folder is not walked: nothing in a model folder needs one
-            if not stat.S_ISREG(info.st_mode):
-                kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
-                raise ModelFileError(f"{relative}: {kind}, not a regular file (a model folder holds regular files only)")
-            files[path] = info.st_size
+            files[path] = _regular_size(path, path.relative_to(folder).as_posix())
     for path, size in files.items():
         if path.suffix == ".safetensors":
             if guard is not None:
@@ -98,6 +86,18 @@ def check_folder(folder: Path, guard: LoadGuard | None = None) -> dict[Path, int
                     f"{'truncated' if size < end else 'longer than its tensors'}"
                 )
     return files
+
+
+def _regular_size(path: Path, relative: str) -> int:
+    """The size of `path` (links followed); ModelFileError naming `relative` unless it is a readable regular file."""
+    try:
+        info = path.stat()
+    except OSError as error:
+        raise ModelFileError(f"{relative}: cannot be read ({error.strerror or error})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise ModelFileError(f"{relative}: {kind}, not a regular file (a model folder holds regular files only)")
+    return info.st_size
 
 
 def safetensors_header(path: Path) -> tuple[dict, int]:
@@ -175,14 +175,7 @@ def hash_files(folder: Path, files: Iterable[Path], guard: LoadGuard | None = No
         relative = path.relative_to(folder).as_posix()
         if guard is not None:
             guard.reading = str(path)
-        try:
-            info = path.stat()
-        except OSError as error:
-            raise ModelFileError(f"{relative}: cannot be read ({error.strerror or error})") from None
-        if not stat.S_ISREG(info.st_mode):  # checked before opening: opening a FIFO blocks
-            raise ModelFileError(f"{relative}: {_KINDS.get(stat.S_IFMT(info.st_mode), 'not a regular file')}, not a "
-                                 "regular file")
-        size = info.st_size
+        size = _regular_size(path, relative)  # checked before opening: opening a FIFO blocks
         name = relative.encode()
         digest.update(len(name).to_bytes(8, "little") + name + size.to_bytes(8, "little"))
         with open(path, "rb") as fh:

@@ -566,20 +566,17 @@ class VLLMBackend(ReferenceBackend):
         # vLLM's sampler answers every request of a step in one way: logprob_token_ids requests go in a call of
         # their own (mixed with top-k ones, the top-k rows came back one token wide).
         lasts = [i for i, is_full in enumerate(full) if is_full]
-        last_outputs = dict(zip(lasts, self._generate(
-            [prompts[i] for i in lasts],
-            [self._SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, flat_logprobs=True,
-                                  logprob_token_ids=[int(sequences[i][-1])]) for i in lasts], salt)))
+        requests = [self._sequence_request(sequences[i], len(sequences[i]) - 1, read_cache=True) for i in lasts]
+        last_outputs = dict(zip(lasts, self._generate([r[0] for r in requests], [r[1] for r in requests], salt)))
         answers = []
         for i, (seq, start, k, output) in enumerate(zip(sequences, starts, top_ks, outputs)):
             rows = []  # (own log-probs, top ids, top log-probs) of the prompt rows, then of the last position
             if start < len(prompts[i]):
                 rows.append(_top_rows(output.prompt_logprobs, seq[: len(prompts[i])], start, k))
             if full[i]:
-                token = int(seq[-1])
-                own = self._requested_logprobs(last_outputs[i], [token])[token]
+                own = self._values(last_outputs[i], seq, len(seq) - 1)
                 _, top_ids, top_values = _top_rows(output.outputs[0].logprobs, None, 0, k)
-                rows.append((np.asarray([own], np.float32), top_ids, top_values))
+                rows.append((own, top_ids, top_values))
             values, top_ids, top_logprobs = (np.concatenate(part) for part in zip(*rows))
             answers.append((values, TeacherOutput(
                 top_ids=top_ids, top_logprobs=top_logprobs,

@@ -11,7 +11,7 @@ import numpy as np
 
 from klservice.bench import grpo
 from klservice.bench.config import BenchConfig
-from klservice.bench.measure import ForeignCpu, Measured
+from klservice.bench.measure import NotMeasured, TimedPath
 
 if TYPE_CHECKING:
     from klservice.bench.context import BenchContext
@@ -25,7 +25,7 @@ VARIANTS = {"teacher_plain": (0, False), "teacher_top1": (1, False), "teacher_to
 
 
 def phase_count(config: BenchConfig) -> int:
-    return 1 + config.timed_rounds
+    return 2 + config.timed_rounds * len(VARIANTS)  # bytes per token, warm-up, then each variant each round
 
 
 def run(ctx: "BenchContext") -> None:
@@ -36,24 +36,15 @@ def run(ctx: "BenchContext") -> None:
              for path, (top_k, given) in VARIANTS.items()}
     entry = ctx.new_entry(work, key=KEY)
     entry["title"] = f"(teacher) teacher outputs on {work.title[4:]}"
-    with ctx.bar("teacher: bytes per token, warm-up"):
-        for path, (top_k, given) in VARIANTS.items():
-            entry.setdefault("response_bytes_per_scored_token", {})[path] = _bytes_per_token(
-                ctx, work, top_k, candidates if given else None)
-            calls[path]()
-    samples: dict[str, list[float]] = {path: [] for path in VARIANTS}
-    foreign: dict[str, list] = {path: [] for path in VARIANTS}
-    for number in range(ctx.config.timed_rounds):
-        with ctx.bar(f"teacher: round {number + 1}"):
-            for path in VARIANTS:
-                with ForeignCpu(ctx.main_server_pids()) as watch:
-                    seconds, _ = ctx.timed(calls[path])
-                samples[path].append(seconds)
-                foreign[path].append(watch.fraction)
+    with ctx.bar("teacher: bytes per token"):
+        sizes = {path: _bytes_per_token(ctx, work, top_k, candidates if given else None)
+                 for path, (top_k, given) in VARIANTS.items()}
+    entry["response_bytes_per_scored_token"] = sizes
+    paths = [TimedPath(path, lambda _work, call=calls[path]: call(), NotMeasured) for path in VARIANTS]
+    measured = ctx.measure(KEY, paths, work, work, ctx.config.timed_rounds)
     for path in VARIANTS:
-        best = samples[path].index(min(samples[path]))
-        ctx.record(entry, path, work, Measured(samples[path], None, None, foreign[path][best]), None, "none")
-        entry["paths"][path]["response_bytes_per_scored_token"] = entry["response_bytes_per_scored_token"][path]
+        ctx.record(entry, path, work, measured[path], None, "none")
+        entry["paths"][path]["response_bytes_per_scored_token"] = sizes[path]
 
 
 def _call(ctx: "BenchContext", work, top_k: int, candidates):
@@ -67,9 +58,7 @@ def _bytes_per_token(ctx: "BenchContext", work, top_k: int, candidates) -> float
     from klservice_client._requests import prepare, score_requests, with_teacher
     from klservice_client.wire import pb_grpc
 
-    prepared = prepare(work.sequences, work.starts)
-    if top_k or candidates is not None:
-        prepared = with_teacher(prepared, top_k, candidates)
+    prepared = with_teacher(prepare(work.sequences, work.starts), top_k, candidates)
     (request,) = score_requests(prepared, [slice(0, len(work.sequences))], "", 1.0)
     with grpc.insecure_channel(ctx.server.target(), options=[("grpc.max_receive_message_length", 1 << 30),
                                                              ("grpc.max_send_message_length", 1 << 30)]) as channel:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
 from trl.trainer.distillation_trainer import DistillationTrainer
 
@@ -57,14 +56,10 @@ class KLServiceTeacher:
             raise ValueError(f"temperature must be positive, got {temperature}")
         out = self.client.score(sequences, prompt_lengths, temperature=temperature, model=self.model,
                                 top_k=top_logprobs)
-        edges = np.cumsum(out.scored_lengths)[:-1]
-        values = np.split(np.asarray(out.top_logprobs, dtype=np.float64), edges)
-        ids = np.split(np.asarray(out.top_ids, dtype=np.int64), edges)
-        actual = np.split(np.asarray(out.ref_logprobs, dtype=np.float64), edges)
         return {
-            "logprobs": [part.tolist() for part in values],
-            "logprob_token_ids": [part.tolist() for part in ids],
-            "actual_logprobs": [part[:, None].tolist() for part in actual],
+            "logprobs": [part.tolist() for part in out.ragged("top_logprobs")],
+            "logprob_token_ids": [part.tolist() for part in out.ragged("top_ids")],
+            "actual_logprobs": [part[:, None].tolist() for part in out.ragged("ref_logprobs")],
             "actual_token_ids": [[[token] for token in sequence[start:]] for sequence, start in zip(sequences,
                                                                                                      prompt_lengths)],
         }

@@ -217,7 +217,6 @@ class HFBackend(ReferenceBackend):
         """[T, hidden] the body's last hidden states over the packed row (`kernel`: the backend's own by default;
         `chunk_rows`: rows per chunk of a layer, by default sized for the call)."""
         call = TreeCall(layout, kernel or self._kernels[0])
-        self._positions += layout.tokens
         with self._chunker.chunks(call, chunk_rows):
             return self._body(
                 input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False,
@@ -229,6 +228,7 @@ class HFBackend(ReferenceBackend):
     def _score_packed(self, sequences, starts, todo, temperature, prompt_groups, asks):
         layout = self.layout(sequences, starts, todo, prompt_groups)
         hidden = self._packed_hidden_with_fallback(layout)
+        self._positions += layout.tokens
         values, teachers = self._head_outputs(hidden, layout.targets, layout.order, layout.counts, temperature, asks,
                                               rows=layout.rows)
         return values, teachers, layout.tokens_saved
@@ -244,7 +244,6 @@ class HFBackend(ReferenceBackend):
             except (Interrupted, MemoryError, torch.cuda.OutOfMemoryError):
                 raise
             except Exception as error:  # noqa: BLE001 - tried with the next kernel, raised if none serves
-                self._positions -= layout.tokens
                 first_error = first_error or error
                 log.warning("attention kernel %s failed on a %d-token call", kernel.name, layout.tokens, exc_info=True)
                 continue

@@ -60,24 +60,26 @@ class LMHead:
             logits.div_(temperature)
         return logits
 
+    def _token_blocks(self, states: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None):
+        """(t0, t1, states of targets t0..t1-1, those targets), `token_chunk` targets at a time; `rows`: the row of
+        `states` of each target (gathered a block at a time). Checks for an interruption before each block."""
+        count = targets.shape[0]
+        assert (rows if rows is not None else states).shape[0] == count
+        for t0 in range(0, count, self.token_chunk):
+            self._check()
+            t1 = min(t0 + self.token_chunk, count)
+            yield t0, t1, states[t0:t1] if rows is None else states.index_select(0, rows[t0:t1]), targets[t0:t1]
+
     def log_probs(self, states: torch.Tensor, targets: torch.Tensor, temperature: float,
                   logits_fn: LogitsFn | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """log softmax(logits / T)[target] per scored token, a [token_chunk × vocab_chunk] block at a time. `states`
         are hidden states (default `logits_fn`: this head) or logits the model computed (`sliced_logits`), one row
         per target, or, with `rows`, the rows of `states` that score each target (gathered a block at a time, so no
         copy of all scored rows is made)."""
-        count = targets.shape[0]
-        assert (rows if rows is not None else states).shape[0] == count
         logits_fn = logits_fn or self.logits
-        out = torch.empty(count, dtype=torch.float32, device=states.device)
-        for t0 in range(0, count, self.token_chunk):
-            self._check()
-            if rows is None:
-                block = states[t0 : t0 + self.token_chunk]
-            else:
-                block = states.index_select(0, rows[t0 : t0 + self.token_chunk])
-            block_targets = targets[t0 : t0 + self.token_chunk]
-            target_logit = torch.zeros(block.shape[0], dtype=torch.float32, device=states.device)
+        out = torch.empty(targets.shape[0], dtype=torch.float32, device=states.device)
+        for t0, t1, block, block_targets in self._token_blocks(states, targets, rows):
+            target_logit = torch.zeros(t1 - t0, dtype=torch.float32, device=states.device)
             partial_lse = []
             for v0 in range(0, self.vocab_size, self.vocab_chunk):
                 v1 = min(v0 + self.vocab_chunk, self.vocab_size)
@@ -85,9 +87,8 @@ class LMHead:
                 target_logit = _pick(logits, block_targets[:, None], v0, v1, target_logit[:, None])[:, 0]
                 partial_lse.append(torch.logsumexp(logits, dim=1))
                 del logits
-            out[t0 : t0 + block.shape[0]] = target_logit - torch.logsumexp(torch.stack(partial_lse, dim=1), dim=1)
+            out[t0:t1] = target_logit - torch.logsumexp(torch.stack(partial_lse, dim=1), dim=1)
         return out
-
 
     def teacher(self, states: torch.Tensor, targets: torch.Tensor, temperature: float, top_k: torch.Tensor,
                 candidates: torch.Tensor | None, logits_fn: LogitsFn | None = None,
@@ -99,7 +100,6 @@ class LMHead:
         float64, so that a rest down to (vocabulary size) x 2^-53 of the mass (5e-12 for 49,152 tokens) is resolved;
         below that it is the sums' rounding, and -inf. Rows are returned `top_k.max()` wide."""
         count = targets.shape[0]
-        assert (rows if rows is not None else states).shape[0] == count
         logits_fn = logits_fn or self.logits
         device = states.device
         width = 0 if candidates is None else candidates.shape[1]
@@ -111,11 +111,8 @@ class LMHead:
             candidate_logprobs=torch.empty(count, width, dtype=torch.float32, device=device),
             rest_logmass=torch.empty(count, dtype=torch.float32, device=device),
         )
-        for t0 in range(0, count, self.token_chunk):
-            self._check()
-            t1 = min(t0 + self.token_chunk, count)
-            block = states[t0:t1] if rows is None else states.index_select(0, rows[t0:t1])
-            block_targets = targets[t0:t1]
+        earlier_column = torch.ones(width, width, dtype=torch.bool, device=device).tril(-1)  # [c, c']: c' < c
+        for t0, t1, block, block_targets in self._token_blocks(states, targets, rows):
             chosen = None if candidates is None else candidates[t0:t1]
             target_logit = torch.zeros(t1 - t0, dtype=torch.float32, device=device)
             top_values = torch.empty(t1 - t0, 0, dtype=torch.float32, device=device)
@@ -145,8 +142,7 @@ class LMHead:
             held = top_values.double().masked_fill(beyond, float("-inf"))
             if chosen is not None:
                 repeated = ((chosen[:, :, None] == top_ids[:, None, :]) & ~beyond[:, None, :]).any(dim=2)
-                earlier = (chosen[:, :, None] == chosen[:, None, :]) & torch.ones(
-                    width, width, dtype=torch.bool, device=device).tril(-1)
+                earlier = (chosen[:, :, None] == chosen[:, None, :]) & earlier_column
                 repeated |= earlier.any(dim=2) | (chosen < 0)
                 held = torch.cat([held, chosen_logit.double().masked_fill(repeated, float("-inf"))], dim=1)
             held_lse = torch.logsumexp(held, dim=1) if held.shape[1] else torch.full_like(total, float("-inf"))
