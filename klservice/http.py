@@ -100,7 +100,7 @@ class HttpRoute:
     async def _health(self, request):
         from aiohttp import web
 
-        ready = self._service.models.ready
+        ready = self._service.ready  # 503 while loading and while draining
         return web.json_response({"status": "ok" if ready else "unavailable"}, status=200 if ready else 503)
 
     async def _models(self, request):

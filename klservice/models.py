@@ -133,17 +133,21 @@ class ModelRegistry:
             name = (await asyncio.to_thread(preloaded.info)).name
             specs[0] = dataclasses.replace(specs[0], name=name, path=name)
         await asyncio.to_thread(_remove_stale_mixed, self._mixed_root())
-        guards = [self._guard() for _ in specs]  # one deadline per model
+        guards = []  # each model's checks, then its load, have a deadline of their own from when they begin
         try:
             folders, estimates = [], []
-            for index, (spec, guard) in enumerate(zip(specs, guards)):
+            for index, spec in enumerate(specs):
+                guard = self._guard()
+                guards.append(guard)
                 given = index == 0 and preloaded is not None
                 folders.append(None if given else await self._blocking(guard, f"model {spec.name!r}", _folder,
                                                                         self.config, spec, guard))
                 estimates.append(await self._blocking(guard, f"model {spec.name!r}", _estimate, spec, folders[-1],
                                                       self.config))
             self._check_fits(list(zip(specs, estimates)), existing=[], when="at start")
-            for index, (spec, folder, (device, size), guard) in enumerate(zip(specs, folders, estimates, guards)):
+            for index, (spec, folder, (device, size)) in enumerate(zip(specs, folders, estimates)):
+                guard = self._guard()
+                guards.append(guard)
                 backend = preloaded if index == 0 and preloaded is not None else None
                 served = await self._open(spec, folder, device, size, backend=backend, guard=guard)
                 self._models[spec.name] = served

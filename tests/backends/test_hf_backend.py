@@ -414,6 +414,27 @@ def test_a_kernel_that_fails_while_serving_hands_over_to_the_next(tiny_llama_dir
         np.testing.assert_allclose(values, reference(plain_model, seq, start, 0.7), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "none"])
+def test_a_plain_sequence_scores_the_same_beside_one_asking_for_teacher_outputs(tiny_llama_dir, kernel):
+    """The scheduler puts teacher and plain requests in one call: the plain sequences' values are exactly those of a
+    call without teacher outputs (their tokens take the plain head), on the packed and the padded path."""
+    from klservice.backends.base import TeacherAsk
+
+    backend = HFBackend(tiny_llama_dir, progress=False, kernel=kernel)
+    sequences, starts = grpo_batch(49152, seed=12)
+    asks = [None] * len(sequences)
+    asks[1] = TeacherAsk(top_k=5, candidates=np.arange(2 * (len(sequences[1]) - starts[1])).reshape(-1, 2))
+    mixed = backend.score(sequences, starts, 0.7, teacher=asks)
+    alone = backend.score(sequences, starts, 0.7)
+    for i, (got, plain) in enumerate(zip(mixed.values, alone.values)):
+        if asks[i] is None:
+            np.testing.assert_array_equal(got, plain)
+        else:
+            np.testing.assert_allclose(got, plain, atol=1e-5, rtol=0)
+            assert mixed.teacher[i].top_ids.shape == (len(plain), 5)
+    assert [output is None for output in mixed.teacher] == [ask is None for ask in asks]
+
+
 def test_teacher_outputs_over_a_small_vocabulary_leave_no_rest_where_they_cover_it(make_tiny_model, llama_config):
     """A 300-token vocabulary: its top 256 and the other 44 ids as candidates hold all of the mass (rest -inf); the
     top 256 alone leave exactly the mass of the other 44; the top ids come most likely first."""

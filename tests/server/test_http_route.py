@@ -81,6 +81,16 @@ def test_a_body_over_the_message_limit_is_413_and_the_server_serves_on(start_ser
                          timeout=60).status_code == 200
 
 
+def test_health_is_503_while_the_server_drains(start_server):
+    """A draining server (SIGTERM's grace) takes no new work, and /health says so."""
+    server = start_server(cache_mb=0, http_port=0)
+    url = f"http://127.0.0.1:{server.server.http_port}"
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200
+    server.server.service.drain()
+    response = requests.get(f"{url}/health", timeout=10)
+    assert response.status_code == 503 and response.json() == {"status": "unavailable"}
+
+
 def test_bearer_tokens_as_on_grpc_and_tls(start_server, tmp_path, pki):  # noqa: F811 - the pki fixture
     auth = tmp_path / "auth.toml"
     token = add_tenant(auth, "team-a")

@@ -286,41 +286,52 @@ class HFBackend(ReferenceBackend):
 
     def _head_outputs(self, states, targets, order, counts, temperature, asks, logits_fn=None, rows=None):
         """({sequence: log-probs}, {sequence: TeacherOutput}) of the scored tokens of the sequences in `order`
-        (`counts` each, their targets concatenated in that order), from their hidden states (or logits)."""
+        (`counts` each, their targets concatenated in that order), from their hidden states (or logits). The tokens
+        of sequences asking for teacher outputs go through the head's `teacher`, the others through its plain
+        `log_probs`, so a plain sequence's values do not depend on what it shares a call with."""
         edges = np.cumsum(counts)[:-1]
-        if asks is None or all(asks[i] is None for i in order):
+        asking = [i for i in order if asks is not None and asks[i] is not None]
+        if not asking:
             values = self._head.log_probs(states, targets, temperature, logits_fn, rows=rows)
             return dict(zip(order, np.split(values.cpu().numpy(), edges))), {}
-        top_k = np.zeros(len(targets), dtype=np.int64)
-        width = max((asks[i].width for i in order if asks[i] is not None), default=0)
-        candidates = np.full((len(targets), width), -1, dtype=np.int64) if width else None
-        offset = 0
-        for i, count in zip(order, counts):
-            ask = asks[i]
-            if ask is not None:
-                top_k[offset : offset + count] = ask.top_k
-                if ask.width:
-                    candidates[offset : offset + count, : ask.width] = ask.candidates
-            offset += count
         device = self._device
+        taught = np.repeat([asks is not None and asks[i] is not None for i in order], counts)
+        positions = torch.arange(len(targets), device=device) if rows is None else rows  # the row of each target
+        values = np.empty(len(targets), dtype=np.float32)
+        plain = torch.from_numpy(np.flatnonzero(~taught)).to(device)
+        if len(plain):
+            values[~taught] = self._head.log_probs(states, targets[plain], temperature, logits_fn,
+                                                   rows=positions[plain]).cpu().numpy()
+        taught_counts = [count for i, count in zip(order, counts) if asks[i] is not None]
+        top_k = np.repeat([asks[i].top_k for i in asking], taught_counts)
+        width = max(asks[i].width for i in asking)
+        candidates = None
+        if width:
+            candidates = np.full((len(top_k), width), -1, dtype=np.int64)
+            offset = 0
+            for i, count in zip(asking, taught_counts):
+                if asks[i].width:
+                    candidates[offset : offset + count, : asks[i].width] = asks[i].candidates
+                offset += count
+        chosen = torch.from_numpy(np.flatnonzero(taught)).to(device)
         scores = self._head.teacher(
-            states, targets, temperature, torch.from_numpy(top_k).to(device),
-            None if candidates is None else torch.from_numpy(candidates).to(device), logits_fn, rows=rows,
+            states, targets[chosen], temperature, torch.from_numpy(top_k).to(device),
+            None if candidates is None else torch.from_numpy(candidates).to(device), logits_fn, rows=positions[chosen],
         )
-        parts = {name: np.split(getattr(scores, name).cpu().numpy(), edges)
-                 for name in ("logprobs", "top_ids", "top_logprobs", "candidate_logprobs", "rest_logmass")}
-        values, teachers = {}, {}
-        for position, i in enumerate(order):
-            values[i] = parts["logprobs"][position]
+        values[taught] = scores.logprobs.cpu().numpy()
+        taught_edges = np.cumsum(taught_counts)[:-1]
+        parts = {name: np.split(getattr(scores, name).cpu().numpy(), taught_edges)
+                 for name in ("top_ids", "top_logprobs", "candidate_logprobs", "rest_logmass")}
+        teachers = {}
+        for position, i in enumerate(asking):
             ask = asks[i]
-            if ask is not None:
-                teachers[i] = TeacherOutput(
-                    top_ids=parts["top_ids"][position][:, : ask.top_k].astype(np.int32),
-                    top_logprobs=parts["top_logprobs"][position][:, : ask.top_k],
-                    candidate_logprobs=parts["candidate_logprobs"][position][:, : ask.width],
-                    rest_logmass=parts["rest_logmass"][position],
-                )
-        return values, teachers
+            teachers[i] = TeacherOutput(
+                top_ids=parts["top_ids"][position][:, : ask.top_k].astype(np.int32),
+                top_logprobs=parts["top_logprobs"][position][:, : ask.top_k],
+                candidate_logprobs=parts["candidate_logprobs"][position][:, : ask.width],
+                rest_logmass=parts["rest_logmass"][position],
+            )
+        return dict(zip(order, np.split(values, edges))), teachers
 
     # -- interruption ----------------------------------------------------------------------
 
